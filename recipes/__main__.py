@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 
 from recipes.config import STAGES, compose
@@ -25,6 +26,9 @@ STAGE_RUNNERS = {
     ("dpo", "megatron"): "recipes.megatron.nemo_rl:run",
 }
 
+# Stages that train (checkpoint, can be preempted and resumed).
+TRAINING_STAGES = ("sft", "rm", "rl", "dpo")
+
 # Commands that are not a single stage: "module:function(argv) -> exit code".
 COMMANDS = {
     "plan": "recipes.megatron.plan:main",
@@ -47,7 +51,18 @@ def run_stage(cfg) -> dict:
     key = (cfg.stage, cfg.engine)
     if key not in STAGE_RUNNERS:
         raise UserError(f"stage {cfg.stage} has no {cfg.engine} engine (try engine=megatron or engine=hf)")
-    return load(STAGE_RUNNERS[key])(cfg)
+    runner = load(STAGE_RUNNERS[key])
+    if cfg.stage not in TRAINING_STAGES or cfg.dry_run:
+        return runner(cfg)
+    # Training stages: USR1 / the batch script's request file -> checkpoint, exit 75, requeue;
+    # and one writer per output dir (recipes/preemption.py).
+    from recipes import preemption
+
+    preemption.install_signal_handler()
+    with preemption.OutputLock(cfg.out):
+        if "SLURM_JOB_ID" not in os.environ:  # in a job, the batch script clears it before starting
+            preemption.clear_request(cfg.out)
+        return runner(cfg)
 
 
 @cli_main
