@@ -1,0 +1,42 @@
+"""The edit request, byte for byte as the seed (arXiv 2503.04378, HelpSteer3 edit) writes it.
+
+    context + assistant(original_response) + user(EDIT_REQUEST)
+
+EDIT_REQUEST is EDIT_REQUEST_PREFIX followed by the feedback items joined by a blank line, or by
+the literal `<None>` when there is no feedback. Rows with more than 3 feedback items are reduced
+to 3 by `select_feedback` first; rows with 3 or fewer keep their items exactly as given.
+"""
+from __future__ import annotations
+
+EDIT_REQUEST_PREFIX = "Edit the response to the previous prompt based on the following feedback:\n\n"
+NO_FEEDBACK = "<None>"
+FEEDBACK_SEPARATOR = "\n\n"
+
+# Case-sensitive substrings whose occurrences score a feedback item (substring counts: the `but`
+# inside `attribute` counts, `However` does not match `however`).
+SELECTION_KEYWORDS = ("However", "improve", "lack", "benefit", "but")
+# Items that only praise the response carry nothing to edit by.
+SKIPPED_PREFIX = "The response is perfectly"
+
+
+def feedback_score(item: str) -> int:
+    return sum(item.count(keyword) for keyword in SELECTION_KEYWORDS)
+
+
+def select_feedback(feedback: list[str], max_items: int = 3) -> list[str]:
+    """At most `max_items` feedback items, as the seed selects them.
+
+    With `max_items` or fewer items the list is returned unchanged (same order, nothing skipped):
+    selection only applies when there are more. Otherwise: sort by `feedback_score` descending,
+    ties kept in input order (a stable sort), skip items starting with `The response is perfectly`,
+    keep the first `max_items` (fewer when too many were skipped).
+    """
+    if len(feedback) <= max_items:
+        return list(feedback)
+    ranked = sorted(feedback, key=feedback_score, reverse=True)  # sorted() is stable
+    return [item for item in ranked if not item.startswith(SKIPPED_PREFIX)][:max_items]
+
+
+def edit_request(feedback: list[str]) -> str:
+    """The user turn that asks for the edit (feedback used as given: select first if needed)."""
+    return EDIT_REQUEST_PREFIX + (FEEDBACK_SEPARATOR.join(feedback) if feedback else NO_FEEDBACK)
