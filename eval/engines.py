@@ -1,0 +1,222 @@
+"""Where generated edits come from: a model in this process (transformers), or any
+OpenAI-compatible chat-completions endpoint (vLLM, TRT-LLM, NIM, or eval.serve).
+
+Both engines take a list of conversations (lists of {role, content}) and return one
+`Generation` per conversation, in order. `generate_cached` puts an on-disk cache in front of
+either, keyed by (model, conversation, sampling settings), so a rerun after a crash resumes
+where it stopped instead of regenerating.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from recipes.io import UserError, dumps_json
+
+Messages = list[dict]
+
+
+@dataclass(frozen=True)
+class Sampling:
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 1234
+
+
+@dataclass
+class Generation:
+    text: str
+    finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
+    completion_tokens: int
+
+
+def is_endpoint(path: str) -> bool:
+    return str(path).startswith(("http://", "https://"))
+
+
+def dir_fingerprint(path: str) -> str:
+    """A short hash of a local directory's file names, sizes and modification times ('' for a hub id)."""
+    root = Path(path)
+    if not root.is_dir():
+        return ""
+    stats = sorted((str(p.relative_to(root)), p.stat().st_size, p.stat().st_mtime_ns)
+                   for p in root.rglob("*") if p.is_file())
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
+
+
+# --- in-process transformers ----------------------------------------------------------------------
+
+class HFEngine:
+    """Batched generation with left padding (a decoder generates at the right end of every row)."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: Optional[str] = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        # What the generation cache keys on: the checkpoint's path and its files' sizes and times,
+        # so a checkpoint retrained in place is not served stale generations.
+        self.model_id = model_id or str(getattr(model, "name_or_path", "")) or type(model).__name__
+        eos = model.generation_config.eos_token_id
+        eos = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        self.stop_ids = set(eos) | ({tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set())
+
+    @classmethod
+    def load(cls, model_cfg, path: Optional[str], batch_size: int = 8) -> "HFEngine":
+        """The configured model (path=None) or a checkpoint of ours, with its own tokenizer."""
+        from recipes.models import load_causal_lm, load_tokenizer, resolve_model_path
+
+        source = path or resolve_model_path(model_cfg)
+        model_id = f"{source}@{dir_fingerprint(source)}"
+        return cls(load_causal_lm(model_cfg, path), load_tokenizer(model_cfg, path), batch_size, model_id)
+
+    def prompt_texts(self, conversations: Sequence[Messages]) -> list[str]:
+        return [self.tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
+                for m in conversations]
+
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling) -> list[Generation]:
+        """All conversations, batch_size at a time, longest first (similar lengths share a batch,
+        and an out-of-memory error shows up on the first batch rather than the last)."""
+        texts = self.prompt_texts(conversations)
+        lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+        order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        results: list[Optional[Generation]] = [None] * len(texts)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            for i, generation in zip(batch, self._generate_batch([texts[i] for i in batch], sampling)):
+                results[i] = generation
+        return results  # type: ignore[return-value]
+
+    def _generate_batch(self, texts: list[str], sampling: Sampling) -> list[Generation]:
+        import torch
+
+        self.tokenizer.padding_side = "left"
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        greedy = sampling.temperature <= 0
+        kwargs = {"do_sample": False} if greedy else {
+            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
+        if not greedy:
+            torch.manual_seed(sampling.seed)
+        with torch.inference_mode():
+            output = self.model.generate(
+                **inputs, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
+        return [self._finish(tokens, sampling.max_new_tokens) for tokens in new_tokens]
+
+    def _finish(self, tokens: list[int], max_new_tokens: int) -> Generation:
+        """Cut at the first stop token; no stop token within the budget = truncated."""
+        for n, token in enumerate(tokens):
+            if token in self.stop_ids:
+                return Generation(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), "stop", n + 1)
+        text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        return Generation(text, "length" if len(tokens) >= max_new_tokens else "stop", len(tokens))
+
+
+# --- OpenAI-compatible endpoint -------------------------------------------------------------------
+
+class HTTPEngine:
+    """Chat completions against an OpenAI-compatible server, `concurrency` requests in flight.
+    Retries with exponential backoff (429, 5xx, timeouts, refused connections) are the openai
+    client's own (`max_retries`)."""
+
+    def __init__(self, base_url: str, model: Optional[str] = None, concurrency: int = 16, max_retries: int = 5,
+                 timeout_s: float = 600.0, api_key_env: str = "OPENAI_API_KEY"):
+        from openai import OpenAI
+
+        self.base_url = base_url.rstrip("/")
+        self.concurrency = concurrency
+        self.client = OpenAI(base_url=self.base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
+                             max_retries=max_retries, timeout=timeout_s)
+        self.model = model or self._first_model()
+
+    def _first_model(self) -> str:
+        import openai
+
+        try:
+            models = [m.id for m in self.client.models.list()]
+        except openai.APIError as exc:
+            raise UserError(f"endpoint {self.base_url}: cannot list its models ({type(exc).__name__}: {exc}); "
+                            f"is the server up? (set eval.api_model to skip this call)") from None
+        if not models:
+            raise UserError(f"endpoint {self.base_url} serves no model")
+        return models[0]
+
+    @property
+    def model_id(self) -> str:
+        return f"{self.base_url}#{self.model}"
+
+    def complete(self, messages: Messages, sampling: Sampling) -> Generation:
+        response = self.client.chat.completions.create(
+            model=self.model, messages=list(messages), max_tokens=sampling.max_new_tokens,
+            temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, n=1)
+        choice = response.choices[0]
+        usage = response.usage
+        return Generation(choice.message.content or "", "length" if choice.finish_reason == "length" else "stop",
+                          usage.completion_tokens if usage else 0)
+
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling) -> list[Generation]:
+        import openai
+
+        try:
+            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+                return list(pool.map(lambda m: self.complete(m, sampling), conversations))
+        except openai.APIError as exc:
+            raise UserError(f"endpoint {self.base_url}: {type(exc).__name__} after retries: "
+                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+
+
+# --- the cache in front of both -------------------------------------------------------------------
+
+class GenerationCache:
+    """An append-only JSONL file of finished generations. A line is written (and flushed) as soon
+    as its generation exists, so a crash loses at most the requests in flight; a half-written
+    last line is ignored on reading."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.entries: dict[str, Generation] = {}
+        if self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    entry = json.loads(line)
+                    self.entries[entry["key"]] = Generation(**entry["generation"])
+                except (ValueError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(model_id: str, messages: Messages, sampling: Sampling) -> str:
+        blob = json.dumps({"model": model_id, "messages": messages, "sampling": asdict(sampling)},
+                          sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode("utf-8")).hexdigest()
+
+    def add(self, items: list[tuple[str, Generation]]) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a", encoding="utf-8") as f:
+            for key, generation in items:
+                self.entries[key] = generation
+                f.write(dumps_json({"key": key, "generation": asdict(generation)}) + "\n")
+            f.flush()
+
+
+def generate_cached(engine, conversations: Sequence[Messages], sampling: Sampling, cache: GenerationCache,
+                    chunk_size: int = 64, progress: Optional[Callable[[int], None]] = None) -> list[Generation]:
+    """Generations for every conversation: cached ones read back, the rest generated chunk by
+    chunk (each chunk cached when done). `progress(n)` is told how many finished each time."""
+    keys = [GenerationCache.key(engine.model_id, list(m), sampling) for m in conversations]
+    todo = list(dict.fromkeys(k for k in keys if k not in cache.entries))  # each distinct request once
+    first_of = {k: keys.index(k) for k in todo}
+    if progress:
+        progress(len(keys) - sum(1 for k in keys if k in todo))
+    for start in range(0, len(todo), chunk_size):
+        chunk = todo[start:start + chunk_size]
+        generations = engine.generate([conversations[first_of[k]] for k in chunk], sampling)
+        cache.add(list(zip(chunk, generations)))
+        if progress:
+            done = set(chunk)
+            progress(sum(1 for k in keys if k in done))
+    return [cache.entries[k] for k in keys]

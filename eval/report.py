@@ -1,0 +1,170 @@
+"""report.md tables and PNG plots from a report dict (shared by the eval run and eval-compare)."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS
+
+# Shown as percentages; chrF is already 0-100; ROUGE-L and length ratio as plain numbers.
+PERCENT = {"reward_win_rate", "reward_win_rate_vs_reference", "copy_rate", "near_copy_rate", "empty_rate",
+           "truncated_rate", "judge_win_rate", "rm_accuracy", "rm_accuracy_good_vs_bad",
+           "rm_accuracy_good_vs_original", "policy_pref_accuracy"}
+LABELS = {key: label for key, label, _ in GENERATION_METRICS + LIKELIHOOD_METRICS}
+# The columns of the per-domain / per-language tables (the full set is in report.json).
+GROUP_COLUMNS = ("reward_win_rate", "copy_rate", "near_copy_rate", "chrf", "rouge_l", "length_ratio")
+
+
+def fmt(key: str, value: Optional[float]) -> str:
+    if value is None:
+        return "n/a"
+    if key in PERCENT:
+        return f"{100 * value:.1f}%"
+    return f"{value:.1f}" if key == "chrf" else f"{value:.3f}"
+
+
+def fmt_ci(key: str, summary: Optional[dict]) -> str:
+    """'value [low, high]'."""
+    if not summary:
+        return "n/a"
+    low, high = summary["ci"]
+    return f"{fmt(key, summary['value'])} [{fmt(key, low)}, {fmt(key, high)}]"
+
+
+def describe_sampling(sampling: dict) -> str:
+    mode = "greedy" if sampling["temperature"] <= 0 else f"sampled (temperature {sampling['temperature']}, top_p {sampling['top_p']}, seed {sampling['seed']})"
+    return f"{mode}, at most {sampling['max_new_tokens']} new tokens"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(cells) + " |" for cells in rows]
+    return "\n".join(lines)
+
+
+def overall_table(overall: dict) -> str:
+    rows = []
+    for key, label, _ in GENERATION_METRICS + LIKELIHOOD_METRICS:
+        if key in overall:
+            s = overall[key]
+            rows.append([label, fmt(key, s["value"]), f"[{fmt(key, s['ci'][0])}, {fmt(key, s['ci'][1])}]", str(s["n"])])
+    return md_table(["metric", "value", "95% CI", "n"], rows)
+
+
+def group_table(groups: dict, name: str) -> str:
+    columns = [c for c in GROUP_COLUMNS if any(c in g for g in groups.values())]
+    rows = []
+    for group, metrics in groups.items():
+        n = max((m["n"] for m in metrics.values()), default=0)
+        rows.append([group, str(n)] + [fmt_ci(c, metrics.get(c)) for c in columns])
+    return md_table([name, "n"] + [LABELS[c] for c in columns], rows)
+
+
+def render_markdown(report: dict) -> str:
+    meta = report["meta"]
+    counts = report["counts"]
+    lines = [
+        f"# Eval: {meta['model']}",
+        "",
+        f"- data: `{meta['data_dir']}` split `{meta['split']}` ({counts['rows']} edit rows, {counts['pairs']} edit_quality pairs)",
+        f"- reward model: `{meta['reward_model'] or 'none (reward metrics skipped)'}`",
+        f"- generation: {describe_sampling(meta['sampling'])}",
+        f"- outputs: {counts['empty']} empty, {counts['truncated']} truncated, {counts['copies']} exact copies",
+        f"- 95% confidence intervals: percentile bootstrap, {meta['bootstrap_samples']} resamples",
+        "",
+        "## Overall",
+        "",
+        overall_table(report["overall"]),
+        "",
+        "## Per domain",
+        "",
+        group_table(report["by_domain"], "domain"),
+        "",
+        "## Per language",
+        "",
+        group_table(report["by_language"], "language"),
+        "",
+    ]
+    for note in meta.get("notes", []):
+        lines.append(f"> {note}")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    """Written atomically (temp file + rename), without matplotlib's version stamp in the metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def plot_metrics(reports: dict[str, dict], path: Path, title: str) -> None:
+    """Grouped bars: each rate metric (as %) for each checkpoint, with 95% CI error bars."""
+    plt = _pyplot()
+    keys = [k for k, _, _ in GENERATION_METRICS + LIKELIHOOD_METRICS
+            if k in PERCENT and any(k in r["overall"] for r in reports.values())]
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(keys) * max(1, len(reports)) ** 0.5 + 2), 4))
+    width = 0.8 / max(len(reports), 1)
+    for j, (name, report) in enumerate(reports.items()):
+        xs, ys, errs = [], [], [[], []]
+        for i, key in enumerate(keys):
+            s = report["overall"].get(key)
+            if s:
+                xs.append(i + (j - (len(reports) - 1) / 2) * width)
+                ys.append(100 * s["value"])
+                errs[0].append(100 * (s["value"] - s["ci"][0]))
+                errs[1].append(100 * (s["ci"][1] - s["value"]))
+        ax.bar(xs, ys, width, yerr=errs, capsize=2, label=name)
+    ax.set_xticks(range(len(keys)), [LABELS[k] for k in keys], rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("%")
+    ax.set_ylim(0, 100)
+    ax.set_title(title)
+    if len(reports) > 1:
+        ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_copy_rate(report: dict, path: Path) -> None:
+    """Exact and near-copy rates, overall and per domain."""
+    plt = _pyplot()
+    groups = {"overall": report["overall"], **report["by_domain"]}
+    fig, ax = plt.subplots(figsize=(max(5, 1.2 * len(groups) + 2), 3.5))
+    for offset, key in ((-0.2, "copy_rate"), (0.2, "near_copy_rate")):
+        values = [100 * g[key]["value"] if key in g else 0.0 for g in groups.values()]
+        ax.bar([i + offset for i in range(len(groups))], values, 0.4, label=LABELS[key])
+    ax.set_xticks(range(len(groups)), list(groups), fontsize=8)
+    ax.set_ylabel("% of edits")
+    ax.set_ylim(0, 100)
+    ax.set_title("copies of the original response")
+    ax.legend(fontsize=8)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_length_ratio(ratios: list[float], path: Path) -> None:
+    """Histogram of edit length / original length (1 = same length)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.hist(ratios, bins=min(40, max(5, len(ratios) // 2)), color="tab:blue")
+    ax.axvline(1.0, color="black", linestyle="--", linewidth=1)
+    ax.set_xlabel("characters of edit / characters of original")
+    ax.set_ylabel("rows")
+    ax.set_title("length ratio")
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,196 @@
+"""The eval stage: score one edit model on the held-out splits.
+
+    ./launch.sh eval model=PATH_OR_ENDPOINT data=DATA_DIR [rm=PATH|null] [eval.max_rows=N] ...
+
+Which model is scored: `model=` when it names a checkpoint directory or an http(s) endpoint;
+otherwise `init` (the pipeline's ${run_dir}/rl/final, from conf/stage/eval.yaml); with init=null,
+the configured model itself (a hub id, builtin:tiny, pkg:...).
+
+Writes into cfg.out: generations.jsonl (one line per edit/SPLIT row, with its generation and
+metrics), report.json, report.md, metrics.png, copy_rate.png, length_ratio.png, summary.json,
+config.yaml, and cache/ (generations so far: a rerun after a crash resumes from it).
+"""
+from __future__ import annotations
+
+import gc
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+from recipes.config import to_yaml
+from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text
+
+from eval import metrics as M
+from eval.data import check_held_out, load_edit_rows, load_pairs, manifest_notes, training_record
+from eval.engines import GenerationCache, HFEngine, HTTPEngine, Sampling, generate_cached, is_endpoint
+
+
+def model_under_test(cfg) -> Optional[str]:
+    """A checkpoint dir or endpoint to score, or None for the configured model (see the docstring)."""
+    path = str(cfg.model.path)
+    if is_endpoint(path) or Path(path).is_dir():
+        return path
+    if cfg.init:
+        if not (is_endpoint(str(cfg.init)) or Path(cfg.init).is_dir()):
+            raise UserError(f"init={cfg.init}: no such checkpoint (score a model with model=PATH_OR_ENDPOINT, "
+                            f"or init=null to score model.path={path})")
+        return str(cfg.init)
+    return None
+
+
+def reward_model_path(cfg) -> Optional[str]:
+    if not cfg.reward_model:
+        return None
+    if not Path(cfg.reward_model).is_dir():
+        raise UserError(f"reward_model={cfg.reward_model}: no such checkpoint (pass rm=PATH, or rm=null to skip "
+                        f"the reward metrics)")
+    return str(cfg.reward_model)
+
+
+def _progress(total: int, desc: str):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False)
+
+
+def run(cfg) -> dict:
+    start = time.monotonic()
+    e = cfg.eval
+    out = Path(cfg.out)
+    target = model_under_test(cfg)
+    model_name = target or str(cfg.model.path)
+    rm_path = reward_model_path(cfg)
+    if not Path(cfg.data_dir).is_dir():
+        raise UserError(f"data_dir={cfg.data_dir}: no such directory (pass data=DIR, a data_prep output dir)")
+
+    # Held-out hygiene: nothing is scored on a split its model was trained on.
+    splits = [f"edit/{e.split}", f"edit_quality/{e.split}"]
+    model_record = training_record(target if target and not is_endpoint(target) else None)
+    rm_record = training_record(rm_path)
+    check_held_out(model_record, model_name, splits, "model")
+    check_held_out(rm_record, str(rm_path), splits, "reward model")
+    notes = manifest_notes(cfg.data_dir, [(model_name, model_record), (str(rm_path), rm_record)])
+    for note in notes:
+        print(note)
+
+    rows = load_edit_rows(cfg.data_dir, e.split, e.max_rows)
+    pairs = load_pairs(cfg.data_dir, e.split, e.max_rows)
+    sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
+    if cfg.dry_run:
+        print(f"[dry-run] eval {model_name} on {len(rows)} rows + {len(pairs)} pairs of {cfg.data_dir} "
+              f"(rm: {rm_path}) -> {out}")
+        return {"stage": "eval", "metric": "dry_run", "value": None, "out": str(out)}
+
+    # 1. Generate an edit for every row (cached on disk as it goes).
+    if target and is_endpoint(target):
+        engine = HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
+    else:
+        engine = HFEngine.load(cfg.model, target, e.batch_size)
+    cache = GenerationCache(out / "cache" / "generations.jsonl")
+    with _progress(len(rows), "generating edits") as bar:
+        generations = generate_cached(engine, [r["prompt"] for r in rows], sampling, cache,
+                                      chunk_size=max(e.batch_size, e.concurrency) * 4, progress=bar.update)
+    records = []
+    for row, generation in zip(rows, generations):
+        original = row["original_response"]
+        records.append({
+            "id": row["id"], "domain": row["domain"], "language": row["language"],
+            "generated": generation.text, "finish_reason": generation.finish_reason,
+            "completion_tokens": generation.completion_tokens,
+            "metrics": M.row_metrics(generation.text, original, row["reference_edit"], generation.finish_reason,
+                                     e.near_copy_chrf),
+        })
+
+    # 2. The policy's preference between good and bad edits (needs the model's logits).
+    likelihood: dict[str, Optional[dict]] = {}
+    good_vs_bad = [p for p in pairs if p["kind"] == "good_vs_bad"]
+    if e.policy_likelihood and isinstance(engine, HFEngine) and good_vs_bad:
+        from eval.scoring import mean_logprobs
+
+        with _progress(2 * len(good_vs_bad), "policy log-likelihood") as bar:
+            prompts = [p["prompt"] for p in good_vs_bad]
+            good = mean_logprobs(engine.model, engine.tokenizer, prompts, [p["chosen"][-1]["content"] for p in good_vs_bad],
+                                 e.batch_size, bar.update)
+            bad = mean_logprobs(engine.model, engine.tokenizer, prompts, [p["rejected"][-1]["content"] for p in good_vs_bad],
+                                e.batch_size, bar.update)
+        likelihood["policy_pref_accuracy"] = M.summarize(M.pair_accuracy(good, bad), e.bootstrap_samples, cfg.seed)
+    elif isinstance(engine, HTTPEngine):
+        notes.append("policy log-likelihood preference skipped: an endpoint gives no prompt log-probabilities")
+    del engine
+    gc.collect()
+
+    # 3. Reward model: generated edit vs original and vs human edit; accuracy on the pairs.
+    if rm_path:
+        from eval.scoring import RewardScorer
+
+        scorer = RewardScorer(rm_path, cfg.model.dtype, e.batch_size, cfg.train.seq_len)
+        texts = [(r["generated"], row["original_response"], row["reference_edit"]) for r, row in zip(records, rows)]
+        conversations = [[*row["prompt"], {"role": "assistant", "content": t}] for row, triple in zip(rows, texts) for t in triple]
+        pair_conversations = [[*p["prompt"], *side] for p in pairs for side in (p["chosen"], p["rejected"])]
+        with _progress(len(conversations) + len(pair_conversations), "reward model") as bar:
+            scores = scorer.score(conversations + pair_conversations, bar.update)
+        for i, (record, (generated, original, reference)) in enumerate(zip(records, texts)):
+            s_gen, s_orig, s_ref = scores[3 * i:3 * i + 3]
+            record["metrics"].update({"reward_generated": s_gen, "reward_original": s_orig, "reward_reference": s_ref})
+            record["metrics"].update(M.reward_wins(generated, original, reference, s_gen, s_orig, s_ref))
+        pair_scores = scores[len(conversations):]
+        hits = M.pair_accuracy(pair_scores[0::2], pair_scores[1::2])
+        for key, kinds in (("rm_accuracy", ("good_vs_bad", "good_vs_original")),
+                           ("rm_accuracy_good_vs_bad", ("good_vs_bad",)),
+                           ("rm_accuracy_good_vs_original", ("good_vs_original",))):
+            likelihood[key] = M.summarize([h for h, p in zip(hits, pairs) if p["kind"] in kinds], e.bootstrap_samples, cfg.seed)
+        del scorer
+        gc.collect()
+
+    # 4. Optional LLM judge against the human edit, both orders.
+    if e.judge_endpoint:
+        from eval.judge import judge_against_reference
+
+        verdicts = judge_against_reference(rows, records, e, cfg.seed, out / "cache" / "judge.jsonl")
+        for record, verdict in zip(records, verdicts):
+            record["metrics"]["judge_win"] = verdict
+
+    report = build_report(cfg, model_name, rm_path, rows, pairs, records, likelihood, sampling, notes)
+    write_outputs(cfg, out, records, report)
+    summary = {"stage": "eval", "metric": "reward_win_rate" if report.get("reward_win_rate") is not None else "copy_rate",
+               "value": None, "out": str(out), "wall_s": round(time.monotonic() - start, 1)}
+    summary["value"] = report[summary["metric"]]
+    atomic_write_json(out / "summary.json", summary)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
+    headline = ", ".join(f"{k}={report[k]:.3g}" for k in ("copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy")
+                         if report.get(k) is not None)
+    print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs: {headline} -> {out}/report.md")
+    return summary
+
+
+def build_report(cfg, model_name, rm_path, rows, pairs, records, likelihood, sampling, notes) -> dict:
+    samples, seed = cfg.eval.bootstrap_samples, cfg.seed
+    overall = M.summarize_rows(records, samples, seed)
+    overall.update({k: v for k, v in likelihood.items() if v is not None})
+    headline = {key: (overall[key]["value"] if key in overall else None)
+                for key, _, _ in M.GENERATION_METRICS + M.LIKELIHOOD_METRICS}
+    return {
+        **headline,
+        "meta": {"model": model_name, "reward_model": rm_path, "data_dir": str(cfg.data_dir), "split": cfg.eval.split,
+                 "sampling": asdict(sampling), "bootstrap_samples": samples, "seed": seed, "notes": notes},
+        "counts": {"rows": len(rows), "pairs": len(pairs),
+                   "empty": int(sum(r["metrics"]["empty"] for r in records)),
+                   "truncated": int(sum(r["metrics"]["truncated"] for r in records)),
+                   "copies": int(sum(r["metrics"]["copy_exact"] for r in records)),
+                   "near_copies": int(sum(r["metrics"]["near_copy"] for r in records))},
+        "overall": overall,
+        "by_domain": M.summarize_groups(records, "domain", samples, seed),
+        "by_language": M.summarize_groups(records, "language", samples, seed),
+    }
+
+
+def write_outputs(cfg, out: Path, records: list[dict], report: dict) -> None:
+    from eval.report import plot_copy_rate, plot_length_ratio, plot_metrics, render_markdown
+
+    atomic_write_jsonl(out / "generations.jsonl", records)
+    atomic_write_json(out / "report.json", report)
+    atomic_write_text(out / "report.md", render_markdown(report))
+    plot_metrics({report["meta"]["model"]: report}, out / "metrics.png", f"eval: {Path(report['meta']['model']).name}")
+    plot_copy_rate(report, out / "copy_rate.png")
+    plot_length_ratio([r["metrics"]["length_ratio"] for r in records], out / "length_ratio.png")
