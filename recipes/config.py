@@ -155,6 +155,15 @@ class EvalConfig:
     bootstrap_samples: int = 1000
     judge_endpoint: Optional[str] = None
     judge_model: Optional[str] = None
+    # An edit whose chrF against the original is at least this counts as a near-copy.
+    near_copy_chrf: float = 95.0
+    # Model name sent to an OpenAI-compatible endpoint; None = the first one the server lists.
+    api_model: Optional[str] = None
+    api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key, if any
+    request_timeout_s: float = 600.0
+    max_retries: int = 5  # HTTP retries with exponential backoff (429, 5xx, connection errors)
+    # Length-normalised log-likelihood of good vs bad edits (in-process models only).
+    policy_likelihood: bool = True
 
 
 @dataclass
