@@ -31,10 +31,16 @@ def select_feedback(feedback: list[str], max_items: int = 3) -> list[str]:
     ties kept in input order (a stable sort), skip items starting with `The response is perfectly`,
     keep the first `max_items` (fewer when too many were skipped).
     """
+    return [feedback[i] for i in selected_indices(feedback, max_items)]
+
+
+def selected_indices(feedback: list[str], max_items: int = 3) -> list[int]:
+    """`select_feedback` as positions in the input list (the data step records them)."""
     if len(feedback) <= max_items:
-        return list(feedback)
-    ranked = sorted(feedback, key=feedback_score, reverse=True)  # sorted() is stable
-    return [item for item in ranked if not item.startswith(SKIPPED_PREFIX)][:max_items]
+        return list(range(len(feedback)))
+    # sorted() is stable, also with reverse=True: equal scores keep their input order.
+    ranked = sorted(range(len(feedback)), key=lambda i: feedback_score(feedback[i]), reverse=True)
+    return [i for i in ranked if not feedback[i].startswith(SKIPPED_PREFIX)][:max_items]
 
 
 def edit_request(feedback: list[str]) -> str:

@@ -1,0 +1,73 @@
+"""python -m data_prep --source SRC --out OUT [options]   (./launch.sh data ... forwards here)"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from recipes.io import cli_main
+
+CONF_FILE = Path(__file__).resolve().parent.parent / "conf" / "stage" / "data.yaml"
+
+
+def pinned_revision() -> str:
+    """The hub revision pinned in conf/stage/data.yaml (prep.revision)."""
+    import yaml
+
+    try:
+        return str(yaml.safe_load(CONF_FILE.read_text())["prep"]["revision"])
+    except (OSError, KeyError, TypeError, yaml.YAMLError):
+        return "main"
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep",
+        description="HelpSteer3 (edit, edit_quality) -> edit SFT conversations (sft/), preference pairs (pairs/), "
+                    "RL prompts (prompts/), rejected.jsonl and manifest.json under OUT.",
+        epilog="OUT is built in a temp dir beside it and renamed at the end. Rerunning the same build into the same "
+               "OUT (same input contents, options and tokenizer) rewrites nothing and reports it up to date; an OUT "
+               "holding anything else is an error. See the README's 'Data preparation' section for the schemas.",
+    )
+    p.add_argument("--source", default="hf", metavar="hf|DIR",
+                   help="hf (default): nvidia/HelpSteer3 from the Hugging Face hub via datasets.load_dataset. "
+                        "DIR: a local copy laid out as the dataset repo: DIR/edit/{train,validation}.jsonl.gz and "
+                        "DIR/edit_quality/{train,validation}.jsonl.gz (plain .jsonl accepted too).")
+    p.add_argument("--out", required=True, metavar="OUT", help="output directory (new, empty, or this same build)")
+    p.add_argument("--revision", default=pinned_revision(), metavar="REV",
+                   help="hub revision (branch, tag or commit) for --source hf; default: prep.revision in "
+                        "conf/stage/data.yaml (%(default)s)")
+    p.add_argument("--feedback-orders", default="all", metavar="all|given|K",
+                   help="all (default, as in the paper): one SFT conversation per permutation of a row's feedback "
+                        "items (6 for 3 items); given: the order in the data; K: K distinct permutations per row, "
+                        "chosen with --seed")
+    p.add_argument("--seed", type=int, default=1234, help="seed for --feedback-orders K (default %(default)s)")
+    p.add_argument("--tokenizer", metavar="NAME_OR_PATH",
+                   help="count each conversation's tokens with this tokenizer's chat template; length percentiles "
+                        "go to the manifest")
+    p.add_argument("--max-seq-len", type=int, metavar="N",
+                   help="with --tokenizer: reject rows with a conversation longer than N tokens (reason too_long)")
+    p.add_argument("--strict", action="store_true", help="fail the run (and write nothing) if any row is rejected")
+    p.add_argument("--keep-leaked", action="store_true",
+                   help="keep train rows whose context and original_response also occur in a validation split "
+                        "(default: remove them from training; reported in the manifest either way)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    return p
+
+
+
+
+@cli_main
+def main(argv: list[str]) -> int:
+    args = parser().parse_args(argv)
+    from data_prep.build import Options, build, summary_line
+
+    options = Options(feedback_orders=args.feedback_orders, seed=args.seed, tokenizer=args.tokenizer,
+                      max_seq_len=args.max_seq_len, strict=args.strict, keep_leaked=args.keep_leaked)
+    manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress)
+    print(summary_line(manifest, args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

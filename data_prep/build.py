@@ -1,0 +1,444 @@
+"""HelpSteer3 -> sft/, pairs/, prompts/, rejected.jsonl and manifest.json under OUT.
+
+    read every row -> check its schema -> find held-out leaks -> emit conversations, pairs, prompts
+    -> count tokens (optional) -> write everything into a temp dir beside OUT -> rename it to OUT
+
+Every row read is either used (it emitted at least one output line) or rejected with a reason, and
+the manifest's counts say so (read = used + rejected). Same inputs and options give the same bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import os
+import platform
+import random
+import shutil
+import tempfile
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from data_prep import build_edit_conversation
+from data_prep.feedback import selected_indices
+from data_prep.schema import (EQUAL_PAIRS, LEAKED, SPLITS, SUBSETS, TOO_LONG, check_row, extra_fields)
+from data_prep.sources import open_source
+from recipes.io import UserError, dumps_json
+
+FORMAT_VERSION = 1
+OUTPUT_KINDS = ("sft", "pairs", "prompts")
+PAIR_KINDS = ("good_vs_bad", "good_vs_original")
+LEAK_RULE = ("a train row (edit or edit_quality) whose context and original_response equal those of "
+             "a validation row (edit or edit_quality)")
+TOKEN_BATCH_ROWS = 64
+
+
+@dataclass
+class Options:
+    feedback_orders: str = "all"  # all | given | K (an integer: K distinct permutations chosen with seed)
+    seed: int = 1234
+    tokenizer: str | None = None  # name or path; counts tokens of every conversation
+    max_seq_len: int | None = None  # drop rows with a longer conversation (needs tokenizer)
+    strict: bool = False  # any rejected row fails the run
+    keep_leaked: bool = False  # keep train rows that leak a validation row
+
+    def validate(self) -> None:
+        parse_feedback_orders(self.feedback_orders)
+        if self.max_seq_len is not None:
+            if self.max_seq_len < 1:
+                raise UserError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
+            if not self.tokenizer:
+                raise UserError("--max-seq-len needs --tokenizer NAME_OR_PATH to count tokens with")
+
+    def recorded(self) -> dict:
+        """The options as the manifest records them (the seed only where it chooses something)."""
+        options = asdict(self)
+        if not isinstance(parse_feedback_orders(self.feedback_orders), int):
+            options["seed"] = None
+        options["feedback_orders"] = str(self.feedback_orders)
+        return options
+
+
+def parse_feedback_orders(value: str | int) -> str | int:
+    text = str(value).strip()
+    if text in ("all", "given"):
+        return text
+    if text.isdigit() and int(text) >= 1:
+        return int(text)
+    raise UserError(f"--feedback-orders {value}: expected all, given, or a number of permutations >= 1")
+
+
+def feedback_permutations(n_items: int, orders: str | int, seed: int, row_key: str) -> list[tuple[int, ...]]:
+    """Orders of a row's (selected) feedback items, as tuples of positions; lexicographic order.
+
+    `all`: every permutation (the first is the given order). `given`: the given order only.
+    K: K distinct permutations drawn with a generator seeded by (seed, row), so a row's draw
+    does not depend on which other rows exist; all of them when K >= n_items!.
+    """
+    every = list(itertools.permutations(range(n_items)))
+    if orders == "all":
+        return every
+    if orders == "given":
+        return [tuple(range(n_items))]
+    if orders >= len(every):
+        return every
+    return sorted(random.Random(f"{seed}:{row_key}").sample(every, orders))
+
+
+@dataclass
+class Row:
+    """One input row on its way through the build."""
+
+    subset: str
+    split: str
+    row: int
+    record: Any = None
+    raw_text: str = ""
+    reason: str | None = None
+    detail: str = ""
+    leak_matches: list[str] = field(default_factory=list)
+    outputs: dict[str, list[dict]] = field(default_factory=dict)  # kind -> output lines
+    lengths: dict[str, list[int]] = field(default_factory=dict)  # kind -> token count per output line
+    equal_pairs: list[str] = field(default_factory=list)  # pair kinds not emitted (equal sides)
+
+    @property
+    def key(self) -> str:
+        return f"{self.subset}/{self.split}/{self.row}"
+
+    def reject(self, reason: str, detail: str) -> None:
+        self.reason, self.detail, self.outputs, self.lengths = reason, detail, {}, {}
+
+
+def leak_key(record: dict) -> str:
+    return json.dumps([[t["role"], t["content"]] for t in record["context"]] + [record["original_response"]],
+                      ensure_ascii=False)
+
+
+def normalise_whitespace(text: str) -> str:
+    return " ".join(text.split())
+
+
+def metadata(subset: str, record: dict) -> dict:
+    """change_summary (edit rows that have one) and any field HelpSteer3's schema does not name."""
+    extra = extra_fields(subset, record)
+    if subset == "edit" and record.get("change_summary") is not None:
+        extra = {"change_summary": record["change_summary"], **extra}
+    return extra
+
+
+def emit_edit(row: Row, orders: str | int, seed: int) -> None:
+    """SFT conversations (one per feedback order) and one RL prompt (the given order)."""
+    record = row.record
+    selected = selected_indices(record["feedback"])
+    common = {"domain": record["domain"], "language": record["language"]}
+    extra = metadata("edit", record)
+    sft = []
+    for perm in feedback_permutations(len(selected), orders, seed, row.key):
+        order = [selected[i] for i in perm]  # positions in the row's own feedback list
+        messages = build_edit_conversation(record["context"], record["original_response"],
+                                           [record["feedback"][i] for i in order])
+        messages.append({"role": "assistant", "content": record["edited_response"]})
+        tag = "-".join(map(str, order)) or "none"
+        sft.append({"id": f"{row.key}/{tag}", "messages": messages, **common,
+                    "source": {"subset": row.subset, "split": row.split, "row": row.row, "feedback_order": order},
+                    **({"metadata": extra} if extra else {})})
+    prompt = build_edit_conversation(record["context"], record["original_response"],
+                                     [record["feedback"][i] for i in selected])
+    prompts = [{"id": row.key, "prompt": prompt, "original_response": record["original_response"],
+                "reference_edit": record["edited_response"], **common,
+                "source": {"subset": row.subset, "split": row.split, "row": row.row, "feedback_order": selected},
+                **({"metadata": extra} if extra else {})}]
+    row.outputs = {"sft": sft, "prompts": prompts}
+
+
+def emit_edit_quality(row: Row) -> None:
+    """Two preference pairs: good edit over bad edit, good edit over the unedited original."""
+    record = row.record
+    selected = selected_indices(record["feedback"])
+    prompt = build_edit_conversation(record["context"], record["original_response"],
+                                     [record["feedback"][i] for i in selected])
+    good = record["good_edited_response"]
+    extra = metadata("edit_quality", record)
+    pairs = []
+    for kind, other in zip(PAIR_KINDS, (record["bad_edited_response"], record["original_response"])):
+        if normalise_whitespace(good) == normalise_whitespace(other):
+            row.equal_pairs.append(kind)
+            continue
+        pairs.append({"id": f"{row.key}/{kind}", "prompt": prompt,
+                      "chosen": [{"role": "assistant", "content": good}],
+                      "rejected": [{"role": "assistant", "content": other}], "kind": kind,
+                      "domain": record["domain"], "language": record["language"],
+                      "source": {"subset": row.subset, "split": row.split, "row": row.row, "feedback_order": selected},
+                      **({"metadata": extra} if extra else {})})
+    if pairs:
+        row.outputs = {"pairs": pairs}
+    else:
+        row.reject(EQUAL_PAIRS, "good_edited_response equals both bad_edited_response and original_response "
+                                "after whitespace normalisation")
+
+
+def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bool) -> None:
+    """Token counts of every output line (SFT: the whole conversation; pair: prompt + the longer
+    side; prompt: with the generation prompt); rows with a sequence over max_seq_len are rejected."""
+    from tqdm import tqdm
+
+    used = [r for r in rows if r.outputs]
+    with tqdm(total=len(used), desc="count tokens", unit="row", disable=None if progress else True) as bar:
+        for start in range(0, len(used), TOKEN_BATCH_ROWS):
+            batch = used[start:start + TOKEN_BATCH_ROWS]
+            full, with_prompt = [], []  # (row, kind, index) -> conversation
+            for r in batch:
+                for kind, lines in r.outputs.items():
+                    for i, line in enumerate(lines):
+                        if kind == "sft":
+                            full.append(((r, kind, i, 0), line["messages"]))
+                        elif kind == "pairs":
+                            full.append(((r, kind, i, 0), line["prompt"] + line["chosen"]))
+                            full.append(((r, kind, i, 1), line["prompt"] + line["rejected"]))
+                        else:
+                            with_prompt.append(((r, kind, i, 0), line["prompt"]))
+            counts: dict[tuple, int] = {}
+            for items, generation in ((full, False), (with_prompt, True)):
+                lengths = counter.count([conv for _, conv in items], add_generation_prompt=generation)
+                for (r, kind, i, side), n in zip([k for k, _ in items], lengths):
+                    counts[id(r), kind, i] = max(n, counts.get((id(r), kind, i), 0))
+            for r in batch:
+                r.lengths = {kind: [counts[id(r), kind, i] for i in range(len(lines))] for kind, lines in r.outputs.items()}
+                longest = max(max(v) for v in r.lengths.values())
+                if max_seq_len is not None and longest > max_seq_len:
+                    r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
+            bar.update(len(batch))
+
+
+def percentiles(values: list[int]) -> dict:
+    """Nearest-rank percentiles (integers, so the manifest stays byte-stable)."""
+    if not values:
+        return {"count": 0}
+    ordered = sorted(values)
+
+    def rank(p: float) -> int:
+        return ordered[max(0, -(-len(ordered) * p // 100) - 1)]
+
+    return {"count": len(ordered), "min": ordered[0], "p50": rank(50), "p90": rank(90), "p95": rank(95),
+            "p99": rank(99), "max": ordered[-1]}
+
+
+class _Writer:
+    """A JSONL file written once, hashing as it goes."""
+
+    def __init__(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(path, "w", encoding="utf-8", newline="\n")
+        self.sha = hashlib.sha256()
+        self.lines = 0
+
+    def write(self, obj: Any) -> None:
+        line = dumps_json(obj) + "\n"
+        self.file.write(line)
+        self.sha.update(line.encode("utf-8"))
+        self.lines += 1
+
+    def close(self) -> dict:
+        self.file.close()
+        return {"lines": self.lines, "sha256": self.sha.hexdigest()}
+
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": platform.python_version()}
+    for package in ("helpsteer3-edit", "datasets", "transformers", "tokenizers"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            found[package] = None
+    return found
+
+
+def tokenizer_info(name: str, tokenizer) -> dict:
+    return {"name": name, "class": type(tokenizer).__name__, "vocab_size": len(tokenizer),
+            "chat_template_sha256": hashlib.sha256(tokenizer.chat_template.encode("utf-8")).hexdigest()}
+
+
+def fingerprint(manifest: dict) -> dict:
+    """What makes two builds the same: the input contents, the options, the tokenizer (not paths)."""
+    source = {k: v for k, v in manifest["source"].items() if k != "path"}
+    return {"format_version": manifest.get("format_version"), "source": source,
+            "options": manifest.get("options"), "tokenizer": manifest.get("tokenizer")}
+
+
+def existing_build(out: Path) -> dict | None:
+    """The manifest of a build already in OUT; None when OUT is absent or empty. Files the pipeline
+    adds beside a build (config.yaml, summary.json) belong to it."""
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise UserError(f"--out {out}: exists and is not a directory")
+    if not any(out.iterdir()):
+        return None
+    try:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+        if manifest.get("tool") != "data_prep":
+            raise ValueError
+    except (OSError, ValueError):
+        raise UserError(f"--out {out}: not empty and holds no data_prep build (manifest.json); "
+                        f"pass a new or empty directory") from None
+    return manifest
+
+
+def build(source: str, out: str | os.PathLike, revision: str = "main", options: Options | None = None,
+          progress: bool = True, tokenizer=None) -> dict:
+    """Build OUT from SOURCE ('hf' or a directory); returns the manifest (with "up_to_date": True
+    and nothing rewritten when OUT already holds the very same build). `tokenizer` may be passed
+    as an object (then options.tokenizer is only its recorded name)."""
+    from tqdm import tqdm
+
+    options = options or Options()
+    options.validate()
+    orders = parse_feedback_orders(options.feedback_orders)
+    out = Path(out)
+    previous = existing_build(out)
+
+    counter = None
+    if options.tokenizer or tokenizer is not None:
+        from data_prep.tokens import TokenCounter, load_tokenizer
+
+        tokenizer = tokenizer if tokenizer is not None else load_tokenizer(options.tokenizer)
+        counter = TokenCounter(tokenizer)
+    src = open_source(source, revision)
+    manifest: dict[str, Any] = {
+        "tool": "data_prep", "format_version": FORMAT_VERSION, "source": src.describe(),
+        "options": options.recorded(),
+        "tokenizer": tokenizer_info(options.tokenizer or tokenizer.name_or_path, tokenizer) if counter else None,
+    }
+    if previous is not None:
+        if fingerprint(previous) == fingerprint(manifest):
+            return {**previous, "up_to_date": True}
+        differ = [k for k, v in fingerprint(manifest).items() if fingerprint(previous).get(k) != v]
+        raise UserError(f"--out {out}: already holds a different data_prep build ({', '.join(differ)} differ); "
+                        f"pass another --out or delete it")
+
+    # Read and check every row.
+    rows: dict[tuple[str, str], list[Row]] = {}
+    for subset in SUBSETS:
+        for split in SPLITS:
+            rows[subset, split] = []
+            for raw in tqdm(src.read(subset, split), desc=f"read {subset}/{split}", unit="row", disable=None if progress else True):
+                row = Row(subset, split, raw.row, raw.record, raw.text, raw.reason, raw.detail)
+                if row.reason is None:
+                    problem = check_row(subset, row.record)
+                    if problem:
+                        row.reason, row.detail = problem
+                rows[subset, split].append(row)
+
+    # Held-out hygiene: train rows that repeat a validation row's (context, original_response).
+    held_out: dict[str, list[str]] = {}
+    for subset in SUBSETS:
+        for row in rows[subset, "validation"]:
+            if row.reason is None:
+                held_out.setdefault(leak_key(row.record), []).append(row.key)
+    leaks = []
+    for subset in SUBSETS:
+        for row in rows[subset, "train"]:
+            if row.reason is None and (matches := held_out.get(leak_key(row.record))):
+                row.leak_matches = matches
+                leaks.append({"row": row.key, "matches": matches})
+                if not options.keep_leaked:
+                    row.reject(LEAKED, f"same context and original_response as {', '.join(matches)}")
+
+    all_rows = [row for subset in SUBSETS for split in SPLITS for row in rows[subset, split]]
+    for row in all_rows:
+        if row.reason is None:
+            emit_edit(row, orders, options.seed) if row.subset == "edit" else emit_edit_quality(row)
+    if counter is not None:
+        count_tokens(all_rows, counter, options.max_seq_len, progress)
+
+    rejected = [row for row in all_rows if row.reason is not None]
+    if options.strict and rejected:
+        by_reason = Counter(row.reason for row in rejected)
+        first = "; ".join(f"{r.key}: {r.reason} ({r.detail[:80]})" for r in rejected[:3])
+        raise UserError(f"--strict: {len(rejected)} of {len(all_rows)} rows rejected "
+                        f"({', '.join(f'{k} {v}' for k, v in sorted(by_reason.items()))}), first: {first}")
+
+    manifest["counts"] = {}
+    token_lengths: dict[str, list[int]] = {}
+    for (subset, split), split_rows in rows.items():
+        used = [r for r in split_rows if r.reason is None]
+        by_reason = Counter(r.reason for r in split_rows if r.reason is not None)
+        emitted = Counter()
+        for r in used:
+            for kind, lines in r.outputs.items():
+                emitted[kind] += len(lines)
+                if kind == "pairs":
+                    emitted.update(line["kind"] for line in lines)
+                token_lengths.setdefault(f"{kind}/{split}", []).extend(r.lengths.get(kind, []))
+        counts = {"read": len(split_rows), "used": len(used), "rejected": sum(by_reason.values()),
+                  "rejected_by_reason": dict(sorted(by_reason.items())), "emitted": dict(sorted(emitted.items()))}
+        if subset == "edit_quality":
+            not_emitted = Counter(kind for r in used for kind in r.equal_pairs)
+            counts["pairs_not_emitted"] = {"equal_after_whitespace_normalisation": dict(sorted(not_emitted.items()))}
+        if subset == "edit":
+            counts["feedback_items"] = dict(sorted(Counter(
+                str(len(r.record["feedback"])) for r in split_rows if r.reason is None or r.reason == LEAKED).items()))
+        assert counts["read"] == counts["used"] + counts["rejected"], (subset, split, counts)
+        manifest["counts"][f"{subset}/{split}"] = counts
+    manifest["leakage"] = {
+        "rule": LEAK_RULE, "action": "kept (--keep-leaked)" if options.keep_leaked else "removed from training",
+        "leaked_rows": {f"{subset}/train": sum(1 for leak in leaks if leak["row"].startswith(f"{subset}/"))
+                        for subset in SUBSETS},
+        "rows": leaks,
+    }
+    if counter is not None:
+        manifest["token_lengths"] = {
+            "counted_as": "apply_chat_template tokens: sft = whole conversation; pairs = prompt + the longer side; "
+                          "prompts = prompt + generation prompt",
+            "max_seq_len": options.max_seq_len,
+            **{name: percentiles(token_lengths.get(name, [])) for name in
+               (f"{kind}/{split}" for kind in OUTPUT_KINDS for split in SPLITS)},
+        }
+
+    # Write everything into a temp dir beside OUT; rename it to OUT at the very end.
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl") for kind in OUTPUT_KINDS for split in SPLITS}
+        rejected_writer = _Writer(tmp / "rejected.jsonl")
+        for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
+            for kind, lines in row.outputs.items():
+                for line in lines:
+                    writers[f"{kind}/{row.split}.jsonl"].write(line)
+            if row.reason is not None:
+                rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
+                                       "detail": row.detail,
+                                       "record": row.record if row.record is not None else row.raw_text})
+        manifest["outputs"] = {name: writer.close() for name, writer in writers.items()}
+        manifest["outputs"]["rejected.jsonl"] = rejected_writer.close()
+        manifest["versions"] = versions()
+        with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
+            f.write(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+        if out.exists():
+            out.rmdir()  # an empty directory (existing_build allowed nothing else here)
+        os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def summary_line(manifest: dict, out: str | os.PathLike) -> str:
+    """One line: rows read/used/rejected (by reason), lines emitted, leaks, where it went."""
+    counts = manifest["counts"].values()
+    read, used, rejected = (sum(c[k] for c in counts) for k in ("read", "used", "rejected"))
+    reasons = Counter()
+    for c in counts:
+        reasons.update(c["rejected_by_reason"])
+    emitted = {kind: "+".join(str(manifest["outputs"][f"{kind}/{split}.jsonl"]["lines"]) for split in SPLITS)
+               for kind in OUTPUT_KINDS}
+    leaked = sum(manifest["leakage"]["leaked_rows"].values())
+    state = "up to date, nothing rewritten: " if manifest.get("up_to_date") else ""
+    why = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
+    return (f"data_prep: {state}{read} rows read, {used} used, {rejected} rejected{why}; "
+            f"sft {emitted['sft']}, pairs {emitted['pairs']}, prompts {emitted['prompts']} (train+validation); "
+            f"{leaked} leaked train rows {'kept' if manifest['options']['keep_leaked'] else 'removed'} -> {out}")

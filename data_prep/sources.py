@@ -1,0 +1,124 @@
+"""Where HelpSteer3 rows come from: a local copy of the dataset repo, or the Hugging Face hub.
+
+Both yield, per subset and split, `RawRow`s: the row number and either the parsed record or the
+reason it could not be parsed. Local files are read line by line (not through a JSON loader) so
+that a malformed line or invalid UTF-8 is one rejected row, not a failed run.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from data_prep.schema import INVALID_UTF8, MALFORMED_JSON, SPLITS, SUBSETS
+from recipes.io import UserError, sha256_file
+
+HUB_DATASET = "nvidia/HelpSteer3"
+LAYOUT = "edit/{train,validation}.jsonl.gz and edit_quality/{train,validation}.jsonl.gz (or plain .jsonl)"
+# JSON escapes of UTF-16 surrogates: json.loads accepts them, UTF-8 cannot encode a lone one.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89abcdefABCDEF]")
+
+
+@dataclass
+class RawRow:
+    row: int
+    record: Any = None  # the parsed JSON value, when it parsed
+    reason: str | None = None  # why it did not parse
+    detail: str = ""
+    text: str = ""  # the raw line, kept for rejected.jsonl when it did not parse
+
+
+def parse_line(row: int, raw: bytes) -> RawRow:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return RawRow(row, reason=INVALID_UTF8, detail=f"byte {exc.start}: {exc.reason}",
+                      text=raw.decode("utf-8", "backslashreplace"))
+    try:
+        record = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return RawRow(row, reason=MALFORMED_JSON, detail=str(exc), text=text)
+    if _SURROGATE_ESCAPE.search(text):
+        try:
+            json.dumps(record, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return RawRow(row, reason=INVALID_UTF8, detail=f"lone surrogate escape: {exc.reason}", text=text)
+    return RawRow(row, record=record)
+
+
+class DirSource:
+    """A local copy laid out as the dataset repo (see LAYOUT). An empty file is a split with 0 rows."""
+
+    def __init__(self, path: str):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise UserError(f"--source {path}: no such directory (expected a local copy of {HUB_DATASET}: {LAYOUT})")
+        if not self.path.is_dir():
+            raise UserError(f"--source {path}: not a directory (expected {LAYOUT})")
+        self.files = {(subset, split): self._find(subset, split) for subset in SUBSETS for split in SPLITS}
+
+    def _find(self, subset: str, split: str) -> Path:
+        gz, plain = (self.path / subset / f"{split}.jsonl{ext}" for ext in (".gz", ""))
+        if gz.is_file() and plain.is_file():
+            raise UserError(f"--source {self.path}: both {gz} and {plain} exist; keep one")
+        if gz.is_file() or plain.is_file():
+            return gz if gz.is_file() else plain
+        hint = ""
+        if (self.path.parent / subset).is_dir() or self.path.name in SUBSETS:
+            hint = f" (pass the directory above {self.path.name}/)"
+        raise UserError(f"--source {self.path}: {subset}/{split}.jsonl.gz (or .jsonl) not found; expected {LAYOUT}{hint}")
+
+    def describe(self) -> dict:
+        return {"type": "dir", "path": str(self.path),
+                "files": {f"{subset}/{split}": {"file": str(path.relative_to(self.path)), "sha256": sha256_file(path)}
+                          for (subset, split), path in self.files.items()}}
+
+    def read(self, subset: str, split: str) -> list[RawRow]:
+        path = self.files[subset, split]
+        try:
+            data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+        except (OSError, EOFError, zlib.error) as exc:
+            raise UserError(f"cannot read {path}: {exc}") from None
+        # Rows are lines; blank lines (e.g. the final newline) are not rows.
+        return [parse_line(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+
+
+class HubSource:
+    """nvidia/HelpSteer3 through datasets.load_dataset, at a pinned revision."""
+
+    def __init__(self, revision: str):
+        self.revision = revision
+        self.datasets = {subset: self._load(subset) for subset in SUBSETS}
+
+    def _load(self, subset: str):
+        import datasets
+
+        try:
+            loaded = datasets.load_dataset(HUB_DATASET, subset, revision=self.revision)
+        except Exception as exc:  # offline, unreachable, unknown revision: all the same advice
+            first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise UserError(
+                f"cannot load {HUB_DATASET} ({subset}, revision {self.revision}) from the Hugging Face hub: "
+                f"{first_line[:200]}. Without hub access, copy the dataset's files and pass --source DIR ({LAYOUT})"
+            ) from None
+        missing = [s for s in SPLITS if s not in loaded]
+        if missing:
+            raise UserError(f"{HUB_DATASET} ({subset}, revision {self.revision}) has no split {', '.join(missing)}")
+        return loaded
+
+    def describe(self) -> dict:
+        return {"type": "hf", "dataset": HUB_DATASET, "revision": self.revision,
+                "fingerprints": {f"{subset}/{split}": self.datasets[subset][split]._fingerprint
+                                 for subset in SUBSETS for split in SPLITS}}
+
+    def read(self, subset: str, split: str) -> list[RawRow]:
+        return [RawRow(i, record=record) for i, record in enumerate(self.datasets[subset][split])]
+
+
+def open_source(source: str, revision: str) -> DirSource | HubSource:
+    return HubSource(revision) if source == "hf" else DirSource(source)
+
