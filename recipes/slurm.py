@@ -1,0 +1,419 @@
+"""SLURM executor: render an sbatch script per stage, submit it, chain the pipeline, report status.
+
+    ./launch.sh STAGE executor=slurm cluster=NAME [key=value ...] [--dry-run]
+    ./launch.sh pipeline executor=slurm cluster=NAME [key=value ...] [--dry-run]
+    ./launch.sh status RUN_DIR
+
+Files, all under RUN_DIR/slurm/ (beside the stage outputs, never inside them):
+    STAGE.sbatch      the rendered batch script (`sbatch` it again by hand if you like)
+    STAGE.yaml        the stage's resolved config, frozen at submission: the job runs exactly this,
+                      even if conf/ changes while it waits in the queue
+    STAGE-JOBID.log   the job's output (appended across requeues)
+RUN_DIR/jobs.json     stage -> job id, script, log, out (read by `status`)
+
+Inside the job (see `launch_block`):
+  - HF engine: one task per node runs `accelerate launch` with the machine rank, the first node as
+    main process and nodes x processes-per-node processes (a single process runs without accelerate);
+  - Megatron engine (Megatron-Bridge sft, convert): one task per GPU; each task's RANK, WORLD_SIZE,
+    LOCAL_RANK come from SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID; MASTER_ADDR is the first node;
+  - NeMo-RL stages (rm, rl, dpo on engine=megatron): a Ray head on the first node and a Ray worker on
+    each other node (the layout of NeMo-RL's ray.sub), then the stage command on the head node.
+Preemption: `--signal=B:USR1@cluster.signal_seconds` and `--requeue`. The script's USR1 trap asks the
+stage to checkpoint (recipes/preemption.py); a stage that exits with PREEMPTED_EXIT_CODE is requeued with
+`scontrol requeue` and resumes from its latest checkpoint (resume=auto).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from recipes import preemption
+from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
+from recipes.io import UserError, atomic_write_json, atomic_write_text
+
+# Which stage waits for which (afterok): sft and rm both only need the data, so they run side by side.
+PIPELINE_NEEDS = {"data": [], "sft": ["data"], "rm": ["data"], "rl": ["sft", "rm"], "eval": ["rl"]}
+NEMO_RL_STAGES = ("rm", "rl", "dpo")  # on engine=megatron: NeMo-RL, driven through Ray
+RAY_PORT = 6379
+
+
+# ---- what a stage's job looks like ------------------------------------------------------------
+
+def launch_kind(cfg) -> str:
+    """hf | megatron | nemo_rl | single (one process: data, eval, convert)."""
+    if cfg.stage in ("data", "eval", "convert"):
+        return "single"
+    if cfg.engine == "megatron":
+        return "nemo_rl" if cfg.stage in NEMO_RL_STAGES else "megatron"
+    return "hf"
+
+
+def job_files(cfg) -> dict[str, Path]:
+    base = Path(cfg.run_dir).resolve() / "slurm"
+    return {"script": base / f"{cfg.stage}.sbatch", "config": base / f"{cfg.stage}.yaml",
+            "log": base / f"{cfg.stage}-%j.log"}
+
+
+def job_config(cfg):
+    """The config the job runs: executor=local (run here, don't submit again), not a dry run, and,
+    on GPU nodes, one HF process per GPU (re-validated: the global batch must still divide)."""
+    job = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.to_container(cfg, resolve=True))
+    job.executor = "local"
+    job.dry_run = False
+    if launch_kind(cfg) == "single":
+        job.cluster.nodes = 1
+    if cfg.engine == "hf" and cfg.cluster.gpus_per_node > 0:
+        job.hf.num_processes = cfg.cluster.gpus_per_node
+    validate(job)
+    return job
+
+
+def container_image(cfg) -> str | None:
+    """Megatron stages run in the Megatron helper's pinned container when it names one."""
+    if cfg.engine == "megatron" and cfg.megatron.container:
+        return cfg.megatron.container
+    return cfg.cluster.container_image or None
+
+
+def srun_prefix(cfg, *srun_args: str) -> str:
+    """`srun ARGS [--container-image ... --container-mounts ...]`: pyxis/enroot flags when the stage
+    runs in a container (the repo and the run dir are mounted at the same paths)."""
+    parts = ["srun", *srun_args]
+    image = container_image(cfg)
+    if image:
+        mounts = list(cfg.cluster.container_mounts)
+        for path in (str(REPO_ROOT), str(Path(cfg.run_dir).resolve())):
+            if not any(m.split(":")[0] == path or path.startswith(m.split(":")[0] + "/") for m in mounts):
+                mounts.append(f"{path}:{path}")
+        parts += [f"--container-image={image}", f"--container-mounts={','.join(mounts)}",
+                  f"--container-workdir={REPO_ROOT}", "--no-container-mount-home"]
+    return " ".join(shlex.quote(p) if not p.startswith("--container") else p for p in parts)
+
+
+def task_setup(cfg) -> str:
+    """Shell lines every task runs before the stage: the cluster's `setup`, else the repo's venv."""
+    lines = list(cfg.cluster.setup)
+    if not lines and not container_image(cfg):
+        lines = [f"source {shlex.quote(str(REPO_ROOT / '.venv' / 'bin' / 'activate'))}"]
+    return "; ".join([f"cd {shlex.quote(str(REPO_ROOT))}", *lines])
+
+
+def stage_command(cfg, config_file: Path) -> str:
+    """The command that runs the stage in one process (per task)."""
+    if cfg.engine == "megatron" and launch_kind(cfg) in ("megatron", "nemo_rl"):
+        try:
+            from recipes.megatron import build_command
+        except ImportError:
+            build_command = None
+        if build_command is not None:
+            command = build_command(cfg)
+            return command if isinstance(command, str) else shlex.join(command)
+    return f"python -m recipes.training {shlex.quote(str(config_file))}"
+
+
+def shell_join(args: list[str]) -> str:
+    """shlex.join, except that `$VARIABLE` arguments stay unquoted so the shell expands them."""
+    return " ".join(a if re.fullmatch(r"\$[A-Z_]+", a) else shlex.quote(a) for a in args)
+
+
+def in_task(cfg, body: str) -> str:
+    """`bash -c '...'`, single-quoted so that $SLURM_* expand inside each task, not in the batch script."""
+    return "bash -c " + shlex.quote(f"{task_setup(cfg)}; {body}")
+
+
+def launch_block(cfg, config_file: Path) -> str:
+    """The lines that start the stage in the background (its PID in STAGE_PID)."""
+    kind = launch_kind(cfg)
+    nodes, gpus = cfg.cluster.nodes, cfg.cluster.gpus_per_node
+    command = stage_command(cfg, config_file)
+    if kind == "single":
+        return f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1')} \\\n    {in_task(cfg, 'exec ' + command)} &"
+    if kind == "megatron":
+        per_node = max(gpus, 1)
+        ranks = "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; "
+        return (f"# one task per GPU: {nodes} nodes x {per_node} = {nodes * per_node} ranks\n"
+                f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks-per-node={per_node}', '--kill-on-bad-exit=1')} \\\n"
+                f"    {in_task(cfg, ranks + 'exec ' + command)} &")
+    if kind == "hf":
+        from recipes.training import CHILD_ENV, accelerate_command
+
+        per_node = gpus if gpus > 0 else cfg.hf.num_processes
+        if nodes * per_node == 1 and not cfg.hf.accelerate_config:
+            launcher = command
+        else:  # the $VARIABLES expand inside each task: its node's rank, the first node's address
+            accelerate = accelerate_command(config_file, per_node, cfg.hf.accelerate_config, nodes,
+                                            machine_rank="$SLURM_NODEID", main_process_ip="$MASTER_ADDR",
+                                            main_process_port="$MASTER_PORT")
+            launcher = shell_join(["python", *accelerate[1:]])
+        body = f"export {CHILD_ENV}=1; exec {launcher}" if launcher != command else f"exec {launcher}"
+        return (f"# one task per node, each starting {per_node} process(es): {nodes * per_node} in all\n"
+                f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks={nodes}', '--ntasks-per-node=1', '--kill-on-bad-exit=1')} \\\n"
+                f"    {in_task(cfg, body)} &")
+    return ray_block(cfg, command)
+
+
+def ray_block(cfg, command: str) -> str:
+    """NeMo-RL: Ray head on the first node, a worker per other node (as NeMo-RL's ray.sub lays them
+    out), the stage command on the head once every node's GPUs have joined; ENDED stops the workers."""
+    gpus = max(cfg.cluster.gpus_per_node, 1)
+    nodes = cfg.cluster.nodes
+    ray_dir = '"$RAY_DIR"'
+    head = (f"ray start --head --node-ip-address=$MASTER_ADDR --port={RAY_PORT} --num-gpus={gpus} --disable-usage-stats; "
+            f"touch $RAY_DIR/STARTED_RAY_HEAD; "
+            f"until python -c \"import ray; ray.init(address='auto'); import sys; "
+            f"sys.exit(ray.cluster_resources().get('GPU', 0) < {nodes * gpus})\" 2>/dev/null; do sleep 5; done; "
+            f"{command}; rc=$?; touch $RAY_DIR/ENDED; ray stop; exit $rc")
+    worker = (f"until [ -f $RAY_DIR/STARTED_RAY_HEAD ]; do sleep 2; done; "
+              f"ray start --address=$MASTER_ADDR:{RAY_PORT} --num-gpus={gpus} --disable-usage-stats; "
+              f"until [ -f $RAY_DIR/ENDED ]; do sleep 5; done; ray stop")
+    lines = [f"# NeMo-RL: Ray cluster over {nodes} node(s), {nodes * gpus} GPUs; the stage runs on the head node",
+             f"export RAY_DIR={shlex.quote(str(job_files(cfg)['script'].parent))}/ray-$SLURM_JOB_ID",
+             f"rm -rf {ray_dir}; mkdir -p {ray_dir}"]
+    if nodes > 1:
+        lines.append(f"{srun_prefix(cfg, f'--nodes={nodes - 1}', f'--ntasks={nodes - 1}', '--ntasks-per-node=1', '--exclude=$MASTER_ADDR')} \\\n"
+                     f"    {in_task(cfg, worker)} &")
+    lines.append(f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1', '-w', '$MASTER_ADDR', '--overlap')} \\\n"
+                 f"    {in_task(cfg, head)} &")
+    return "\n".join(lines)
+
+
+def render_script(cfg) -> str:
+    """The sbatch script of one stage (pure: same config -> same text)."""
+    c = cfg.cluster
+    kind = launch_kind(cfg)
+    files = job_files(cfg)
+    out = Path(cfg.out).resolve()
+    nodes = 1 if kind == "single" else c.nodes
+    gpus = 0 if cfg.stage == "data" else c.gpus_per_node
+    tasks_per_node = max(gpus, 1) if kind == "megatron" else 1
+    sbatch = [f"--job-name=hs3-{cfg.stage}"]
+    for key in ("account", "partition", "qos"):
+        if c[key]:
+            sbatch.append(f"--{key}={c[key]}")
+    sbatch += [f"--time={c.time}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
+    if gpus > 0:
+        sbatch.append(f"--gpus-per-node={gpus}")
+    if c.cpus_per_task:
+        sbatch.append(f"--cpus-per-task={c.cpus_per_task}")
+    if c.mem:
+        sbatch.append(f"--mem={c.mem}")
+    sbatch += [f"--output={files['log']}", "--open-mode=append",
+               f"--signal=B:USR1@{c.signal_seconds}", "--requeue", "--kill-on-invalid-dep=yes",
+               *c.extra_sbatch]
+    image = container_image(cfg)
+    code = preemption.PREEMPTED_EXIT_CODE
+    return f"""#!/bin/bash
+# {cfg.stage} (engine={cfg.engine}, {kind} launch) for run_dir={cfg.run_dir}
+# Rendered by recipes/slurm.py from conf/cluster/{c.name}.yaml; the job runs the frozen config
+# {files['config']}
+{chr(10).join('#SBATCH ' + s for s in sbatch)}
+set -uo pipefail
+echo "[hs3] job $SLURM_JOB_ID (restart ${{SLURM_RESTART_COUNT:-0}}) on $(hostname), $(date -u +%FT%TZ): {cfg.stage}"
+cd {shlex.quote(str(REPO_ROOT))}
+
+# Distributed environment: the first node is the rendezvous for every launcher.
+export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MASTER_PORT=$((20000 + SLURM_JOB_ID % 20000))
+export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+export HS3_RUN_DIR={shlex.quote(str(Path(cfg.run_dir).resolve()))}
+{'export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron TP/SP overlap on Hopper' if cfg.engine == 'megatron' else ''}
+{'# container: ' + image if image else '# no container: each task runs the setup lines, then the stage'}
+
+# Preemption / time limit: USR1 arrives {c.signal_seconds}s before the end; the stage checkpoints,
+# exits {code}, and this script requeues the job (it resumes from the latest checkpoint).
+OUT={shlex.quote(str(out))}
+mkdir -p "$OUT"
+rm -f "$OUT/{preemption.PREEMPT_REQUEST_FILE}" "$OUT/{preemption.PREEMPTED_MARKER_FILE}"
+got_usr1=0
+on_usr1() {{
+  got_usr1=1
+  echo "[hs3] USR1 at $(date -u +%FT%TZ): asking the stage to checkpoint and stop"
+  touch "$OUT/{preemption.PREEMPT_REQUEST_FILE}"
+}}
+trap on_usr1 USR1
+
+{launch_block(cfg, files['config'])}
+STAGE_PID=$!
+# A trapped signal interrupts `wait`: wait again until the stage itself has ended.
+while :; do
+  got_usr1=0
+  rc=0; wait "$STAGE_PID" || rc=$?
+  [ "$got_usr1" = 1 ] || break
+done
+if [ "$rc" = {code} ] || [ -f "$OUT/{preemption.PREEMPTED_MARKER_FILE}" ]; then
+  echo "[hs3] checkpoint saved (exit $rc): requeueing job $SLURM_JOB_ID to resume"
+  rm -f "$OUT/{preemption.PREEMPTED_MARKER_FILE}"
+  scontrol requeue "$SLURM_JOB_ID"
+  exit 0
+fi
+echo "[hs3] {cfg.stage} exited with $rc at $(date -u +%FT%TZ)"
+exit "$rc"
+"""
+
+
+# ---- submitting -------------------------------------------------------------------------------
+
+def write_job(cfg) -> dict[str, Path]:
+    """Write STAGE.yaml and STAGE.sbatch under RUN_DIR/slurm/."""
+    files = job_files(cfg)
+    atomic_write_text(files["config"], to_yaml(job_config(cfg)))
+    atomic_write_text(files["script"], render_script(cfg))
+    return files
+
+
+def sbatch(script: Path, after: list[str] = ()) -> str:
+    """Submit; returns the job id. `after`: job ids that must finish OK first."""
+    command = ["sbatch", "--parsable"]
+    if after:
+        command.append("--dependency=afterok:" + ":".join(after))
+    command.append(str(script))
+    try:
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    except FileNotFoundError:
+        raise UserError("sbatch not found: executor=slurm needs a SLURM login node (or use executor=local)") from None
+    if proc.returncode != 0:
+        message = (proc.stderr.strip() or proc.stdout.strip()).splitlines()
+        raise UserError(f"sbatch {script.name} failed: {message[-1] if message else f'exit {proc.returncode}'}")
+    return proc.stdout.strip().split(";")[0]
+
+
+def record_jobs(run_dir: str, entries: dict[str, dict]) -> Path:
+    """Merge stage -> job entries into RUN_DIR/jobs.json."""
+    path = Path(run_dir).resolve() / "jobs.json"
+    jobs = json.loads(path.read_text()) if path.is_file() else {}
+    jobs.update(entries)
+    atomic_write_json(path, jobs)
+    return path
+
+
+def _entry(cfg, files: dict[str, Path], job_id: str, after: list[str]) -> dict:
+    return {"job_id": job_id, "after": after, "script": str(files["script"]),
+            "log": str(files["log"]).replace("%j", job_id), "out": str(Path(cfg.out).resolve()),
+            "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+
+def submit_stage(cfg) -> dict:
+    """Render (and unless cfg.dry_run, submit) one stage's job."""
+    if cfg.dry_run:
+        print(render_script(cfg), end="")
+        job_config(cfg)  # a config the job could not run is an error now, not after the queue wait
+        return {"stage": cfg.stage, "metric": "dry-run", "value": None, "out": str(cfg.out)}
+    files = write_job(cfg)
+    job_id = sbatch(files["script"])
+    record_jobs(cfg.run_dir, {cfg.stage: _entry(cfg, files, job_id, [])})
+    print(f"submitted {cfg.stage} as job {job_id}: log {str(files['log']).replace('%j', job_id)}; "
+          f"./launch.sh status {cfg.run_dir}")
+    return {"stage": cfg.stage, "metric": "job", "value": int(job_id) if job_id.isdigit() else None, "out": str(cfg.out)}
+
+
+def submit_pipeline(cfgs: dict, stages: dict, dry_run: bool = False) -> dict[str, str]:
+    """Submit every stage as its own job, each waiting (afterok) for the stages it needs;
+    --kill-on-invalid-dep=yes cancels the dependents of a stage that fails."""
+    run_dirs = {str(Path(c.run_dir).resolve()) for c in cfgs.values()}
+    if len(run_dirs) != 1:
+        raise ConfigError(f"every pipeline stage needs the same run_dir, got {sorted(run_dirs)}")
+    job_ids: dict[str, str] = {}
+    entries: dict[str, dict] = {}
+    for stage, cfg in cfgs.items():
+        after = [job_ids[s] for s in PIPELINE_NEEDS.get(stage, []) if s in job_ids]
+        if dry_run:
+            job_ids[stage] = f"${stage.upper()}_JOB"
+            dependency = f" --dependency=afterok:{':'.join(after)}" if after else ""
+            print(f"# ---- {stage}: sbatch --parsable{dependency} {job_files(cfg)['script']}")
+            print(render_script(cfg))
+            job_config(cfg)
+            continue
+        files = write_job(cfg)
+        job_ids[stage] = sbatch(files["script"], after)
+        entries[stage] = _entry(cfg, files, job_ids[stage], after)
+        record_jobs(cfg.run_dir, entries)
+        print(f"{stage}: job {job_ids[stage]}" + (f" (after {', '.join(after)})" if after else ""))
+    if not dry_run:
+        run_dir = next(iter(cfgs.values())).run_dir
+        print(f"submitted {len(job_ids)} jobs ({' -> '.join(job_ids.values())}); recorded in "
+              f"{Path(run_dir) / 'jobs.json'}; follow with ./launch.sh status {run_dir}")
+    return job_ids
+
+
+# ---- status -----------------------------------------------------------------------------------
+
+def scontrol_job(job_id: str) -> dict[str, str]:
+    """`scontrol show job -o ID` as a dict ({} once SLURM has forgotten the job: MinJobAge)."""
+    try:
+        proc = subprocess.run(["scontrol", "show", "job", "-o", str(job_id)], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return {}
+    if proc.returncode != 0:
+        return {}
+    return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
+
+
+def last_line(path: str) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(f.tell() - 4096, 0))
+            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
+    except OSError:
+        return ""
+    lines = [ln for ln in lines if ln]
+    return lines[-1] if lines else ""
+
+
+def stage_status(stage: str, entry: dict) -> dict:
+    info = scontrol_job(entry["job_id"])
+    summary_file = Path(entry["out"]) / "summary.json"
+    if info:
+        state = info.get("JobState", "?")
+        if info.get("Reason") not in (None, "None") and state == "PENDING":
+            state += f" ({info['Reason']})"
+        if info.get("Restarts", "0") != "0":
+            state += f", restarts={info['Restarts']}"
+        elapsed = info.get("RunTime", "")
+    elif summary_file.is_file():
+        summary = json.loads(summary_file.read_text())
+        state = "COMPLETED"
+        wall = summary.get("wall_s")
+        elapsed = time.strftime("%H:%M:%S", time.gmtime(wall)) if isinstance(wall, (int, float)) else ""
+    else:
+        state, elapsed = "GONE (SLURM forgot it; no summary.json)", ""
+    return {"stage": stage, "job": entry["job_id"], "state": state, "elapsed": elapsed,
+            "last": last_line(entry["log"])}
+
+
+def status_main(argv: list[str]) -> int:
+    """./launch.sh status RUN_DIR: each stage's job id, state, elapsed time and last log line."""
+    if len(argv) != 1 or argv[0].startswith("-"):
+        raise UserError("usage: ./launch.sh status RUN_DIR")
+    jobs_file = Path(argv[0]) / "jobs.json"
+    if not jobs_file.is_file():
+        raise UserError(f"{jobs_file}: no such file (submit with executor=slurm first)")
+    rows = [stage_status(stage, entry) for stage, entry in json.loads(jobs_file.read_text()).items()]
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{argv[0]} on SLURM")
+    for column in ("stage", "job", "state", "elapsed", "last log line"):
+        table.add_column(column, overflow="fold")
+    for row in rows:
+        table.add_row(row["stage"], row["job"], row["state"], row["elapsed"], row["last"][-120:])
+    console = Console(width=max(Console().width, 160))
+    console.print(table)
+    counts: dict[str, int] = {}
+    for row in rows:
+        key = row["state"].split()[0].rstrip(",")
+        counts[key] = counts.get(key, 0) + 1
+    print(f"{len(rows)} stages: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(status_main(sys.argv[1:]))
