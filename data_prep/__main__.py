@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recipes.io import cli_main
+from recipes.io import UserError, cli_main
 
 CONF_FILE = Path(__file__).resolve().parent.parent / "conf" / "stage" / "data.yaml"
 
@@ -20,8 +20,15 @@ def pinned_revision() -> str:
         return "main"
 
 
+class OneLineErrorParser(argparse.ArgumentParser):
+    """Usage mistakes end as one `error: ...` line (exit 2), like every other user error."""
+
+    def error(self, message: str):
+        raise UserError(f"{message} (python -m data_prep --help lists the options)")
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = OneLineErrorParser(
         prog="python -m data_prep",
         description="HelpSteer3 (edit, edit_quality) -> edit SFT conversations (sft/), preference pairs (pairs/), "
                     "RL prompts (prompts/), rejected.jsonl and manifest.json under OUT.",
