@@ -1,0 +1,91 @@
+"""The seed's exact conventions: edit request bytes, feedback selection, message layout."""
+from __future__ import annotations
+
+from data_prep import build_edit_conversation
+from data_prep.build import feedback_permutations
+from data_prep.feedback import edit_request, select_feedback
+
+
+def test_edit_request_bytes():
+    assert edit_request(["First item.", "Second item.", "Third item."]) == (
+        "Edit the response to the previous prompt based on the following feedback:\n\n"
+        "First item.\n\nSecond item.\n\nThird item."
+    )
+    assert edit_request([]) == "Edit the response to the previous prompt based on the following feedback:\n\n<None>"
+
+
+def test_build_edit_conversation_multi_turn_layout():
+    context = [
+        {"role": "user", "content": "Hi, can you help me plan a trip?"},
+        {"role": "assistant", "content": "Of course. Where to?", "extra": "dropped"},
+        {"role": "user", "content": "Kyoto, three days."},
+    ]
+    messages = build_edit_conversation(context, "Day 1: temples.", ["Too short.", "It lacks days 2 and 3."])
+    assert messages == [
+        {"role": "user", "content": "Hi, can you help me plan a trip?"},
+        {"role": "assistant", "content": "Of course. Where to?"},
+        {"role": "user", "content": "Kyoto, three days."},
+        {"role": "assistant", "content": "Day 1: temples."},
+        {"role": "user", "content": "Edit the response to the previous prompt based on the following feedback:\n\n"
+                                    "Too short.\n\nIt lacks days 2 and 3."},
+    ]
+    assert "extra" in context[1]  # the caller's context is not modified
+
+
+def test_build_edit_conversation_without_feedback_says_none():
+    messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", [])
+    assert messages[-1] == {"role": "user", "content": "Edit the response to the previous prompt based on the "
+                                                       "following feedback:\n\n<None>"}
+
+
+def test_build_edit_conversation_selects_when_more_than_three():
+    feedback = ["zero", "one but", "two However improve", "three lack", "four"]
+    messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", feedback)
+    assert messages[-1]["content"].endswith("\n\ntwo However improve\n\none but\n\nthree lack")
+
+
+def test_selection_sorts_by_score_and_keeps_ties_in_input_order():
+    feedback = ["plain", "tie one but", "tie two lack", "top However improve", "tie three benefit"]
+    assert select_feedback(feedback) == ["top However improve", "tie one but", "tie two lack"]
+
+
+def test_selection_skips_items_starting_with_perfectly():
+    feedback = ["The response is perfectly fine. However, but but but", "a but", "b", "c", "d"]
+    assert select_feedback(feedback) == ["a but", "b", "c"]
+    # Only a prefix skips: the phrase elsewhere in an item does not.
+    feedback = ["x", "Overall, The response is perfectly fine but", "y", "z"]
+    assert select_feedback(feedback) == ["Overall, The response is perfectly fine but", "x", "y"]
+    # Too many skipped: fewer than 3 come back.
+    feedback = ["The response is perfectly clear.", "one", "The response is perfectly short but", "two"]
+    assert select_feedback(feedback) == ["one", "two"]
+
+
+def test_selection_counts_case_sensitive_substrings():
+    # `but` inside `attribute` and `contribute` counts; `however` (lower case) and `Improve` do not.
+    feedback = ["however, Improve the tone", "an attribute and a contribution", "Lacking", "but lacking"]
+    assert select_feedback(feedback) == ["an attribute and a contribution", "but lacking", "however, Improve the tone"]
+    # Every occurrence counts, not just whether a keyword appears.
+    feedback = ["but", "but but but", "improve improve", "x"]
+    assert select_feedback(feedback) == ["but but but", "improve improve", "but"]
+
+
+def test_three_or_fewer_items_are_kept_as_given():
+    three = ["The response is perfectly fine.", "no keyword", "However it lacks but"]
+    assert select_feedback(three) == three  # no reordering, no skipping
+    assert select_feedback(["only one"]) == ["only one"]
+    assert select_feedback([]) == []
+    assert select_feedback(["a", "b but"], max_items=1) == ["b but"]
+
+
+def test_feedback_permutations():
+    every = feedback_permutations(3, "all", 0, "edit/train/0")
+    assert len(every) == 6 and len(set(every)) == 6 and every[0] == (0, 1, 2)
+    assert feedback_permutations(3, "given", 0, "r") == [(0, 1, 2)]
+    assert feedback_permutations(0, "all", 0, "r") == [()]
+    assert feedback_permutations(2, "all", 0, "r") == [(0, 1), (1, 0)]
+    two = feedback_permutations(3, 2, 7, "edit/train/5")
+    assert len(two) == 2 and len(set(two)) == 2 and set(two) <= set(every)
+    assert two == feedback_permutations(3, 2, 7, "edit/train/5")  # same seed, same draw
+    draws = {tuple(feedback_permutations(3, 2, seed, "edit/train/5")) for seed in range(20)}
+    assert len(draws) > 1  # the seed chooses
+    assert feedback_permutations(3, 6, 7, "r") == every and feedback_permutations(3, 10, 7, "r") == every
