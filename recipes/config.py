@@ -191,6 +191,15 @@ class ParallelConfig:
     recompute: bool = False
     distributed_optimizer: bool = True
     mfu: float = 0.35
+    # Machines this stage's plan runs on; None = cluster.nodes / cluster.gpus_per_node (and 8 GPUs per
+    # node when the cluster has none, e.g. cluster=local while planning a cluster run).
+    nodes: Optional[int] = None
+    gpus_per_node: Optional[int] = None
+    # Fully sharded data parallel (NeMo-RL's DTensor/FSDP2 backend: the reward model). No PP with it.
+    fsdp: bool = False
+    # Dense BF16 peak of one GPU in TFLOP/s (H100 SXM: 989) and its memory, for the plan's estimates.
+    peak_tflops: float = 989.0
+    gpu_memory_gb: float = 80.0
 
 
 @dataclass
@@ -199,6 +208,22 @@ class MegatronConfig:
     nemo_rl_dir: str = "/opt/nemo-rl"
     megatron_bridge_recipe: str = "llama31_70b"
     hf_model_id: str = ""
+    # Pinned versions (conf/engine/megatron.yaml says where each comes from).
+    megatron_bridge_version: str = ""
+    megatron_bridge_commit: str = ""
+    megatron_bridge_dir: str = "/opt/Megatron-Bridge"  # checkout of megatron_bridge_commit in the container
+    nemo_rl_container: str = ""
+    nemo_rl_version: str = ""
+    nemo_rl_commit: str = ""
+    # convert stage: hf_to_megatron (before sft) or megatron_to_hf (after any stage); source = init.
+    convert_direction: str = "hf_to_megatron"
+    convert_device: str = "cpu"  # Megatron-Bridge convert.sh backend: cpu (one process) or gpu
+    # Nodes given to NeMo-RL's reward-model environment during rl (out of cluster.nodes).
+    reward_model_nodes: int = 1
+    vllm_tp: int = 8
+    vllm_gpu_memory_utilization: float = 0.6
+    # Training rows the plan assumes when data_dir/STAGE files do not exist yet.
+    plan_samples: int = 10000
 
 
 @dataclass
