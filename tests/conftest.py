@@ -32,3 +32,111 @@ def run_cli(*args: str, cwd: Path = REPO_ROOT, env: dict | None = None, timeout:
         [sys.executable, *args], cwd=cwd, env={**os.environ, **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )
+
+
+# --- HF-engine training fixtures: data_prep's output format, written small and by hand ---------
+EDIT_REQUEST = "Edit the response to the previous prompt based on the following feedback:\n\n"
+_TOPICS = ["sorting a list in Python", "the capital of France", "a haiku about rain", "tips for sleeping well",
+           "how photosynthesis works", "a polite email declining a meeting", "the boiling point of water",
+           "what a hash map is"]
+
+
+def _edit_rows(split: str, n: int) -> tuple[list, list, list]:
+    """sft rows, preference pairs (both kinds) and RL prompts, in data_prep's exact output format."""
+    sft, pairs, prompts = [], [], []
+    for i in range(n):
+        topic = _TOPICS[i % len(_TOPICS)]
+        context = [{"role": "user", "content": f"Tell me about {topic}."}]
+        if i % 2:  # multi-turn contexts too
+            context = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
+                       *context]
+        original = f"Here is something about {topic}. It is short."
+        feedback = "The response lacks detail. However, it is correct."
+        edited = f"Here is a detailed answer about {topic}, with examples and a clear summary."
+        bad_edit = f"{topic} {topic}."
+        prompt = [*context, {"role": "assistant", "content": original}, {"role": "user", "content": EDIT_REQUEST + feedback}]
+        row_id = f"{split}-{i}"
+        sft.append({"id": row_id, "messages": [*prompt, {"role": "assistant", "content": edited}],
+                    "domain": "general", "language": "english", "source": {"subset": "edit", "row": i}})
+        pairs.append({"id": f"{row_id}-gb", "prompt": prompt, "chosen": [{"role": "assistant", "content": edited}],
+                      "rejected": [{"role": "assistant", "content": bad_edit}], "kind": "good_vs_bad"})
+        pairs.append({"id": f"{row_id}-go", "prompt": prompt, "chosen": [{"role": "assistant", "content": edited}],
+                      "rejected": [{"role": "assistant", "content": original}], "kind": "good_vs_original"})
+        prompts.append({"id": row_id, "prompt": prompt, "original_response": original, "reference_edit": edited})
+    return sft, pairs, prompts
+
+
+def write_edit_data(data_dir: Path, n_train: int = 16, n_validation: int = 4) -> Path:
+    from recipes.io import atomic_write_json, atomic_write_jsonl
+
+    for split, n in (("train", n_train), ("validation", n_validation)):
+        sft, pairs, prompts = _edit_rows(split, n)
+        atomic_write_jsonl(data_dir / "sft" / f"{split}.jsonl", sft)
+        atomic_write_jsonl(data_dir / "pairs" / f"{split}.jsonl", pairs)
+        atomic_write_jsonl(data_dir / "prompts" / f"{split}.jsonl", prompts)
+    atomic_write_json(data_dir / "manifest.json", {"source": "tests", "rows": n_train + n_validation})
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def edit_data_dir(tmp_path_factory) -> Path:
+    """A data_prep-shaped data dir (sft/, pairs/, prompts/, manifest.json) with a few rows."""
+    return write_edit_data(tmp_path_factory.mktemp("data"))
+
+
+# --- eval fixtures: a data dir in data_prep's output layout, built from the bundled sample's
+# validation rows (several domains and languages), and a tiny reward model ----------------------
+
+def write_eval_data(data_dir: Path, leakage: dict | None = None) -> Path:
+    """prompts/ (without domain/language, as data_prep writes them), sft/ and pairs/ for the
+    validation split, from data_prep/sample, plus a manifest.json with a leakage report."""
+    import itertools
+    import json
+
+    from data_prep import build_edit_conversation
+    from recipes.io import atomic_write_json, atomic_write_jsonl
+
+    def sample(subset: str) -> list[dict]:
+        text = (SAMPLE_DIR / subset / "validation.jsonl").read_text(encoding="utf-8")
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+    prompts, sft, pairs = [], [], []
+    for i, row in enumerate(sample("edit")):
+        prompt = build_edit_conversation(row["context"], row["original_response"], row["feedback"])
+        prompts.append({"id": f"edit-validation-{i}", "prompt": prompt, "original_response": row["original_response"],
+                        "reference_edit": row["edited_response"]})
+        for order in itertools.permutations(row["feedback"][:3]):
+            messages = build_edit_conversation(row["context"], row["original_response"], list(order))
+            sft.append({"id": f"edit-validation-{i}-{len(sft)}", "domain": row["domain"], "language": row["language"],
+                        "messages": [*messages, {"role": "assistant", "content": row["edited_response"]}]})
+    for i, row in enumerate(sample("edit_quality")):
+        prompt = build_edit_conversation(row["context"], row["original_response"], row["feedback"])
+        good = [{"role": "assistant", "content": row["good_edited_response"]}]
+        for kind, rejected in (("good_vs_bad", row["bad_edited_response"]), ("good_vs_original", row["original_response"])):
+            pairs.append({"id": f"edit_quality-validation-{i}-{kind}", "prompt": prompt, "chosen": good,
+                          "rejected": [{"role": "assistant", "content": rejected}], "kind": kind})
+    atomic_write_jsonl(data_dir / "prompts" / "validation.jsonl", prompts)
+    atomic_write_jsonl(data_dir / "sft" / "validation.jsonl", sft)
+    atomic_write_jsonl(data_dir / "pairs" / "validation.jsonl", pairs)
+    atomic_write_json(data_dir / "manifest.json", {"source": "tests", "leakage": leakage or {}})
+    return data_dir
+
+
+@pytest.fixture(scope="session")
+def eval_data_dir(tmp_path_factory) -> Path:
+    return write_eval_data(tmp_path_factory.mktemp("eval_data"))
+
+
+@pytest.fixture(scope="session")
+def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """A one-output sequence classifier built from the tiny model (random head), with its tokenizer."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    out = tmp_path_factory.mktemp("tiny_rm")
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model_dir, num_labels=1)
+    model.config.pad_token_id = model.config.pad_token_id or AutoTokenizer.from_pretrained(tiny_model_dir).pad_token_id
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out

@@ -1,0 +1,71 @@
+"""dpo: offline preference optimisation on the edit pairs with TRL's DPOTrainer (an alternative to rl).
+
+    python -m recipes dpo [key=value ...]        (./launch.sh dpo ...)
+
+Reads  DATA/pairs/{train,validation}.jsonl   TRL conversational preference format, both kinds mixed
+       cfg.init                               the policy's start (default RUN_DIR/sft/final)
+Writes OUT/checkpoint-N/, OUT/final/ (causal LM + tokenizer), OUT/final/hs3_training.json, OUT/summary.json.
+
+The reference model is the starting policy: without LoRA TRL loads a frozen copy of cfg.init; with
+peft.enabled it uses the same model with its adapter disabled (no second copy). The summary's metric is
+the validation reward accuracy: the share of pairs where the implicit reward
+beta * log(pi/pi_ref) of the chosen edit exceeds that of the rejected one.
+"""
+from __future__ import annotations
+
+from recipes import training
+
+
+def load_split(path):
+    from datasets import load_dataset
+
+    return load_dataset("json", data_files=str(path), split="train")
+
+
+def build_trainer(cfg):
+    from transformers import AutoModelForCausalLM
+    from trl import DPOConfig, DPOTrainer
+
+    train_file = training.data_file(cfg, "pairs/train.jsonl")
+    validation_file = training.data_file(cfg, "pairs/validation.jsonl")
+    training.model_dir(cfg, "init")
+    args = training.common_args(
+        cfg, DPOConfig,
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type],
+        max_length=cfg.train.seq_len,
+    )
+    tokenizer = training.load_tokenizer(cfg)
+    model = training.load_model(cfg, AutoModelForCausalLM)
+    return DPOTrainer(
+        model=model,
+        ref_model=None,  # TRL: a frozen copy of the start, or the adapter-disabled model with LoRA
+        args=args,
+        train_dataset=load_split(train_file),
+        eval_dataset=load_split(validation_file),
+        processing_class=tokenizer,
+        peft_config=training.lora_config(cfg, "CAUSAL_LM"),
+        callbacks=training.callbacks(cfg),
+    )
+
+
+def run(cfg) -> dict:
+    skipped = training.dry_run(cfg) or training.maybe_relaunch(cfg)
+    if skipped:
+        return skipped
+    from transformers import AutoModelForCausalLM
+
+    timer = training.Timer()
+    training.data_file(cfg, "pairs/train.jsonl")
+    training.prepare_output_dir(cfg)
+    trainer = build_trainer(cfg)
+
+    trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
+    metrics = trainer.evaluate()
+
+    final = training.save_final(trainer, cfg, AutoModelForCausalLM)
+    training.write_training_record(final, cfg, training.STAGE_SPLITS["dpo"])
+    return training.write_summary(
+        cfg, "reward_accuracy", metrics["eval_rewards/accuracies"], timer.seconds,
+        eval_loss=metrics["eval_loss"], reward_margin=metrics["eval_rewards/margins"],
+    )

@@ -1,0 +1,372 @@
+"""HF-engine glue shared by the four training stages (recipes/sft.py, rm.py, rl.py, dpo.py).
+
+Each stage file reads top to bottom and calls, in order:
+    maybe_relaunch(cfg)            re-exec under `accelerate launch` when several processes are asked for
+    check_inputs / prepare_output_dir(cfg)   one-line ConfigError before any model is loaded
+    common_args(cfg, TRLConfigClass, ...)    TrainingArguments from cfg.train (+ stage keys)
+    lora_config(cfg, task_type)    PEFT LoRA from cfg.peft (None when disabled)
+    trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
+    save_final(trainer, cfg, ...)  final/ = a plain transformers model (LoRA merged), + its tokenizer
+    write_training_record(...)     final/hs3_training.json (see docs/architecture.md)
+    write_summary(...)             summary.json for the pipeline's closing table, and a one-line summary
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+
+from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, to_yaml, validate
+from recipes.io import atomic_write_json, atomic_write_text, sha256_file
+
+# Set in the processes that `accelerate launch` starts for us, so that they do not relaunch again.
+CHILD_ENV = "HS3_UNDER_ACCELERATE"
+
+# The HelpSteer3 splits each stage's own data comes from (the eval refuses to score on them).
+# sft rows and rl prompts come from the `edit` subset, preference pairs from `edit_quality`.
+STAGE_SPLITS = {
+    "sft": ["edit/train"],
+    "rm": ["edit_quality/train"],
+    "dpo": ["edit_quality/train"],
+    "rl": ["edit/train"],
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# Inputs and the output directory (all checks here run before any model is loaded)
+# ---------------------------------------------------------------------------------------------
+def data_file(cfg, relative: str) -> Path:
+    """A file of the data stage's output; a missing one is a one-line ConfigError."""
+    path = Path(cfg.data_dir) / relative
+    if not path.is_file():
+        raise ConfigError(f"data_dir={cfg.data_dir}: missing data file {path} (run `./launch.sh data` first or set data=DIR)")
+    return path
+
+
+def model_dir(cfg, key: str) -> Optional[str]:
+    """cfg.init / cfg.reward_model: None, or an existing checkpoint dir (else a one-line ConfigError)."""
+    value = cfg[key]
+    if value is None:
+        return None
+    if not (Path(value) / "config.json").is_file():
+        hint = {"init": "run the stage it starts from first", "reward_model": "run the rm stage first"}[key]
+        raise ConfigError(f"{key}={value}: no model there (no config.json; {hint})")
+    return str(value)
+
+
+def prepare_output_dir(cfg) -> Path:
+    """cfg.out with config.yaml and the data manifest's hash; refuses a dir from another stage or model."""
+    out = Path(cfg.out)
+    previous = out / "config.yaml"
+    if previous.is_file() and cfg.resume != "never":
+        old = OmegaConf.load(previous)
+        for key in ("stage", "model.path"):
+            was, now = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
+            if was != now:
+                raise ConfigError(
+                    f"out={out}: holds a run with {key}={was}, not {key}={now} (pick another out= or run_dir=, or resume=never)"
+                )
+    if is_main_process():
+        atomic_write_text(out / "config.yaml", to_yaml(cfg))
+        manifest = Path(cfg.data_dir) / "manifest.json"
+        atomic_write_text(out / "data_manifest.sha256", (sha256_file(manifest) if manifest.is_file() else "none") + "\n")
+    return out
+
+
+def latest_checkpoint(out: str | os.PathLike) -> Optional[str]:
+    """The highest-numbered complete checkpoint-N in out (one with trainer_state.json), or None."""
+    found = []
+    for path in Path(out).glob("checkpoint-*"):
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and (path / "trainer_state.json").is_file():
+            found.append((int(match.group(1)), str(path)))
+    return max(found)[1] if found else None
+
+
+def resume_checkpoint(cfg) -> Optional[str]:
+    """What to pass to Trainer.train(resume_from_checkpoint=...): HF restores optimizer, scheduler,
+    RNG states and the data position (it skips the batches already seen) from there."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return latest_checkpoint(cfg.out)
+    return str(cfg.resume)
+
+
+# ---------------------------------------------------------------------------------------------
+# Models, trainer arguments, LoRA
+# ---------------------------------------------------------------------------------------------
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def model_source(cfg) -> tuple[str, dict]:
+    """Where the stage's starting weights are: cfg.init (a checkpoint of ours) or the configured base."""
+    from recipes.models import resolve_model_path
+
+    if cfg.init:
+        return str(cfg.init), {}
+    gguf = {"gguf_file": cfg.model.gguf_file} if cfg.model.gguf_file else {}
+    return resolve_model_path(cfg.model), gguf
+
+
+def load_model(cfg, auto_class, source: Optional[str] = None, **kwargs):
+    """auto_class.from_pretrained on cfg.init / the base model (or `source`) with the configured dtype."""
+    from recipes.models import torch_dtype
+
+    path, extra = (source, {}) if source else model_source(cfg)
+    return auto_class.from_pretrained(
+        path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation, **extra, **kwargs
+    )
+
+
+def load_tokenizer(cfg, source: Optional[str] = None):
+    from recipes.models import load_tokenizer as load
+
+    path = source or cfg.init
+    tokenizer = load(cfg.model, str(path) if path else None)
+    if tokenizer.chat_template is None:
+        raise ConfigError(f"model {path or cfg.model.path}: its tokenizer has no chat template")
+    return tokenizer
+
+
+def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
+    """The TRL config object (SFTConfig, RewardConfig, ...) with everything cfg.train decides."""
+    import torch
+
+    t = cfg.train
+    scheduler, scheduler_kwargs = t.lr_scheduler, {}
+    if t.min_lr_ratio > 0 and t.lr_scheduler == "cosine":
+        scheduler, scheduler_kwargs = "cosine_with_min_lr", {"min_lr_rate": t.min_lr_ratio}
+    kwargs = dict(
+        output_dir=str(cfg.out),
+        learning_rate=t.lr,
+        num_train_epochs=t.epochs,
+        max_steps=t.max_steps,
+        per_device_train_batch_size=t.micro_batch,
+        per_device_eval_batch_size=t.micro_batch,
+        gradient_accumulation_steps=t.grad_accum or grad_accum_steps(cfg),
+        lr_scheduler_type=scheduler,
+        lr_scheduler_kwargs=scheduler_kwargs,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
+        weight_decay=t.weight_decay,
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        eval_strategy="steps" if evaluate else "no",
+        eval_steps=t.eval_steps,
+        save_total_limit=t.save_total_limit,
+        bf16=t.bf16,
+        activation_checkpointing=t.gradient_checkpointing,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        use_cpu=not torch.cuda.is_available(),
+        report_to="none",
+        dataloader_num_workers=0,
+        disable_tqdm=False,
+    )
+    kwargs.update(stage_kwargs)
+    return args_class(**kwargs)
+
+
+def lora_config(cfg, task_type: str):
+    """PEFT LoRA from cfg.peft, or None. With it, DPO/RLOO use the adapter-disabled model as reference."""
+    if not cfg.peft.enabled:
+        return None
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=cfg.peft.r,
+        lora_alpha=cfg.peft.alpha,
+        lora_dropout=cfg.peft.dropout,
+        target_modules=list(cfg.peft.target_modules),
+        task_type=task_type,
+    )
+
+
+def callbacks(cfg) -> list:
+    """Callbacks every trainer gets: on SIGUSR1 or the batch script's request file, save a checkpoint
+    and stop (recipes/preemption.py; run_stage installs the signal handler)."""
+    from recipes import preemption
+
+    return [preemption.PreemptionCallback(cfg.out)]
+
+
+def dry_run(cfg) -> Optional[dict]:
+    """`--dry-run`: print what would run, load nothing."""
+    if not cfg.dry_run:
+        return None
+    launcher = "accelerate launch" if wants_accelerate(cfg) else "this process"
+    print(to_yaml(cfg))
+    print(f"{cfg.stage}: dry run, would train in {launcher} -> {cfg.out}/final")
+    return {"stage": cfg.stage, "metric": "dry_run", "value": None, "wall_s": 0.0, "out": str(cfg.out)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------
+def save_final(trainer, cfg, auto_class) -> Path:
+    """final/: a plain transformers model and its tokenizer. LoRA adapters are merged into the base
+    (the adapter itself is kept in OUT/adapter/), so downstream stages and the eval load final/ with
+    auto_class.from_pretrained and need no peft."""
+    final = Path(cfg.out) / "final"
+    if not cfg.peft.enabled:
+        trainer.save_model(str(final))  # gathers ZeRO-3 shards; also saves the tokenizer
+        trainer.accelerator.wait_for_everyone()
+        return final
+    adapter = Path(cfg.out) / "adapter"
+    trainer.save_model(str(adapter))
+    trainer.accelerator.wait_for_everyone()
+    if trainer.accelerator.is_main_process:
+        from peft import PeftModel
+
+        base = load_model(cfg, auto_class, **({"num_labels": 1} if cfg.stage == "rm" else {}))
+        if cfg.stage == "rm":
+            base.config.pad_token_id = trainer.processing_class.pad_token_id
+        merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
+        merged.save_pretrained(str(final))
+        trainer.processing_class.save_pretrained(str(final))
+    trainer.accelerator.wait_for_everyone()
+    return final
+
+
+def write_training_record(final_dir, cfg, trained_on: list[str]) -> dict:
+    """final/hs3_training.json: this stage's splits added to what its init model was trained on."""
+    lineage: list[str] = []
+    for parent in (cfg.init, cfg.reward_model if cfg.stage == "rl" else None):
+        record = Path(parent) / "hs3_training.json" if parent else None
+        if record and record.is_file():
+            lineage += json.loads(record.read_text())["trained_on"]
+    manifest = Path(cfg.data_dir) / "manifest.json"
+    record = {
+        "stage": cfg.stage,
+        "trained_on": list(dict.fromkeys(lineage + list(trained_on))),  # ordered, no repeats
+        "data_manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+        "init": str(cfg.init) if cfg.init else str(cfg.model.path),
+    }
+    if is_main_process():
+        atomic_write_json(Path(final_dir) / "hs3_training.json", record)
+    return record
+
+
+def write_summary(cfg, metric: str, value: float, wall_s: float, **extra) -> dict:
+    """OUT/summary.json for the pipeline's closing table, and the stage's one-line summary."""
+    summary = {"stage": cfg.stage, "metric": metric, "value": value, "wall_s": round(wall_s, 1), "out": str(cfg.out), **extra}
+    if is_main_process():
+        atomic_write_json(Path(cfg.out) / "summary.json", summary)
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
+        print(f"{cfg.stage}: {metric}={value:.4g} in {wall_s:.0f} s -> {cfg.out}/final" + (f" ({shown})" if shown else ""))
+    return summary
+
+
+def last_logged(trainer, key: str) -> Optional[float]:
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    return values[-1] if values else None
+
+
+def mean_logged(trainer, key: str) -> Optional[float]:
+    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Several processes: re-exec the stage under `accelerate launch`
+# ---------------------------------------------------------------------------------------------
+def wants_accelerate(cfg) -> bool:
+    return (cfg.hf.num_processes > 1 or cfg.hf.accelerate_config is not None) and os.environ.get(CHILD_ENV) != "1"
+
+
+def accelerate_command(
+    config_file: str | os.PathLike,
+    num_processes: int,
+    accelerate_config: Optional[str] = None,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: Optional[str] = None,
+    main_process_port: Optional[int] = None,
+) -> list[str]:
+    """`accelerate launch ... -m recipes.training CONFIG_FILE`: every process runs the stage whose resolved
+    config is CONFIG_FILE. num_processes is per machine (accelerate itself wants the total)."""
+    command = [sys.executable, "-m", "accelerate.commands.launch"]
+    if accelerate_config:
+        command += ["--config_file", str(REPO_ROOT / accelerate_config if not Path(accelerate_config).is_absolute() else accelerate_config)]
+    command += ["--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines)]
+    if num_machines > 1:
+        command += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_process_ip)]
+    if main_process_port:
+        command += ["--main_process_port", str(main_process_port)]
+    return command + ["-m", "recipes.training", str(config_file)]
+
+
+def relaunch_under_accelerate(
+    cfg,
+    num_machines: int = 1,
+    machine_rank: int = 0,
+    main_process_ip: Optional[str] = None,
+    main_process_port: Optional[int] = None,
+) -> int:
+    """Run this stage in cfg.hf.num_processes processes per machine under accelerate; returns the exit code.
+    The resolved config travels as a file beside OUT (on the shared file system) so every process, on
+    every machine, runs exactly the same config."""
+    from recipes.io import UserError
+
+    if cfg.hf.accelerate_config and not (REPO_ROOT / cfg.hf.accelerate_config).is_file() and not Path(cfg.hf.accelerate_config).is_file():
+        raise ConfigError(f"hf.accelerate_config={cfg.hf.accelerate_config}: no such file")
+    config_file = Path(cfg.out).parent / f".{Path(cfg.out).name}.launch.yaml"
+    atomic_write_text(config_file, to_yaml(cfg))
+    command = accelerate_command(
+        config_file, cfg.hf.num_processes, cfg.hf.accelerate_config,
+        num_machines, machine_rank, main_process_ip, main_process_port,
+    )
+    print(f"[{cfg.stage}] {' '.join(command)}", file=sys.stderr, flush=True)
+    code = subprocess.call(command, cwd=REPO_ROOT, env={**os.environ, CHILD_ENV: "1"})
+    if code != 0:
+        raise UserError(f"{cfg.stage}: accelerate launch exited with {code} (see the output above)")
+    return code
+
+
+def maybe_relaunch(cfg) -> Optional[dict]:
+    """When cfg asks for several processes and we are not one of them yet: run them, return the summary."""
+    if not wants_accelerate(cfg):
+        return None
+    relaunch_under_accelerate(cfg)
+    return json.loads((Path(cfg.out) / "summary.json").read_text())
+
+
+def load_resolved_config(path: str | os.PathLike):
+    """A config written by to_yaml, re-typed against the schema and re-validated."""
+    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    validate(cfg)
+    return cfg
+
+
+def main(argv: list[str]) -> int:
+    """`python -m recipes.training CONFIG.yaml`: one process of a stage started by accelerate."""
+    from recipes.__main__ import run_stage
+
+    if len(argv) != 1:
+        raise SystemExit("usage: python -m recipes.training RESOLVED_CONFIG.yaml")
+    run_stage(load_resolved_config(argv[0]))
+    return 0
+
+
+class Timer:
+    def __init__(self):
+        self.start = time.monotonic()
+
+    @property
+    def seconds(self) -> float:
+        return time.monotonic() - self.start
+
+
+if __name__ == "__main__":
+    from recipes.io import cli_main
+
+    sys.exit(cli_main(main)(sys.argv[1:]))
