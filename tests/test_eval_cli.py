@@ -1,0 +1,139 @@
+"""The eval stage end to end (tiny model + tiny reward model + data_prep-shaped fixture data),
+eval-compare, the held-out refusal, and what the eval reads from a data dir."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from .conftest import run_cli, write_eval_data
+
+FAST = ["eval.max_new_tokens=6", "eval.bootstrap_samples=100", "eval.batch_size=8"]
+
+
+def _linked_checkpoint(src: Path, dst: Path, trained_on: list[str]) -> Path:
+    """A checkpoint dir (the tiny model's files, linked) with a training record."""
+    dst.mkdir(parents=True)
+    for f in src.iterdir():
+        os.symlink(f, dst / f.name)
+    (dst / "hs3_training.json").write_text(json.dumps(
+        {"stage": "sft", "trained_on": trained_on, "data_manifest_sha256": "0" * 64, "init": "builtin:tiny"}))
+    return dst
+
+
+@pytest.fixture(scope="module")
+def eval_dir(tiny_model_dir, tiny_rm_dir, tmp_path_factory) -> Path:
+    data = write_eval_data(tmp_path_factory.mktemp("leaky_data"), leakage={"edit": {"train_leaked": 3, "removed": 3}})
+    out = tmp_path_factory.mktemp("runs") / "sft_eval"
+    checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final", ["edit/train"])
+    proc = run_cli("-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (out / "stdout.txt").write_text(proc.stdout)
+    return out
+
+
+def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
+    for name in ("generations.jsonl", "report.json", "report.md", "summary.json", "config.yaml",
+                 "metrics.png", "copy_rate.png", "length_ratio.png"):
+        assert (eval_dir / name).is_file(), name
+    report = json.loads((eval_dir / "report.json").read_text())
+    for key in ("copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy", "policy_pref_accuracy"):
+        assert isinstance(report[key], float), key
+    prompts = [json.loads(l) for l in (eval_data_dir / "prompts" / "validation.jsonl").read_text().splitlines()]
+    lines = [json.loads(l) for l in (eval_dir / "generations.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in lines] == [p["id"] for p in prompts]
+    # domain and language come from the sft rows with the same prompt (prompts rows lack them)
+    assert {l["domain"] for l in lines} == {"general", "stem", "code", "multilingual"}
+    assert set(report["by_language"]) == {l["language"] for l in lines} and "unknown" not in report["by_language"]
+    assert set(report["by_domain"]) == {"code", "general", "multilingual", "stem"}
+    # every row carries all its metrics, and the report's means are the rows' means
+    for key in ("copy_exact", "near_copy", "chrf", "rouge_l", "length_ratio", "empty", "truncated",
+                "win_vs_original", "win_vs_reference", "reward_generated"):
+        assert all(key in l["metrics"] for l in lines), key
+    mean_chrf = sum(l["metrics"]["chrf"] for l in lines) / len(lines)
+    assert report["overall"]["chrf"]["value"] == pytest.approx(mean_chrf)
+    low, high = report["overall"]["length_ratio"]["ci"]
+    assert low <= report["length_ratio"] <= high
+    assert report["counts"]["rows"] == 8 and report["counts"]["pairs"] == 16
+    code = report["by_domain"]["code"]["copy_rate"]
+    assert code["n"] == sum(l["domain"] == "code" for l in lines)
+    md = (eval_dir / "report.md").read_text()
+    assert "## Per domain" in md and "## Per language" in md and "95% CI" in md
+    summary = json.loads((eval_dir / "summary.json").read_text())
+    assert summary["stage"] == "eval" and summary["value"] == report[summary["metric"]]
+    stdout = (eval_dir / "stdout.txt").read_text()
+    assert "leakage flagged by the data manifest: edit.train_leaked=3, edit.removed=3" in stdout
+    assert "trained on another data build" in stdout  # the record's manifest sha differs from this data's
+    assert stdout.strip().splitlines()[-1].startswith("eval: ")
+
+
+def test_eval_compare_side_by_side(eval_dir, tmp_path):
+    second = tmp_path / "other"
+    second.mkdir()
+    report = json.loads((eval_dir / "report.json").read_text())
+    report["overall"]["copy_rate"] = {"value": 0.25, "ci": [0.0, 0.5], "n": 8}
+    (second / "report.json").write_text(json.dumps(report))
+    proc = run_cli("-m", "recipes", "eval-compare", str(eval_dir), str(second), "--names", "sft,rl", "--out", str(tmp_path / "cmp"))
+    assert proc.returncode == 0, proc.stderr
+    table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
+    assert list(table) == ["sft", "rl"]
+    assert table["rl"]["copy_rate"]["value"] == 0.25
+    assert table["sft"]["chrf"] == report["overall"]["chrf"]
+    md = (tmp_path / "cmp" / "compare.md").read_text()
+    assert "| metric | sft | rl |" in md and "25.0% [0.0%, 50.0%]" in md
+    assert (tmp_path / "cmp" / "metrics_per_checkpoint.png").stat().st_size > 1000
+    proc = run_cli("-m", "recipes", "eval-compare", str(tmp_path / "missing"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no report.json" in proc.stderr
+
+
+def test_refuses_a_model_trained_on_the_held_out_split(tiny_model_dir, eval_data_dir, tmp_path):
+    checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path / "final", ["edit/train", "edit/validation"])
+    proc = run_cli("-m", "recipes", "eval", f"model={checkpoint}", f"data={eval_data_dir}", "rm=null",
+                   f"out={tmp_path / 'out'}", *FAST)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "was trained on edit/validation" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "report.json").exists()
+
+
+def test_refuses_a_reward_model_trained_on_the_held_out_pairs(tiny_model_dir, tiny_rm_dir, eval_data_dir, tmp_path):
+    rm = _linked_checkpoint(tiny_rm_dir, tmp_path / "rm", ["edit_quality/train", "edit_quality/validation"])
+    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={rm}",
+                   f"out={tmp_path / 'out'}", *FAST)
+    assert proc.returncode == 2 and "reward model" in proc.stderr and "edit_quality/validation" in proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["data=/nonexistent"], "data_dir=/nonexistent: no such directory"),
+    (["rm=/nonexistent/rm"], "reward_model=/nonexistent/rm: no such checkpoint"),
+    (["model=tiny", "init=/nonexistent/rl/final"], "init=/nonexistent/rl/final: no such checkpoint"),
+])
+def test_bad_paths_are_one_line_errors(args, message, tiny_model_dir, eval_data_dir, tmp_path):
+    base = {"model": f"model={tiny_model_dir}", "data": f"data={eval_data_dir}", "rm": "rm=null"}
+    for arg in args:
+        base[arg.split("=")[0]] = arg
+    proc = run_cli("-m", "recipes", "eval", *base.values(), f"out={tmp_path}", *FAST)
+    assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
+
+
+def test_which_model_is_scored(tiny_model_dir, tmp_path):
+    from eval.run import model_under_test
+    from recipes.config import compose
+
+    init = tmp_path / "rl" / "final"
+    init.mkdir(parents=True)
+    assert model_under_test(compose("eval", [f"model={tiny_model_dir}", f"init={init}"])) == str(tiny_model_dir)
+    assert model_under_test(compose("eval", ["model=http://127.0.0.1:8000/v1"])) == "http://127.0.0.1:8000/v1"
+    assert model_under_test(compose("eval", ["model=tiny", f"init={init}"])) == str(init)
+    assert model_under_test(compose("eval", ["model=tiny", "init=null"])) is None  # model.path itself
+
+
+def test_data_loading_limits_and_pair_kinds(eval_data_dir):
+    from eval.data import load_edit_rows, load_pairs
+
+    assert len(load_edit_rows(eval_data_dir, "validation", max_rows=3)) == 3
+    pairs = load_pairs(eval_data_dir, "validation", max_rows=2)
+    assert [p["kind"] for p in pairs].count("good_vs_bad") == 2 and len(pairs) == 4
+    assert load_pairs(eval_data_dir, "test") == []

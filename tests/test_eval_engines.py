@@ -1,0 +1,196 @@
+"""Generation engines: batched greedy equals one-at-a-time greedy (left padding done right), the
+cache resumes an interrupted run, the HTTP engine against a real local server process, and the
+batched forward passes (reward scores, log-likelihoods) against one-at-a-time computation."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from .conftest import REPO_ROOT
+
+CONVERSATIONS = [
+    [{"role": "user", "content": f"Question {i}: " + "tell me more " * (3 * i)},
+     {"role": "assistant", "content": "A short answer."},
+     {"role": "user", "content": "Edit the response to the previous prompt based on the following feedback:\n\n<None>"}]
+    for i in range(6)
+]
+
+
+@pytest.fixture(scope="module")
+def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt
+    (the freshly initialised one answers every prompt with the same token), so comparing outputs
+    can catch a padding mistake."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    out = tmp_path_factory.mktemp("varied_model")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def engine(varied_model_dir):
+    from eval.engines import HFEngine
+    from recipes.config import ModelConfig
+
+    return HFEngine.load(ModelConfig(path=str(varied_model_dir)), None, batch_size=6)
+
+
+def test_batched_greedy_equals_one_at_a_time(engine):
+    from eval.engines import Sampling
+
+    sampling = Sampling(max_new_tokens=12)
+    engine.batch_size = 6
+    batched = engine.generate(CONVERSATIONS, sampling)
+    engine.batch_size = 1
+    single = engine.generate(CONVERSATIONS, sampling)
+    engine.batch_size = 6
+    assert len({g.text for g in single}) > 1, "outputs must differ between prompts for this check to mean anything"
+    assert [g.text for g in batched] == [g.text for g in single]
+    assert all(g.finish_reason in ("stop", "length") for g in batched)
+    assert all(0 < g.completion_tokens <= 12 for g in batched)
+
+
+class Interrupted(Exception):
+    pass
+
+
+class StopsAfter:
+    """A real engine that dies (like a killed job) after `calls` generate calls."""
+
+    def __init__(self, engine, calls: int):
+        self.engine, self.calls, self.seen = engine, calls, []
+
+    @property
+    def model_id(self):
+        return self.engine.model_id
+
+    def generate(self, conversations, sampling):
+        if self.calls == 0:
+            raise Interrupted
+        self.calls -= 1
+        self.seen.extend(conversations)
+        return self.engine.generate(conversations, sampling)
+
+
+def test_cache_resumes_an_interrupted_run_without_regenerating(engine, tmp_path):
+    from eval.engines import GenerationCache, Sampling, generate_cached
+
+    sampling = Sampling(max_new_tokens=8)
+    cache_path = tmp_path / "cache.jsonl"
+    first = StopsAfter(engine, calls=1)
+    with pytest.raises(Interrupted):
+        generate_cached(first, CONVERSATIONS, sampling, GenerationCache(cache_path), chunk_size=2)
+    assert len(first.seen) == 2
+    with open(cache_path, "a") as f:  # a crash mid-write leaves half a line: ignored on reading
+        f.write('{"key": "abc", "generati')
+
+    resumed = StopsAfter(engine, calls=100)
+    results = generate_cached(resumed, CONVERSATIONS, sampling, GenerationCache(cache_path), chunk_size=2)
+    assert resumed.seen == CONVERSATIONS[2:]  # only what the first run had not finished
+    assert [r.text for r in results] == [g.text for g in engine.generate(CONVERSATIONS, sampling)]
+
+    # other sampling settings are other cache entries
+    again = StopsAfter(engine, calls=100)
+    generate_cached(again, CONVERSATIONS[:1], Sampling(max_new_tokens=4), GenerationCache(cache_path))
+    assert again.seen == CONVERSATIONS[:1]
+
+
+@pytest.fixture(scope="module")
+def server(varied_model_dir):
+    """`python -m eval.serve` as a real process on 127.0.0.1 (any free port)."""
+    proc = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(varied_model_dir), "--port", "0",
+                             "--name", "tiny", "--max-batch", "8"],
+                            cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = proc.stdout.readline()  # "serving tiny on http://127.0.0.1:PORT/v1", once it listens
+        assert line.startswith("serving"), f"server did not start: {line!r}"
+        yield line.split()[-1]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _completions(base_url: str) -> int:
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health") as r:
+        return json.load(r)["completions"]
+
+
+def test_http_engine_against_local_server_matches_in_process_greedy(server, engine, tmp_path):
+    from eval.engines import GenerationCache, HTTPEngine, Sampling, generate_cached
+
+    http = HTTPEngine(server, concurrency=4, max_retries=1, timeout_s=60)
+    assert http.model == "tiny"  # found through GET /v1/models
+    sampling = Sampling(max_new_tokens=10)
+    local = engine.generate(CONVERSATIONS, sampling)
+    before = _completions(server)
+    remote = generate_cached(http, CONVERSATIONS, sampling, GenerationCache(tmp_path / "c.jsonl"))
+    assert [g.text for g in remote] == [g.text for g in local]
+    assert [g.finish_reason for g in remote] == [g.finish_reason for g in local]
+    assert _completions(server) - before == len(CONVERSATIONS)
+
+    # a rerun is served from the on-disk cache: the server sees no new request
+    again = generate_cached(HTTPEngine(server, model="tiny"), CONVERSATIONS, sampling,
+                            GenerationCache(tmp_path / "c.jsonl"))
+    assert [g.text for g in again] == [g.text for g in local]
+    assert _completions(server) - before == len(CONVERSATIONS)
+
+
+def test_http_engine_errors_are_one_line_user_errors(server):
+    from eval.engines import HTTPEngine, Sampling
+    from recipes.io import UserError
+
+    bad = HTTPEngine(server, model="tiny", max_retries=0)
+    with pytest.raises(UserError, match="BadRequest"):
+        bad.generate([[{"role": "user"}]], Sampling(max_new_tokens=2))  # no content: the server answers 400
+    start = time.monotonic()
+    with pytest.raises(UserError, match="cannot list its models"):
+        HTTPEngine("http://127.0.0.1:9/v1", max_retries=1, timeout_s=5)
+    assert time.monotonic() - start < 30
+
+
+def test_reward_scores_batched_equal_one_at_a_time(tiny_rm_dir):
+    from eval.scoring import RewardScorer
+
+    conversations = [[*c, {"role": "assistant", "content": "An edited answer " * (i + 1)}]
+                     for i, c in enumerate(CONVERSATIONS)]
+    scorer = RewardScorer(str(tiny_rm_dir), batch_size=6)
+    batched = scorer.score(conversations)
+    scorer.batch_size = 1
+    single = scorer.score(conversations)
+    assert batched == pytest.approx(single, abs=1e-5)
+    assert len(set(round(s, 6) for s in single)) > 1
+
+
+def test_mean_logprobs_match_a_direct_computation(engine):
+    import torch
+
+    from eval.scoring import mean_logprobs
+
+    tok = engine.tokenizer
+    responses = [f"Response number {i}." * (i + 1) for i in range(len(CONVERSATIONS))]
+    batched = mean_logprobs(engine.model, tok, CONVERSATIONS, responses, batch_size=4)
+    for prompt, response, value in zip(CONVERSATIONS, responses, batched):
+        prefix = tok(tok.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True),
+                     add_special_tokens=False)["input_ids"]
+        full = tok(tok.apply_chat_template([*prompt, {"role": "assistant", "content": response}], tokenize=False),
+                   add_special_tokens=False)["input_ids"]
+        with torch.no_grad():
+            logits = engine.model(input_ids=torch.tensor([full])).logits[0]
+        logprobs = torch.log_softmax(logits, -1)
+        expected = sum(logprobs[t - 1, full[t]].item() for t in range(len(prefix), len(full))) / (len(full) - len(prefix))
+        assert value == pytest.approx(expected, abs=1e-4)
