@@ -1,0 +1,160 @@
+"""Parallel plans: every validation rule (valid and each failure, with its numbers) and the estimates
+against figures Megatron-Bridge publishes for Llama-3-70B."""
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from recipes.config import ConfigError, compose
+from recipes.megatron.plan import (
+    GIB, Plan, flops_per_token, memory_per_gpu, parameter_counts, plan_from_cfg, step_seconds,
+    tokens_per_second_per_gpu, validate_plan,
+)
+from tests.conftest import run_cli
+
+LLAMA_70B = dict(num_layers=80, hidden_size=8192, num_attention_heads=64, num_kv_heads=8,
+                 ffn_hidden_size=28672, vocab_size=128256, tie_embeddings=False)
+
+
+def plan(**changes) -> Plan:
+    """Megatron-Bridge's Llama-3.1-70B SFT plan (TP8 PP4, 4 nodes x 8 GPUs), with changes."""
+    base = dict(stage="sft", tp=8, pp=4, vpp=None, cp=1, sequence_parallel=False, fsdp=False, micro_batch=1,
+                global_batch=128, seq_len=4096, nodes=4, gpus_per_node=8, recompute=False,
+                distributed_optimizer=False, **LLAMA_70B)
+    return Plan(**{**base, **changes})
+
+
+def error_of(p: Plan) -> str:
+    with pytest.raises(ConfigError) as info:
+        validate_plan(p)
+    message = str(info.value)
+    assert "\n" not in message
+    return message
+
+
+def test_default_sft_plan_from_config_is_valid_and_matches_the_recipe():
+    cfg = compose("sft", ["engine=megatron", "model=llama33_70b"])
+    p = plan_from_cfg(cfg)
+    validate_plan(p)
+    assert (p.tp, p.pp, p.vpp, p.cp, p.nodes, p.gpus_per_node) == (8, 4, None, 1, 4, 8)
+    assert (p.world, p.dp, p.num_microbatches, p.seq_len) == (32, 1, 128, 4096)
+
+
+@pytest.mark.parametrize("stage", ["rm", "rl", "dpo"])
+def test_rm_rl_dpo_plans_are_valid_and_fit_80gb(stage):
+    p = plan_from_cfg(compose(stage, ["engine=megatron", "model=llama33_70b"]))
+    validate_plan(p)
+    assert memory_per_gpu(p)["total"] / GIB < 80
+
+
+def test_rl_plan_leaves_the_reward_model_nodes_out_of_the_policy():
+    cfg = compose("rl", ["engine=megatron", "model=llama33_70b", "megatron.reward_model_nodes=2"])
+    assert plan_from_cfg(cfg).nodes == cfg.parallel.nodes - 2
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(tp=16, nodes=8), "TP 16 > 8 GPUs per node: tensor parallelism must stay inside a node"),
+    (dict(nodes=3), "world 3x8 = 24 GPUs is not divisible by TP 8 x PP 4 x CP 1 = 32"),
+    (dict(pp=3, nodes=3), "80 layers are not divisible by PP 3"),
+    (dict(vpp=3), "80 layers are not divisible by PP 4 x VPP 3 = 12"),
+    (dict(pp=1, vpp=2, nodes=1), "VPP 2 needs pipeline parallelism (PP 1)"),
+    (dict(sequence_parallel=True, seq_len=4100), "sequence length 4100 is not divisible by TP 8 (sequence parallel)"),
+    (dict(cp=2, nodes=8, seq_len=4098), "sequence length 4098 is not divisible by 2 x CP 2 = 4 (context parallel)"),
+    (dict(tp=4, pp=1, global_batch=100), "global batch 100 is not divisible by micro batch 1 x DP 8 (= 8)"),
+    (dict(vpp=5, global_batch=6), "6 micro-batches (global batch 6 / (micro batch 1 x DP 1)) is not a multiple of PP 4"),
+    (dict(fsdp=True), "PP 4 with fsdp"),
+    (dict(num_attention_heads=12, num_kv_heads=4), "num_attention_heads (12) must be a multiple of tensor_model_parallel_size (8)"),
+    (dict(tp=2, nodes=1, pp=1, global_batch=128, num_kv_heads=3, num_attention_heads=6),
+     "num_query_groups (3) must be a multiple or divisor of tensor_model_parallel_size (2)"),
+    (dict(tp=1, pp=1, nodes=1, sequence_parallel=True), "Cannot use sequence parallelism without tensor parallelism"),
+    (dict(micro_batch=0), "micro_batch=0 must be >= 1"),
+])
+def test_each_rule_fails_with_one_line_naming_the_numbers(changes, message):
+    assert message in error_of(plan(**changes))
+
+
+def test_rules_that_hold_pass():
+    validate_plan(plan(vpp=5, global_batch=8, sequence_parallel=True))  # 80 % 20 == 0, 8 micro-batches % 4 == 0
+    validate_plan(plan(cp=2, nodes=8, seq_len=4096))
+    validate_plan(plan(tp=8, pp=1, nodes=4, fsdp=True))
+
+
+def test_plan_cli_prints_the_table_and_fails_in_one_line():
+    ok = run_cli("-m", "recipes", "plan", "model=llama33_70b", "nodes=4", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    for label in ("TP / PP / VPP / CP", "DP", "micro-batches per step", "memory per GPU: total", "tokens per step",
+                  "estimated stage hours"):
+        assert label in ok.stdout
+    assert "524,288" in ok.stdout  # 128 x 4096 tokens per step
+    bad = run_cli("-m", "recipes", "plan", "model=llama33_70b", "nodes=3", timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: world 3x8 = 24 GPUs is not divisible by TP 8 x PP 4 x CP 1 = 32"
+    vpp = run_cli("-m", "recipes", "plan", "model=llama33_70b", "vpp=3", timeout=120)
+    assert vpp.returncode == 2 and vpp.stderr.strip().endswith("80 layers are not divisible by PP 4 x VPP 3 = 12")
+
+
+# ---- estimates vs published figures -------------------------------------------------------------
+
+def test_parameter_count_matches_the_published_70_6b():
+    # Meta's Llama-3.3-70B-Instruct model card: 70.6B parameters (Llama-3.1-70B: 70.6B). Tolerance 0.5%.
+    assert parameter_counts(plan())["total"] == pytest.approx(70.6e9, rel=0.005)
+
+
+@pytest.mark.parametrize("seq_len, tflops, tokens_per_s", [
+    # Megatron-Bridge docs/performance-summary-archive.md (commit 067f987df03b8355b03192d88d70f1709fedf51a):
+    # "26.06 NeMo Container / SFT Performance / LLAMA3_70B": DGX-H100, 32 GPUs, GBS 32, MBS 1, seq 4096,
+    # TP4 PP4 VP5: 1638 tokens/s/GPU, 710 model TFLOP/s/GPU.
+    (4096, 710, 1638),
+    # Same file, "26.04 NeMo Container / Pre-Training / LLAMA3_70B": DGX-H100, 64 GPUs, seq 8192,
+    # TP4 PP8 VP5: 1633 tokens/s/GPU, 734 model TFLOP/s/GPU.
+    (8192, 734, 1633),
+])
+def test_flops_per_token_match_megatron_bridge_published_throughput(seq_len, tflops, tokens_per_s):
+    p = plan(seq_len=seq_len)
+    # Their table's TFLOP/s divided by its tokens/s is their FLOPs per token; ours within 3%.
+    assert flops_per_token(p) == pytest.approx(tflops * 1e12 / tokens_per_s, rel=0.03)
+    assert tokens_per_second_per_gpu(p, achieved_tflops=tflops) == pytest.approx(tokens_per_s, rel=0.03)
+
+
+def test_step_time_follows_the_mfu():
+    p = plan()
+    faster = dataclasses.replace(p, mfu=p.mfu * 2)
+    assert step_seconds(faster) == pytest.approx(step_seconds(p) / 2)
+    # tokens/step / step time / GPUs = achieved TFLOP/s / FLOPs per token
+    achieved = p.mfu * p.peak_tflops
+    assert p.tokens_per_step / step_seconds(p) / p.world == pytest.approx(tokens_per_second_per_gpu(p, achieved))
+
+
+def test_model_state_bytes_follow_megatron_bridges_published_byte_model():
+    # Megatron-Bridge docs/training/memory-estimator.md: 18 bytes/parameter without the distributed
+    # optimizer, 6 + 12/shard with it (shard = DP x CP), on the most loaded shard.
+    for distributed, dp_plan in ((False, plan()), (True, plan(distributed_optimizer=True, tp=4, pp=4, nodes=8))):
+        p = dp_plan if distributed else dp_plan
+        m = memory_per_gpu(p)
+        state = m["weights"] + m["grads"] + m["optimizer"]
+        per_param = 6 + 12 / (p.dp * p.cp) if distributed else 18
+        assert state == pytest.approx(per_param * m["params"])
+    # Most loaded shard = first stage: 20 of 80 layers plus the input embedding, over TP 8.
+    counts = parameter_counts(plan())
+    assert memory_per_gpu(plan())["params"] == pytest.approx((counts["per_layer"] * 20 + counts["embedding"]) / 8)
+
+
+def test_activation_estimates_respond_to_recompute_sp_vpp_and_cp():
+    base = memory_per_gpu(plan(sequence_parallel=True))["activations"]
+    # Megatron-Bridge theoretical_memory_utils: s*b*h*(18 + 4*ffn/h) per layer / TP, PP micro-batches in flight
+    # on the first stage (= all 80 layers' worth), plus embedding input and dropout.
+    s, b, h = 4096, 1, 8192
+    expected = (s * b * h * (18 + 4 * 28672 / h) * 80 + (8 * s * b + s * b * h) * 4) / 8
+    assert base == pytest.approx(expected)
+    assert memory_per_gpu(plan(sequence_parallel=True, recompute=True))["activations"] < base / 10
+    assert memory_per_gpu(plan(sequence_parallel=False))["activations"] > base
+    interleaved = memory_per_gpu(plan(sequence_parallel=True, vpp=5))["activations"]
+    assert interleaved == pytest.approx(base * (1 + 3 / 20))
+    assert memory_per_gpu(plan(sequence_parallel=True, cp=2, nodes=8))["activations"] == pytest.approx(base / 2)
+
+
+def test_distributed_optimizer_shards_the_optimizer_state():
+    plain = memory_per_gpu(plan(tp=4, pp=4, nodes=8))["optimizer"]
+    sharded = memory_per_gpu(plan(tp=4, pp=4, nodes=8, distributed_optimizer=True))["optimizer"]
+    assert sharded == pytest.approx(plain / 4)  # DP 4

@@ -1,0 +1,270 @@
+"""Golden tests of what the Megatron engine renders for the paper configs: Megatron-Bridge's SFT config,
+NeMo-RL's rm / rl (RLOO) / dpo YAMLs, the conversion commands, and the data hand-over formats.
+
+Field names were checked against the pinned sources (see each list's comment); where megatron-core
+(installed here) defines the field, the test checks it against the installed class itself."""
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes.config import ConfigError, compose
+from recipes.io import read_jsonl
+from recipes.megatron import bridge_sft, convert, nemo_rl
+from tests.conftest import run_cli
+
+CONVERSATION = [
+    {"role": "user", "content": "Write a haiku about rain."},
+    {"role": "assistant", "content": "Rain falls."},
+    {"role": "user", "content": "Edit the response to the previous prompt based on the following feedback:\n\nToo short."},
+]
+
+
+@pytest.fixture()
+def run_dir(tmp_path: Path) -> Path:
+    data = tmp_path / "data"
+    for split, n in (("train", 3), ("validation", 1)):
+        sft = [{"id": f"{split}{i}", "messages": CONVERSATION + [{"role": "assistant", "content": f"Rain falls, {i}."}],
+                "domain": "general"} for i in range(n)]
+        pairs = [{"id": f"{split}{i}/good_vs_bad", "prompt": CONVERSATION,
+                  "chosen": [{"role": "assistant", "content": "good"}],
+                  "rejected": [{"role": "assistant", "content": "bad"}], "kind": "good_vs_bad"} for i in range(n)]
+        prompts = [{"id": f"{split}{i}", "prompt": CONVERSATION, "original_response": "Rain falls.",
+                    "reference_edit": "Rain falls softly."} for i in range(n)]
+        for folder, rows in (("sft", sft), ("pairs", pairs), ("prompts", prompts)):
+            (data / folder).mkdir(parents=True, exist_ok=True)
+            (data / folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp_path
+
+
+def cfg_for(stage: str, run_dir: Path, *extra: str):
+    return compose(stage, ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "dry_run=true", *extra])
+
+
+# ---- Megatron-Bridge SFT ---------------------------------------------------------------------------
+
+# Keys the rendered overrides may set outside megatron-core, verified in NVIDIA-NeMo/Megatron-Bridge
+# v0.6.0 (51885cf132b2814188b6855c25a8588254274c2a): src/megatron/bridge/recipes/llama/h100/llama3.py
+# (llama31_70b_sft_32gpu_h100_bf16_config sets model.seq_length, train.*, validation.eval_interval,
+# checkpoint.save_interval, ddp.use_distributed_optimizer, rng.seed), src/megatron/bridge/recipes/common.py
+# (_sft_common: checkpoint.save/load/pretrained_checkpoint, logger.log_interval/tensorboard_dir,
+# tokenizer.tokenizer_model), recipes/utils/optimizer_utils.py (scheduler.lr_warmup_iters, lr_decay_iters,
+# lr_decay_style), data/builders/gpt_sft.py (GPTSFTDatasetConfig fields) and data/sft_processing.py
+# (ChatSFTPreprocessingConfig.loss_mode in {"assistant", "last_turn", "full"}).
+BRIDGE_KEYS = {
+    "model.seq_length", "train.train_iters", "train.global_batch_size", "train.micro_batch_size",
+    "validation.eval_interval", "checkpoint.pretrained_checkpoint", "checkpoint.save", "checkpoint.load",
+    "checkpoint.save_interval", "logger.log_interval", "logger.tensorboard_dir", "rng.seed",
+    "tokenizer.tokenizer_model", "scheduler.lr_warmup_iters", "scheduler.lr_decay_iters", "scheduler.lr_decay_style",
+}
+GPT_SFT_DATASET_FIELDS = {"dataset_root", "seq_length", "preprocessing", "do_validation", "do_test",
+                          "enable_offline_packing", "seed", "dataloader_type"}
+
+
+def _fields(cls) -> set[str]:
+    return {f.name for f in dataclasses.fields(cls)}
+
+
+def test_sft_config_golden(run_dir: Path):
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    cfg = cfg_for("sft", run_dir, "train.lr=5e-6", "train.epochs=2", "gbs=2")
+    files = bridge_sft.render(cfg)
+    doc = yaml.safe_load(files[str(bridge_sft.config_path(cfg))])
+    assert doc["recipe"] == "llama31_70b_sft_config"
+    assert doc["hf_model_id"] == "meta-llama/Llama-3.3-70B-Instruct"
+    assert doc["megatron_bridge"]["commit"] == "51885cf132b2814188b6855c25a8588254274c2a"
+    assert doc["dataset"]["preprocessing"] == {"loss_mode": "last_turn"}
+    assert set(doc["dataset"]) <= GPT_SFT_DATASET_FIELDS
+    overrides = dict(line.split("=", 1) for line in doc["overrides"])
+    # 3 train rows x 2 epochs / global batch 2 = 3 iterations
+    expected = {"model.tensor_model_parallel_size": "8", "model.pipeline_model_parallel_size": "4",
+                "model.virtual_pipeline_model_parallel_size": "null", "model.context_parallel_size": "1",
+                "model.sequence_parallel": "false", "model.seq_length": "4096", "train.train_iters": "3",
+                "train.global_batch_size": "2", "train.micro_batch_size": "1", "optimizer.lr": "5e-06",
+                "optimizer.use_distributed_optimizer": "false", "scheduler.lr_decay_iters": "3",
+                "checkpoint.save": str((run_dir / "sft" / "checkpoints").resolve()),
+                "checkpoint.load": str((run_dir / "sft" / "checkpoints").resolve()),
+                "checkpoint.pretrained_checkpoint": str((run_dir / "convert").resolve())}
+    assert {k: overrides[k] for k in expected} == expected
+    # every key is a real field: megatron-core's classes here, the verified list for the rest
+    known = (BRIDGE_KEYS | {f"model.{f}" for f in _fields(TransformerConfig)}
+             | {f"optimizer.{f}" for f in _fields(OptimizerConfig)} | {f"ddp.{f}" for f in _fields(DistributedDataParallelConfig)})
+    assert set(overrides) - known == set()
+    # the dataset in the layout GPTSFTChatDataset reads: DATASET_ROOT/{training,validation}.jsonl of {"messages"}
+    training = read_jsonl(Path(doc["dataset"]["dataset_root"]) / "training.jsonl")
+    assert len(training) == 3 and set(training[0]) == {"messages"}
+    assert training[0]["messages"][-1] == {"role": "assistant", "content": "Rain falls, 0."}
+    assert len(read_jsonl(Path(doc["dataset"]["dataset_root"]) / "validation.jsonl")) == 1
+
+
+def test_sft_resume_never_and_command(run_dir: Path):
+    cfg = cfg_for("sft", run_dir, "resume=never")
+    doc = yaml.safe_load(bridge_sft.render(cfg)[str(bridge_sft.config_path(cfg))])
+    assert "checkpoint.load=null" in doc["overrides"]
+    assert bridge_sft.build_command(cfg) == [
+        "torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
+        "-m", "recipes.megatron.bridge_sft", "--config", str(bridge_sft.config_path(cfg))]
+
+
+def test_sft_rejects_data_without_a_final_assistant_turn(run_dir: Path):
+    (run_dir / "data" / "sft" / "train.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
+    with pytest.raises(Exception, match="line 1: `messages` must end with the assistant turn"):
+        bridge_sft.render(cfg_for("sft", run_dir))
+
+
+def test_sft_dry_run_cli_prints_config_and_command(run_dir: Path):
+    ok = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "--dry-run", timeout=120)
+    assert ok.returncode == 0, ok.stderr
+    assert "recipe: llama31_70b_sft_config" in ok.stdout
+    assert "command: torchrun --nproc-per-node=8 --nnodes=4" in ok.stdout
+    assert (run_dir / "sft" / "megatron_bridge_sft.yaml").is_file()
+    bad = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "pp=3", "--dry-run", timeout=120)
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: world 4x8 = 32 GPUs is not divisible by TP 8 x PP 3 x CP 1 = 24"
+
+
+# ---- NeMo-RL ----------------------------------------------------------------------------------------
+
+# Keys verified in NVIDIA-NeMo/RL v0.7.0 (81aa43dda4765b0429cf31dab44441e4e4383911):
+#   examples/configs/rm.yaml (rm.*, policy.reward_model_cfg, policy.dtensor_cfg, policy.optimizer.kwargs),
+#   examples/configs/dpo.yaml (dpo.reference_policy_kl_penalty, preference_loss_weight, sft_loss_weight),
+#   examples/configs/grpo_math_1B.yaml (grpo.*, loss_fn.reference_policy_kl_penalty, policy.generation.vllm_cfg,
+#   data.default.processor/env_name), grpo_math_70B_megatron.yaml (policy.megatron_cfg, optimizer/scheduler: null),
+#   grpo_rm_1B.yaml + nemo_rl/environments/reward_model_environment.py (env.reward_model.*),
+#   nemo_rl/data/datasets/preference_datasets/preference_dataset.py and response_datasets/response_dataset.py.
+NEMO_RL_KEYS = {
+    "rm": {"rm.seed", "rm.val_period", "rm.max_num_epochs", "rm.max_num_steps"},
+    "dpo": {"dpo.seed", "dpo.val_period", "dpo.max_num_epochs", "dpo.max_num_steps", "dpo.reference_policy_kl_penalty",
+            "dpo.preference_loss_weight", "dpo.sft_loss_weight"},
+    "rl": {"grpo.seed", "grpo.val_period", "grpo.max_num_epochs", "grpo.max_num_steps", "grpo.num_prompts_per_step",
+           "grpo.num_generations_per_prompt", "grpo.use_leave_one_out_baseline", "grpo.normalize_rewards",
+           "loss_fn.reference_policy_kl_penalty"},
+}
+POLICY_KEYS = {"model_name", "tokenizer", "train_global_batch_size", "train_micro_batch_size",
+               "max_total_sequence_length", "precision", "reward_model_cfg", "dtensor_cfg", "megatron_cfg", "optimizer",
+               "scheduler", "generation", "make_sequence_length_divisible_by"}
+MEGATRON_CFG_KEYS = {"enabled", "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
+                     "sequence_parallel", "activation_checkpointing", "optimizer"}
+MEGATRON_OPTIMIZER_KEYS = {"lr", "min_lr", "weight_decay", "use_distributed_optimizer"}
+DTENSOR_KEYS = {"enabled", "tensor_parallel_size", "context_parallel_size", "sequence_parallel", "activation_checkpointing",
+                "cpu_offload", "custom_parallel_plan"}
+REWARD_ENV_KEYS = {"model_name", "tokenizer", "precision", "batch_size", "checkpoint_path", "max_model_len", "resources",
+                   "dtensor_cfg", "reward_model_cfg", "dynamic_batching", "sequence_packing", "max_grad_norm"}
+TOP_LEVEL = {"defaults", "rm", "dpo", "grpo", "loss_fn", "policy", "data", "env", "checkpointing", "logger", "cluster"}
+
+
+def rendered(stage: str, run_dir: Path, *extra: str) -> tuple[object, dict]:
+    cfg = cfg_for(stage, run_dir, *extra)
+    files = nemo_rl.render(cfg)
+    return cfg, yaml.safe_load(files[str(nemo_rl.config_path(cfg))])
+
+
+def _flat_algorithm_keys(doc: dict) -> set[str]:
+    return {f"{section}.{key}" for section in ("rm", "dpo", "grpo", "loss_fn") for key in doc.get(section, {})}
+
+
+@pytest.mark.parametrize("stage", ["rm", "rl", "dpo"])
+def test_nemo_rl_keys_are_ones_nemo_rl_accepts(stage, run_dir: Path):
+    cfg, doc = rendered(stage, run_dir)
+    assert set(doc) <= TOP_LEVEL
+    assert doc["defaults"] == f"/opt/nemo-rl/examples/configs/{nemo_rl.EXAMPLE_CONFIG[stage]}"
+    assert _flat_algorithm_keys(doc) <= NEMO_RL_KEYS[stage]
+    assert set(doc["policy"]) <= POLICY_KEYS
+    if doc["policy"].get("megatron_cfg", {}).get("enabled"):
+        assert set(doc["policy"]["megatron_cfg"]) <= MEGATRON_CFG_KEYS
+        assert set(doc["policy"]["megatron_cfg"]["optimizer"]) <= MEGATRON_OPTIMIZER_KEYS
+    assert doc["cluster"] == {"gpus_per_node": 8, "num_nodes": cfg.parallel.nodes}
+    assert nemo_rl.build_command(cfg)[-2:] == ["--config", str(nemo_rl.config_path(cfg))]
+
+
+def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path):
+    cfg, doc = rendered("rm", run_dir)
+    assert doc["policy"]["reward_model_cfg"] == {"enabled": True, "reward_model_type": "bradley_terry"}
+    assert doc["policy"]["megatron_cfg"] == {"enabled": False}
+    assert set(doc["policy"]["dtensor_cfg"]) <= DTENSOR_KEYS and doc["policy"]["dtensor_cfg"]["tensor_parallel_size"] == 8
+    assert doc["data"]["train"]["dataset_name"] == "PreferenceDataset"
+    row = read_jsonl(doc["data"]["train"]["data_path"])[0]
+    assert row == {"context": CONVERSATION, "completions": [
+        {"rank": 0, "completion": [{"role": "assistant", "content": "good"}]},
+        {"rank": 1, "completion": [{"role": "assistant", "content": "bad"}]}]}
+    assert nemo_rl.build_command(cfg)[:2] == ["python", "/opt/nemo-rl/examples/run_rm.py"]
+    with pytest.raises(ConfigError, match="needs parallel.fsdp=true and pp=1"):
+        nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "parallel.fsdp=false"))
+
+
+def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
+    cfg, doc = rendered("rl", run_dir, "rl.k=6", "rl.kl_coef=0.02", "rl.prompts_per_step=16", "gbs=96",
+                        f"rm={run_dir / 'rm' / 'final'}")
+    grpo = doc["grpo"]
+    assert (grpo["use_leave_one_out_baseline"], grpo["normalize_rewards"]) == (True, False)
+    assert (grpo["num_generations_per_prompt"], grpo["num_prompts_per_step"]) == (6, 16)
+    assert doc["loss_fn"] == {"reference_policy_kl_penalty": 0.02}
+    assert doc["policy"]["generation"]["backend"] == "vllm"
+    assert doc["policy"]["megatron_cfg"]["tensor_model_parallel_size"] == 4
+    env = doc["env"]["reward_model"]
+    assert set(env) == REWARD_ENV_KEYS
+    assert env["model_name"] == str((run_dir / "rm" / "final").resolve())
+    # reward_model_environment.py asserts each of these at start-up
+    assert env["reward_model_cfg"] == {"enabled": True, "reward_model_type": "bradley_terry"}
+    assert not env["dynamic_batching"]["enabled"] and not env["sequence_packing"]["enabled"]
+    assert env["dtensor_cfg"]["enabled"] and not env["dtensor_cfg"]["cpu_offload"]
+    assert not env["dtensor_cfg"]["activation_checkpointing"] and env["max_grad_norm"] is None
+    # policy nodes = cluster nodes - reward-model nodes, as NeMo-RL's grpo.setup computes them
+    assert doc["cluster"]["num_nodes"] - env["resources"]["num_nodes"] == 8
+    assert doc["data"]["default"] == {"dataset_name": "ResponseDataset", "processor": "hs3_edit_prompt",
+                                      "env_name": "reward_model", "prompt_file": None, "system_prompt_file": None}
+    row = read_jsonl(doc["data"]["train"]["data_path"])[0]
+    assert row == {"messages": CONVERSATION, "reference_edit": "Rain falls softly."}
+    assert nemo_rl.build_command(cfg)[:5] == ["python", "-m", "recipes.megatron.nemo_rl", "--entry",
+                                              "/opt/nemo-rl/examples/run_grpo.py"]
+
+
+def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):
+    _, doc = rendered("dpo", run_dir, "dpo.beta=0.2")
+    assert doc["dpo"]["reference_policy_kl_penalty"] == 0.2
+    assert doc["policy"]["dtensor_cfg"] == {"enabled": False}
+    assert doc["policy"]["optimizer"] is None and doc["policy"]["scheduler"] is None
+    assert doc["policy"]["megatron_cfg"]["pipeline_model_parallel_size"] == 4
+
+
+def test_edit_prompt_processor_renders_the_whole_conversation(tiny_model_dir):
+    from types import SimpleNamespace
+
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = SimpleNamespace(system_prompt=None)
+    datum = {"messages": CONVERSATION, "reference_edit": "x", "task_name": "edit"}
+    out = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=4096, idx=3)
+    text = out["message_log"][0]["content"]
+    assert text == tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
+    assert "Rain falls." in text and "Too short." in text  # every turn, not only the first
+    assert out["length"] == len(out["message_log"][0]["token_ids"]) and out["loss_multiplier"] == 1.0
+    short = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=8, idx=3)
+    assert short["loss_multiplier"] == 0.0 and short["length"] <= 8
+
+
+# ---- conversion -------------------------------------------------------------------------------------
+
+def test_convert_commands(run_dir: Path):
+    cfg = compose("convert", ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}"])
+    out = str((run_dir / "convert").resolve())
+    assert convert.build_command(cfg) == [
+        "bash", "/opt/Megatron-Bridge/scripts/conversion/convert.sh", "import", "--executor", "local", "--device", "cpu",
+        "--hf-model", "meta-llama/Llama-3.3-70B-Instruct", "--megatron-path", out]
+    ckpt = run_dir / "sft" / "checkpoints" / "iter_0000003"
+    cfg = compose("convert", ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}",
+                              "megatron.convert_direction=megatron_to_hf", "megatron.convert_device=gpu", f"init={ckpt}"])
+    assert convert.build_command(cfg) == [
+        "bash", "/opt/Megatron-Bridge/scripts/conversion/convert.sh", "export", "--executor", "local", "--device", "gpu",
+        "--gpus-per-node", "8", "--hf-model", "meta-llama/Llama-3.3-70B-Instruct",
+        "--megatron-path", str(ckpt.resolve()), "--hf-path", out]
+    with pytest.raises(ConfigError, match="convert_direction=sideways"):
+        convert.build_command(compose("convert", ["engine=megatron", "megatron.convert_direction=sideways"]))
