@@ -235,6 +235,9 @@ class ClusterConfig:
     time: str = "04:00:00"
     nodes: int = 1
     gpus_per_node: int = 0
+    # Ask SLURM for the GPUs (--gpus-per-node). false on clusters without GPU GRES (whole nodes are
+    # handed out with --exclusive): gpus_per_node then only sets the number of processes per node.
+    request_gpus: bool = True
     cpus_per_task: Optional[int] = None
     mem: Optional[str] = None
     container_image: Optional[str] = None

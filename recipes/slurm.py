@@ -77,9 +77,12 @@ def job_config(cfg):
 
 
 def container_image(cfg) -> str | None:
-    """Megatron stages run in the Megatron helper's pinned container when it names one."""
-    if cfg.engine == "megatron" and cfg.megatron.container:
-        return cfg.megatron.container
+    """Megatron stages run in the Megatron engine's pinned containers (Megatron-Bridge for sft and
+    convert, NeMo-RL for rm/rl/dpo) when it names them; everything else in cluster.container_image."""
+    if cfg.engine == "megatron":
+        pinned = cfg.megatron.get("nemo_rl_container") if launch_kind(cfg) == "nemo_rl" else None
+        if pinned or cfg.megatron.container:
+            return pinned or cfg.megatron.container
     return cfg.cluster.container_image or None
 
 
@@ -129,11 +132,11 @@ def in_task(cfg, body: str) -> str:
     return "bash -c " + shlex.quote(f"{task_setup(cfg)}; {body}")
 
 
-def launch_block(cfg, config_file: Path) -> str:
+def launch_block(cfg, config_file: Path, command: str | None = None) -> str:
     """The lines that start the stage in the background (its PID in STAGE_PID)."""
     kind = launch_kind(cfg)
     nodes, gpus = cfg.cluster.nodes, cfg.cluster.gpus_per_node
-    command = stage_command(cfg, config_file)
+    command = command or stage_command(cfg, config_file)
     if kind == "single":
         return f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1')} \\\n    {in_task(cfg, 'exec ' + command)} &"
     if kind == "megatron":
@@ -185,8 +188,9 @@ def ray_block(cfg, command: str) -> str:
     return "\n".join(lines)
 
 
-def render_script(cfg) -> str:
-    """The sbatch script of one stage (pure: same config -> same text)."""
+def render_script(cfg, command: str | None = None) -> str:
+    """The sbatch script of one stage (pure: same config -> same text). `command` replaces the stage's
+    own command inside the same launch layout (to probe a cluster's environment)."""
     c = cfg.cluster
     kind = launch_kind(cfg)
     files = job_files(cfg)
@@ -199,7 +203,7 @@ def render_script(cfg) -> str:
         if c[key]:
             sbatch.append(f"--{key}={c[key]}")
     sbatch += [f"--time={c.time}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
-    if gpus > 0:
+    if gpus > 0 and c.request_gpus:
         sbatch.append(f"--gpus-per-node={gpus}")
     if c.cpus_per_task:
         sbatch.append(f"--cpus-per-task={c.cpus_per_task}")
@@ -240,7 +244,7 @@ on_usr1() {{
 }}
 trap on_usr1 USR1
 
-{launch_block(cfg, files['config'])}
+{launch_block(cfg, files['config'], command)}
 STAGE_PID=$!
 # A trapped signal interrupts `wait`: wait again until the stage itself has ended.
 while :; do

@@ -102,6 +102,12 @@ node_state() { SLURM_CONF="$STATE/slurm.conf" sinfo -h -N -o %T 2>/dev/null | he
 start() {
   install_if_missing
   if [ -f "$PIDS" ]; then "$0" stop "$STATE" >/dev/null 2>&1 || true; fi
+  local port
+  for port in "${HS3_SLURMCTLD_PORT:-6817}" "${HS3_SLURMD_PORT:-6818}"; do
+    if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+      die "port $port is already in use (another SLURM running? set HS3_SLURMCTLD_PORT/HS3_SLURMD_PORT)"
+    fi
+  done
   rm -rf "$STATE/ctld" "$STATE/d"   # a fresh state dir: job ids restart at 1
   mkdir -p "$STATE/ctld" "$STATE/d"
   : > "$PIDS"

@@ -1,0 +1,130 @@
+"""The rendered sbatch scripts (no scheduler needed): `./launch.sh ... executor=slurm --dry-run`."""
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+
+import pytest
+
+from recipes.config import REPO_ROOT, compose
+from recipes.slurm import render_script
+from tests.conftest import run_cli
+
+
+def dry_run(*args: str) -> str:
+    proc = run_cli("-m", "recipes", *args, "--dry-run", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    return dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, re.M))
+
+
+def srun_lines(script: str) -> list[list[str]]:
+    """Each srun command of the script, as the shell would split it."""
+    text = script.replace("\\\n", " ")
+    return [shlex.split(line.rstrip(" &")) for line in text.splitlines() if line.startswith("srun ")]
+
+
+def assert_bash_syntax(script: str, tmp_path) -> None:
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    proc = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+
+
+def test_megatron_sft_on_four_8gpu_nodes(tmp_path):
+    script = dry_run("sft", "engine=megatron", "executor=slurm", "cluster=example", "nodes=4", "model=llama33_70b",
+                     f"run_dir={tmp_path}")
+    assert_bash_syntax(script, tmp_path)
+    opts = sbatch_options(script)
+    assert opts["nodes"] == "4" and opts["ntasks-per-node"] == "8" and opts["gpus-per-node"] == "8"
+    assert opts["account"] == "my_account" and opts["partition"] == "batch" and opts["time"] == "04:00:00"
+    assert opts["signal"] == "B:USR1@600" and "requeue" in opts and opts["kill-on-invalid-dep"] == "yes"
+    assert opts["output"] == f"{tmp_path}/slurm/sft-%j.log" and opts["open-mode"] == "append"
+    assert "exclusive" in opts  # extra_sbatch, verbatim
+    [srun] = srun_lines(script)
+    assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
+    # the Megatron engine's pinned container, with the repo and the run dir mounted at their own paths
+    assert "--container-image=nvcr.io/nvidia/nemo:26.06" in srun
+    mounts = next(a for a in srun if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
+    assert {"/lustre:/lustre", f"{REPO_ROOT}:{REPO_ROOT}", f"{tmp_path}:{tmp_path}"} <= set(mounts)
+    # each task: its rank from SLURM, the cluster's setup lines, then the stage
+    task = srun[-1]
+    assert srun[-3:-1] == ["bash", "-c"]
+    assert "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in task
+    assert "export HF_HOME=/lustre/cache/huggingface" in task
+    assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
+    assert "export MASTER_PORT=" in script and "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
+    assert "trap on_usr1 USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
+
+
+def test_hf_sft_on_two_nodes_uses_accelerate_per_node(tmp_path):
+    script = dry_run("sft", "engine=hf", "executor=slurm", "cluster=example", "nodes=2", "model=llama33_70b",
+                     f"run_dir={tmp_path}")
+    assert_bash_syntax(script, tmp_path)
+    opts = sbatch_options(script)
+    assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "1" and opts["gpus-per-node"] == "8"
+    [srun] = srun_lines(script)
+    assert srun[1:5] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in srun  # the cluster's image (not Megatron's)
+    task = srun[-1]
+    launch = shlex.split(task.split("exec ", 1)[1])
+    assert launch[:3] == ["python", "-m", "accelerate.commands.launch"]
+    flags = dict(zip(launch[3::2], launch[4::2]))
+    assert flags["--num_processes"] == "16" and flags["--num_machines"] == "2"
+    # $VARIABLES stay unexpanded in the script: each task fills in its own node's values
+    assert flags["--machine_rank"] == "$SLURM_NODEID"
+    assert flags["--main_process_ip"] == "$MASTER_ADDR" and flags["--main_process_port"] == "$MASTER_PORT"
+    assert launch[-3:] == ["-m", "recipes.training", f"{tmp_path}/slurm/sft.yaml"]
+    assert "export HS3_UNDER_ACCELERATE=1" in task  # the ranks must not relaunch accelerate themselves
+
+
+def test_hf_dry_run_checks_the_batch_against_the_gpu_count(tmp_path):
+    # 2 nodes x 8 GPUs = 16 processes: global batch 8 with micro batch 2 cannot be split.
+    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "nodes=2", "gbs=8", "mbs=2",
+                   f"run_dir={tmp_path}", "--dry-run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: train.global_batch=8 is not divisible by train.micro_batch=2 x data-parallel size=16 (= 32)"]
+
+
+def test_nemo_rl_stage_starts_a_ray_cluster_and_runs_on_the_head(tmp_path):
+    cfg = compose("rl", ["engine=megatron", "executor=slurm", "cluster=example", "nodes=2", "model=llama33_70b",
+                         f"run_dir={tmp_path}"])
+    script = render_script(cfg, command="python run_rl.py")
+    assert_bash_syntax(script, tmp_path)
+    workers, head = srun_lines(script)
+    assert workers[1:5] == ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--exclude=$MASTER_ADDR"]
+    assert "ray start --address=$MASTER_ADDR:6379 --num-gpus=8" in workers[-1]
+    assert head[1:6] == ["--nodes=1", "--ntasks=1", "-w", "$MASTER_ADDR", "--overlap"]
+    assert "ray start --head --node-ip-address=$MASTER_ADDR --port=6379 --num-gpus=8" in head[-1]
+    # the stage waits for all 16 GPUs, then runs; the workers stop when it has ended
+    assert "< 16" in head[-1] and head[-1].index("< 16") < head[-1].index("python run_rl.py")
+    assert "touch $RAY_DIR/ENDED" in head[-1] and "until [ -f $RAY_DIR/ENDED ]" in workers[-1]
+    assert "--container-image=nvcr.io/nvidia/nemo-rl:v0.7.0" in head
+
+
+def test_pipeline_dry_run_chains_the_stages(tmp_path):
+    out = dry_run("pipeline", "executor=slurm", "cluster=example", f"run_dir={tmp_path}", "gbs=16", "mbs=2")
+    chain = re.findall(r"^# ---- (\w+): sbatch --parsable(?: --dependency=afterok:(\S+))? (\S+)$", out, re.M)
+    assert [(stage, after) for stage, after, _ in chain] == [
+        ("data", ""), ("sft", "$DATA_JOB"), ("rm", "$DATA_JOB"), ("rl", "$SFT_JOB:$RM_JOB"), ("eval", "$RL_JOB")]
+    assert not (tmp_path / "jobs.json").exists()  # a dry run submits and records nothing
+    # the data job is one CPU task even on a GPU cluster
+    data_script = out.split("# ---- sft:")[0]
+    assert "--gpus-per-node" not in data_script and "#SBATCH --nodes=1" in data_script
+
+
+@pytest.mark.parametrize("setup, expected", [
+    ([], "source {venv}/bin/activate"),
+    (["module load cuda/12.4", "source /opt/env/bin/activate"], "module load cuda/12.4; source /opt/env/bin/activate"),
+])
+def test_clusters_without_containers_run_the_setup_lines(tmp_path, setup, expected):
+    cfg = compose("sft", ["executor=slurm", f"run_dir={tmp_path}", f"cluster.setup={setup}".replace("'", "")])
+    [srun] = srun_lines(render_script(cfg))
+    assert not any(a.startswith("--container") for a in srun)
+    assert srun[-1] == f"cd {REPO_ROOT}; " + expected.format(venv=REPO_ROOT / ".venv") + \
+        f"; exec python -m recipes.training {tmp_path}/slurm/sft.yaml"
