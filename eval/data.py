@@ -117,7 +117,8 @@ def manifest_notes(data_dir: str | Path, records: list[tuple[str, Optional[dict]
         raise UserError(f"{manifest_path}: not valid JSON") from None
     counts = [f"{key}={value}" for key, value in _numbers(leakage) if value]
     if counts:
-        notes.append(f"leakage flagged by the data manifest: {', '.join(counts)}")
+        action = leakage.get("action") if isinstance(leakage, dict) else None
+        notes.append(f"leakage flagged by the data manifest: {', '.join(counts)}" + (f" ({action})" if action else ""))
     return notes
 
 
