@@ -129,8 +129,7 @@ def test_step_time_follows_the_mfu():
 def test_model_state_bytes_follow_megatron_bridges_published_byte_model():
     # Megatron-Bridge docs/training/memory-estimator.md: 18 bytes/parameter without the distributed
     # optimizer, 6 + 12/shard with it (shard = DP x CP), on the most loaded shard.
-    for distributed, dp_plan in ((False, plan()), (True, plan(distributed_optimizer=True, tp=4, pp=4, nodes=8))):
-        p = dp_plan if distributed else dp_plan
+    for distributed, p in ((False, plan()), (True, plan(distributed_optimizer=True, tp=4, pp=4, nodes=8))):
         m = memory_per_gpu(p)
         state = m["weights"] + m["grads"] + m["optimizer"]
         per_param = 6 + 12 / (p.dp * p.cp) if distributed else 18

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from recipes.config import ConfigError, compose
-from recipes.io import read_jsonl
+from recipes.io import UserError, read_jsonl
 from recipes.megatron import bridge_sft, convert, nemo_rl
 from tests.conftest import run_cli
 
@@ -104,13 +104,27 @@ def test_sft_config_golden(run_dir: Path):
     assert len(read_jsonl(Path(doc["dataset"]["dataset_root"]) / "validation.jsonl")) == 1
 
 
-def test_sft_resume_never_and_command(run_dir: Path):
+def test_sft_resume_never_and_commands(run_dir: Path):
     cfg = cfg_for("sft", run_dir, "resume=never")
     doc = yaml.safe_load(bridge_sft.render(cfg)[str(bridge_sft.config_path(cfg))])
     assert "checkpoint.load=null" in doc["overrides"]
-    assert bridge_sft.build_command(cfg) == [
-        "torchrun", "--nproc-per-node=8", "--nnodes=4", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT",
-        "-m", "recipes.megatron.bridge_sft", "--config", str(bridge_sft.config_path(cfg))]
+    per_rank = ["python", "-m", "recipes.megatron.bridge_sft", "--config", str(bridge_sft.config_path(cfg))]
+    assert bridge_sft.build_command(cfg) == per_rank
+    assert bridge_sft.local_command(cfg) == ["torchrun", "--standalone", "--nproc-per-node=8", *per_rank[1:]]
+    assert (run_dir / "sft" / "command.sh").read_text().endswith(" ".join(per_rank) + "\n")
+    with pytest.raises(UserError, match="the sft plan needs 4 nodes: submit it with executor=slurm"):
+        bridge_sft.run(cfg_for("sft", run_dir, "dry_run=false"))
+
+
+def test_package_build_command_renders_the_stage_files(run_dir: Path):
+    from recipes.megatron import build_command, job_nodes
+
+    for stage, name in (("sft", "megatron_bridge_sft.yaml"), ("rm", "nemo_rl_rm.yaml"), ("dpo", "nemo_rl_dpo.yaml")):
+        cfg = cfg_for(stage, run_dir)
+        command = build_command(cfg)
+        assert command[-1] == str((run_dir / stage / name).resolve()) and Path(command[-1]).is_file()
+        assert (run_dir / stage / "command.sh").is_file()
+    assert job_nodes(cfg_for("rl", run_dir)) == (9, 8)
 
 
 def test_sft_rejects_data_without_a_final_assistant_turn(run_dir: Path):
@@ -123,7 +137,7 @@ def test_sft_dry_run_cli_prints_config_and_command(run_dir: Path):
     ok = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "--dry-run", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "recipe: llama31_70b_sft_config" in ok.stdout
-    assert "command: torchrun --nproc-per-node=8 --nnodes=4" in ok.stdout
+    assert "command (one per GPU): python -m recipes.megatron.bridge_sft --config" in ok.stdout
     assert (run_dir / "sft" / "megatron_bridge_sft.yaml").is_file()
     bad = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "pp=3", "--dry-run", timeout=120)
     assert bad.returncode == 2

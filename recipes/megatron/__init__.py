@@ -2,6 +2,43 @@
 model / RLOO / DPO (nemo_rl.py) and HF <-> Megatron checkpoint conversion (convert.py).
 
 Import-light on purpose: nothing here imports megatron, torch or NVIDIA's frameworks at module load.
-Each stage module exposes `build_command(cfg) -> list[str]` (the command a SLURM job runs) and
-`render(cfg) -> dict[path, text]` (the files that command reads), plus `run(cfg)`.
+Each stage module exposes `render(cfg)` (writes, into cfg.out, the files its command reads plus
+command.sh) and `build_command(cfg) -> list[str]` (the command itself, without writing anything).
+
+For the SLURM executor:
+  * `build_command(cfg)` below renders the stage's files and returns its command:
+      sft      `python -m recipes.megatron.bridge_sft --config OUT/megatron_bridge_sft.yaml`, one task per
+               GPU with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set (torch.distributed
+               env:// initialisation);
+      rm/rl/dpo the NeMo-RL driver, once, on the Ray head node;
+      convert  Megatron-Bridge's convert.sh, one task.
+  * `job_nodes(cfg)` is the (nodes, GPUs per node) the stage's plan needs: parallel.nodes /
+    parallel.gpus_per_node when the model file sets them (the 70B plans do), else the cluster's.
 """
+from __future__ import annotations
+
+import importlib
+
+STAGE_MODULES = {"sft": "bridge_sft", "convert": "convert", "rm": "nemo_rl", "rl": "nemo_rl", "dpo": "nemo_rl"}
+
+
+def stage_module(cfg):
+    if cfg.stage not in STAGE_MODULES:
+        from recipes.config import ConfigError
+
+        raise ConfigError(f"stage {cfg.stage} has no Megatron-engine command (stages: {', '.join(STAGE_MODULES)})")
+    return importlib.import_module(f"recipes.megatron.{STAGE_MODULES[cfg.stage]}")
+
+
+def build_command(cfg) -> list[str]:
+    """Render the stage's files into cfg.out and return the command that runs it."""
+    module = stage_module(cfg)
+    module.render(cfg)
+    return module.build_command(cfg)
+
+
+def job_nodes(cfg) -> tuple[int, int]:
+    """(nodes, GPUs per node) to allocate for the stage (rl: including the reward model's nodes)."""
+    nodes = cfg.parallel.nodes or cfg.cluster.nodes
+    gpus = cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8
+    return nodes, gpus

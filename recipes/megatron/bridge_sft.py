@@ -20,14 +20,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shlex
 import sys
 from pathlib import Path
 
 import yaml
 
 from recipes.config import ConfigError, to_yaml
-from recipes.io import UserError, atomic_write_jsonl, atomic_write_text, read_jsonl
+from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron.plan import plan_from_cfg, plan_nodes, validate_plan
+from recipes.training import Timer, write_summary
 
 CONFIG_NAME = "megatron_bridge_sft.yaml"
 # Megatron-Bridge's GPTSFTDatasetConfig reads DATASET_ROOT/training.jsonl and validation.jsonl.
@@ -151,6 +154,7 @@ def bridge_config(cfg, rows: int) -> dict:
             "seed": cfg.seed,
         },
         "train_rows": rows,
+        "out": str(out_dir(cfg)),  # summary.json goes here when training ends
         "overrides": [f"{key}={_override_value(value)}" for key, value in overrides.items()],
     }
 
@@ -165,14 +169,23 @@ def _override_value(value) -> str:
 
 
 def build_command(cfg) -> list[str]:
-    """The command a node runs (inside the container, from the repository root)."""
+    """One rank's command (inside the container, from the repository root). The SLURM job starts one per
+    GPU with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set; see `local_command` for one node."""
+    return ["python", "-m", "recipes.megatron.bridge_sft", "--config", str(config_path(cfg))]
+
+
+def local_command(cfg) -> list[str]:
+    """All ranks of a one-node plan on this machine, through torchrun."""
+    _, gpus = plan_nodes(cfg)
+    return ["torchrun", "--standalone", f"--nproc-per-node={gpus}", *build_command(cfg)[1:]]
+
+
+def command_script(cfg) -> str:
     nodes, gpus = plan_nodes(cfg)
-    launcher = ["torchrun", f"--nproc-per-node={gpus}"]
-    if nodes == 1:
-        launcher.append("--standalone")
-    else:  # one torchrun per node (srun --ntasks-per-node=1); MASTER_ADDR/PORT set by the job
-        launcher += [f"--nnodes={nodes}", "--rdzv-backend=c10d", "--rdzv-endpoint=$MASTER_ADDR:$MASTER_PORT"]
-    return launcher + ["-m", "recipes.megatron.bridge_sft", "--config", str(config_path(cfg))]
+    return ("#!/usr/bin/env bash\n# inside the container, from the repository root\nset -euo pipefail\n"
+            f"# {nodes} node(s) x {gpus} GPUs: one process per GPU with RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR,\n"
+            "# MASTER_PORT set (the SLURM executor does this); on one node: " + shlex.join(local_command(cfg)) + "\n"
+            + shlex.join(build_command(cfg)) + "\n")
 
 
 def render(cfg, write_data: bool = True) -> dict[str, str]:
@@ -188,27 +201,36 @@ def render(cfg, write_data: bool = True) -> dict[str, str]:
     document = bridge_config(cfg, rows)
     text = f"# Megatron-Bridge SFT config rendered by recipes.megatron.bridge_sft (train rows: {source})\n"
     text += yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
-    files = {str(config_path(cfg)): text, str(Path(cfg.out) / "config.yaml"): to_yaml(cfg)}
+    files = {str(config_path(cfg)): text, str(out_dir(cfg) / "config.yaml"): to_yaml(cfg),
+             str(out_dir(cfg) / "command.sh"): command_script(cfg)}
     for path, content in files.items():
         atomic_write_text(path, content)
     return files
 
 
 def run(cfg) -> dict:
+    """Render, then train on this node (a one-node plan); multi-node plans go through executor=slurm."""
     files = render(cfg, write_data=not cfg.dry_run or (Path(cfg.data_dir) / "sft" / "train.jsonl").is_file())
-    command = build_command(cfg)
+    nodes, _ = plan_nodes(cfg)
     if cfg.dry_run:
         print(files[str(config_path(cfg))], end="")
-        print("command:", " ".join(command))
-        print(f"sft (megatron, dry run): wrote {config_path(cfg)}; nothing was run")
+        print("command (one per GPU):", shlex.join(build_command(cfg)))
+        if nodes == 1:
+            print("command (this node):", shlex.join(local_command(cfg)))
+        print(f"sft (megatron, dry run): wrote {config_path(cfg)} and command.sh; nothing was run")
         return {"stage": "sft", "metric": "dry_run", "value": 0, "out": cfg.out}
+    if nodes > 1:
+        raise UserError(f"the sft plan needs {nodes} nodes: submit it with executor=slurm cluster=NAME (a local run uses one node)")
     import subprocess
 
-    print("running:", " ".join(command), flush=True)
-    result = subprocess.run(" ".join(command), shell=True)  # $MASTER_ADDR is expanded by the shell
+    timer = Timer()
+    command = local_command(cfg)
+    print("running:", shlex.join(command), flush=True)
+    result = subprocess.run(command)
     if result.returncode:
-        raise UserError(f"Megatron-Bridge sft exited with {result.returncode} (command: {' '.join(command)})")
-    return {"stage": "sft", "metric": "train_iters", "value": None, "out": cfg.out}
+        raise UserError(f"Megatron-Bridge sft exited with {result.returncode} (command: {shlex.join(command)})")
+    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_train_rows(cfg)[0])), timer.seconds,
+                         checkpoints=str(out_dir(cfg) / "checkpoints"))
 
 
 # ---- in the container ------------------------------------------------------------------------------
@@ -237,7 +259,14 @@ def finetune_from_file(path: str) -> None:
     dataset["preprocessing"] = ChatSFTPreprocessingConfig(**dataset["preprocessing"])
     container.dataset = GPTSFTDatasetConfig(**dataset, dataloader_type="batch")
     container = process_config_with_overrides(container, cli_overrides=document["overrides"])
+    timer = Timer()
     finetune(config=container, forward_step_func=forward_step)
+    if os.environ.get("RANK", "0") == "0":
+        iters = next(int(o.split("=", 1)[1]) for o in document["overrides"] if o.startswith("train.train_iters="))
+        summary = {"stage": "sft", "metric": "train_iters", "value": iters, "wall_s": round(timer.seconds, 1),
+                   "out": document["out"], "checkpoints": str(Path(document["out"]) / "checkpoints")}
+        atomic_write_json(Path(document["out"]) / "summary.json", summary)
+        print(f"sft: {iters} iterations in {timer.seconds:.0f} s -> {document['out']}/checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:

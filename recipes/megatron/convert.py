@@ -9,11 +9,14 @@ the HF model id for the config and tokenizer it writes next to the weights (mega
 """
 from __future__ import annotations
 
+import shlex
 import subprocess
 from pathlib import Path
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_text
+from recipes.megatron import job_nodes
+from recipes.training import Timer, write_summary
 
 DIRECTIONS = ("hf_to_megatron", "megatron_to_hf")
 DEVICES = ("cpu", "gpu")
@@ -34,7 +37,7 @@ def build_command(cfg) -> list[str]:
     out = str(Path(cfg.out).resolve())
     device = ["--executor", "local", "--device", m.convert_device]
     if m.convert_device == "gpu":
-        device += ["--gpus-per-node", str(cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8)]
+        device += ["--gpus-per-node", str(job_nodes(cfg)[1])]
     if m.convert_direction == "hf_to_megatron":
         source = _location(str(cfg.init or cfg.model.path))
         return ["bash", script, "import", *device, "--hf-model", source, "--megatron-path", out]
@@ -46,17 +49,26 @@ def build_command(cfg) -> list[str]:
             "--megatron-path", _location(str(cfg.init)), "--hf-path", out]
 
 
-def run(cfg) -> dict:
+def render(cfg) -> dict[str, str]:
+    """config.yaml and command.sh in cfg.out (what a SLURM job runs)."""
     command = build_command(cfg)
-    atomic_write_text(Path(cfg.out) / "config.yaml", to_yaml(cfg))
-    atomic_write_text(Path(cfg.out) / "convert_command.sh", "#!/usr/bin/env bash\nset -euo pipefail\n" + " ".join(command) + "\n")
+    files = {str(Path(cfg.out) / "config.yaml"): to_yaml(cfg),
+             str(Path(cfg.out) / "command.sh"): "#!/usr/bin/env bash\nset -euo pipefail\n" + shlex.join(command) + "\n"}
+    for path, content in files.items():
+        atomic_write_text(path, content)
+    return files
+
+
+def run(cfg) -> dict:
+    render(cfg)
+    command = build_command(cfg)
     if cfg.dry_run:
-        print("command:", " ".join(command))
-        print(f"convert ({cfg.megatron.convert_direction}, dry run): wrote {Path(cfg.out) / 'convert_command.sh'}; nothing was run")
+        print("command:", shlex.join(command))
+        print(f"convert ({cfg.megatron.convert_direction}, dry run): wrote {Path(cfg.out) / 'command.sh'}; nothing was run")
         return {"stage": "convert", "metric": "dry_run", "value": 0, "out": cfg.out}
-    print("running:", " ".join(command), flush=True)
+    timer = Timer()
+    print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
     if result.returncode:
-        raise UserError(f"Megatron-Bridge conversion exited with {result.returncode} (command: {' '.join(command)})")
-    print(f"convert ({cfg.megatron.convert_direction}): wrote {cfg.out}")
-    return {"stage": "convert", "metric": "converted", "value": 1, "out": cfg.out}
+        raise UserError(f"Megatron-Bridge conversion exited with {result.returncode} (command: {shlex.join(command)})")
+    return write_summary(cfg, "converted", 1.0, timer.seconds, direction=cfg.megatron.convert_direction)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import runpy
+import shlex
 import sys
 from pathlib import Path
 
@@ -30,7 +31,9 @@ import yaml
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_jsonl, atomic_write_text, read_jsonl
+from recipes.megatron import job_nodes
 from recipes.megatron.plan import plan_from_cfg, validate_plan
+from recipes.training import Timer, write_summary
 
 EXAMPLE_CONFIG = {"rm": "rm.yaml", "rl": "grpo_math_70B_megatron.yaml", "dpo": "dpo.yaml"}
 ENTRY_POINT = {"rm": "examples/run_rm.py", "rl": "examples/run_grpo.py", "dpo": "examples/run_dpo.py"}
@@ -140,8 +143,7 @@ def nemo_rl_config(cfg) -> dict:
     if cfg.stage not in EXAMPLE_CONFIG:
         raise ConfigError(f"stage {cfg.stage} does not run on NeMo-RL (rm, rl, dpo do)")
     t, stage = cfg.train, cfg.stage
-    nodes = cfg.parallel.nodes or cfg.cluster.nodes
-    gpus = cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8
+    nodes, gpus = job_nodes(cfg)
     model = _policy_source(cfg)
     policy: dict = {
         "model_name": model,
@@ -237,6 +239,10 @@ def nemo_rl_config(cfg) -> dict:
     return document
 
 
+def command_script(command: list[str]) -> str:
+    return "#!/usr/bin/env bash\n# run inside the container, from the repository root\nset -euo pipefail\n" + shlex.join(command) + "\n"
+
+
 def build_command(cfg) -> list[str]:
     """The driver command (run once, on the Ray head node, inside NeMo-RL's container)."""
     entry = str(Path(cfg.megatron.nemo_rl_dir) / ENTRY_POINT[cfg.stage])
@@ -252,7 +258,8 @@ def render(cfg, write_inputs: bool = True) -> dict[str, str]:
     header = (f"# NeMo-RL {cfg.megatron.nemo_rl_version} ({cfg.megatron.nemo_rl_commit}) config for our {cfg.stage} stage,"
               f" rendered by recipes.megatron.nemo_rl\n")
     text = header + yaml.safe_dump(nemo_rl_config(cfg), sort_keys=False, allow_unicode=True)
-    files = {str(config_path(cfg)): text, str(out_dir(cfg) / "config.yaml"): to_yaml(cfg)}
+    files = {str(config_path(cfg)): text, str(out_dir(cfg) / "config.yaml"): to_yaml(cfg),
+             str(out_dir(cfg) / "command.sh"): command_script(build_command(cfg))}
     for path, content in files.items():
         atomic_write_text(path, content)
     return files
@@ -264,20 +271,22 @@ def _inputs_exist(cfg) -> bool:
 
 
 def run(cfg) -> dict:
+    """Render, then run NeMo-RL's entry point here (one node, or inside a Ray cluster the SLURM job started)."""
     files = render(cfg, write_inputs=not cfg.dry_run or _inputs_exist(cfg))
     command = build_command(cfg)
     if cfg.dry_run:
         print(files[str(config_path(cfg))], end="")
-        print("command:", " ".join(command))
-        print(f"{cfg.stage} (megatron/NeMo-RL, dry run): wrote {config_path(cfg)}; nothing was run")
+        print("command:", shlex.join(command))
+        print(f"{cfg.stage} (megatron/NeMo-RL, dry run): wrote {config_path(cfg)} and command.sh; nothing was run")
         return {"stage": cfg.stage, "metric": "dry_run", "value": 0, "out": cfg.out}
     import subprocess
 
-    print("running:", " ".join(command), flush=True)
+    timer = Timer()
+    print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
     if result.returncode:
-        raise UserError(f"NeMo-RL {cfg.stage} exited with {result.returncode} (command: {' '.join(command)})")
-    return {"stage": cfg.stage, "metric": "done", "value": None, "out": cfg.out}
+        raise UserError(f"NeMo-RL {cfg.stage} exited with {result.returncode} (command: {shlex.join(command)})")
+    return write_summary(cfg, "exit_code", 0.0, timer.seconds, checkpoints=str(out_dir(cfg) / "checkpoints"))
 
 
 # ---- in the container: the multi-turn edit-prompt processor, then NeMo-RL's own entry point --------

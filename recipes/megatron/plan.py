@@ -84,9 +84,10 @@ class Plan:
 
 def plan_nodes(cfg) -> tuple[int, int]:
     """(nodes, GPUs per node) of the model being trained. During rl, NeMo-RL gives
-    megatron.reward_model_nodes of cluster.nodes to the reward-model environment (multi-node only)."""
-    gpus = cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8
-    nodes = cfg.parallel.nodes or cfg.cluster.nodes
+    megatron.reward_model_nodes of the job's nodes to the reward-model environment (multi-node only)."""
+    from recipes.megatron import job_nodes
+
+    nodes, gpus = job_nodes(cfg)
     if cfg.stage == "rl" and nodes > 1:
         nodes -= cfg.megatron.reward_model_nodes
     return nodes, gpus
