@@ -238,6 +238,9 @@ def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
     assert row == {"messages": CONVERSATION, "reference_edit": "Rain falls softly."}
     assert nemo_rl.build_command(cfg)[:5] == ["python", "-m", "recipes.megatron.nemo_rl", "--entry",
                                               "/opt/nemo-rl/examples/run_grpo.py"]
+    one_node = nemo_rl.nemo_rl_config(cfg_for("rl", run_dir, "parallel.nodes=1", "tp=1", "pp=1", "gbs=8", "mbs=1"))
+    assert one_node["env"]["reward_model"]["resources"] == {"gpus_per_node": 1, "num_nodes": 1}
+    assert one_node["env"]["reward_model"]["dtensor_cfg"]["tensor_parallel_size"] == 1
 
 
 def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):

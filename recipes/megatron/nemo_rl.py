@@ -200,7 +200,12 @@ def nemo_rl_config(cfg) -> dict:
             use_leave_one_out_baseline=True,
             normalize_rewards=False,
         )
-        reward_nodes = cfg.megatron.reward_model_nodes if nodes > 1 else 0
+        # Multi-node: whole nodes for the reward model (NeMo-RL's grpo setup gives the policy the rest).
+        # One node (tests, tiny models): one GPU of it.
+        if nodes > 1:
+            reward_resources = {"gpus_per_node": gpus, "num_nodes": cfg.megatron.reward_model_nodes}
+        else:
+            reward_resources = {"gpus_per_node": 1, "num_nodes": 1}
         document.update(
             grpo=algorithm,
             loss_fn={"reference_policy_kl_penalty": cfg.rl.kl_coef},
@@ -221,9 +226,10 @@ def nemo_rl_config(cfg) -> dict:
                 "batch_size": t.micro_batch,
                 "checkpoint_path": None,
                 "max_model_len": t.seq_len,
-                "resources": {"gpus_per_node": gpus, "num_nodes": max(reward_nodes, 1)},
+                "resources": reward_resources,
                 # The environment asserts all of these (reward_model_environment.py).
-                "dtensor_cfg": {"enabled": True, "tensor_parallel_size": gpus, "context_parallel_size": 1,
+                "dtensor_cfg": {"enabled": True, "tensor_parallel_size": reward_resources["gpus_per_node"],
+                                "context_parallel_size": 1,
                                 "sequence_parallel": False, "cpu_offload": False, "activation_checkpointing": False,
                                 "custom_parallel_plan": None},
                 "reward_model_cfg": {"enabled": True, "reward_model_type": "bradley_terry"},
