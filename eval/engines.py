@@ -40,6 +40,13 @@ def is_endpoint(path: str) -> bool:
     return str(path).startswith(("http://", "https://"))
 
 
+def gpu_device_map() -> Optional[str]:
+    """"auto" (the model spread over every visible GPU) when there is one; None keeps it on the CPU."""
+    import torch
+
+    return "auto" if torch.cuda.is_available() else None
+
+
 def dir_fingerprint(path: str) -> str:
     """A short hash of a local directory's file names, sizes and modification times ('' for a hub id)."""
     root = Path(path)
@@ -73,7 +80,8 @@ class HFEngine:
 
         source = path or resolve_model_path(model_cfg)
         model_id = f"{source}@{dir_fingerprint(source)}"
-        return cls(load_causal_lm(model_cfg, path), load_tokenizer(model_cfg, path), batch_size, model_id)
+        model = load_causal_lm(model_cfg, path, device_map=gpu_device_map())
+        return cls(model, load_tokenizer(model_cfg, path), batch_size, model_id)
 
     def prompt_texts(self, conversations: Sequence[Messages]) -> list[str]:
         return [self.tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
@@ -96,7 +104,7 @@ class HFEngine:
         import torch
 
         self.tokenizer.padding_side = "left"
-        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+        inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
         greedy = sampling.temperature <= 0
         kwargs = {"do_sample": False} if greedy else {
             "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}

@@ -21,9 +21,11 @@ class RewardScorer:
     def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
+        from eval.engines import gpu_device_map
         from recipes.models import torch_dtype
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(path, dtype=torch_dtype(dtype)).eval()
+        self.model = AutoModelForSequenceClassification.from_pretrained(
+            path, dtype=torch_dtype(dtype), device_map=gpu_device_map()).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -42,7 +44,7 @@ class RewardScorer:
                for t in texts]
         scores: list[float] = [0.0] * len(ids)
         for batch in _by_length([len(x) for x in ids], self.batch_size):
-            inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt")
+            inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(self.model.device)
             with torch.inference_mode():
                 logits = self.model(**inputs).logits[:, 0].float().tolist()
             for i, value in zip(batch, logits):
@@ -80,13 +82,13 @@ def mean_logprobs(model, tokenizer, prompts: Sequence[Messages], responses: Sequ
             attention[b, :len(ids)] = 1
             scored[b, n_prefix:len(ids)] = True
         with torch.inference_mode():
-            logits = model(input_ids=input_ids, attention_mask=attention).logits.float()
-        # token t is predicted from position t-1
-        logprobs = torch.log_softmax(logits[:, :-1], dim=-1).gather(-1, input_ids[:, 1:, None])[..., 0]
-        mask = scored[:, 1:]
-        means = (logprobs * mask).sum(-1) / mask.sum(-1).clamp(min=1)
-        for b, i in enumerate(batch):
-            results[i] = float(means[b])
+            logits = model(input_ids=input_ids.to(model.device), attention_mask=attention.to(model.device)).logits
+            for b, i in enumerate(batch):  # one row at a time: float32 log-softmax over a 128k vocabulary is large
+                # token t is predicted from position t-1
+                targets = input_ids[b, 1:].to(logits.device)
+                logprobs = torch.log_softmax(logits[b, :-1].float(), dim=-1).gather(-1, targets[:, None])[:, 0]
+                mask = scored[b, 1:].to(logits.device)
+                results[i] = float((logprobs * mask).sum() / mask.sum().clamp(min=1))
         if progress:
             progress(len(batch))
     return results

@@ -25,7 +25,7 @@ from typing import Optional
 
 from recipes.io import UserError, cli_main
 
-from eval.engines import HFEngine, Sampling
+from eval.engines import HFEngine, Sampling, gpu_device_map
 
 
 class Batcher:
@@ -140,7 +140,7 @@ def build_server(model_path: str, host: str = "127.0.0.1", port: int = 0, max_ba
     from recipes.models import load_causal_lm, load_tokenizer
 
     model_cfg = ModelConfig(path=model_path, dtype=dtype)
-    engine = HFEngine(load_causal_lm(model_cfg), load_tokenizer(model_cfg), batch_size=max_batch)
+    engine = HFEngine(load_causal_lm(model_cfg, device_map=gpu_device_map()), load_tokenizer(model_cfg), batch_size=max_batch)
     batcher = Batcher(engine, max_batch, batch_wait_ms / 1000)
     server = ThreadingHTTPServer((host, port), make_handler(batcher, name or model_path, default_max_tokens))
     server.daemon_threads = True

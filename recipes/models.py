@@ -53,12 +53,14 @@ def torch_dtype(name: str):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(model_cfg, path: str | None = None):
-    """The policy model: `path` (a checkpoint of ours) or the configured base model."""
+def load_causal_lm(model_cfg, path: str | None = None, **from_pretrained_kwargs):
+    """The policy model: `path` (a checkpoint of ours) or the configured base model.
+    Extra keyword arguments go to from_pretrained (e.g. device_map="auto" for inference on GPUs)."""
     from transformers import AutoModelForCausalLM
 
     source = path or resolve_model_path(model_cfg)
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file and path is None else {}
     return AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation, **kwargs
+        source, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
+        **kwargs, **from_pretrained_kwargs
     )
