@@ -109,22 +109,47 @@ def task_setup(cfg) -> str:
     return "; ".join([f"cd {shlex.quote(str(REPO_ROOT))}", *lines])
 
 
-def stage_command(cfg, config_file: Path) -> str:
-    """The command that runs the stage in one process (per task)."""
-    if cfg.engine == "megatron" and launch_kind(cfg) in ("megatron", "nemo_rl"):
-        try:
-            from recipes.megatron import build_command
-        except ImportError:
-            build_command = None
-        if build_command is not None:
-            command = build_command(cfg)
-            return command if isinstance(command, str) else shlex.join(command)
-    return f"python -m recipes.training {shlex.quote(str(config_file))}"
+def stage_command(cfg, config_file: Path) -> list[str]:
+    """The stage's command: the Megatron engine's own (it renders its files into cfg.out first), else
+    one process of the stage running the frozen config."""
+    if launch_kind(cfg) in ("megatron", "nemo_rl") or (cfg.engine == "megatron" and cfg.stage == "convert"):
+        from recipes.megatron import build_command
+
+        return list(build_command(cfg))
+    return ["python", "-m", "recipes.training", str(config_file)]
 
 
-def shell_join(args: list[str]) -> str:
-    """shlex.join, except that `$VARIABLE` arguments stay unquoted so the shell expands them."""
-    return " ".join(a if re.fullmatch(r"\$[A-Z_]+", a) else shlex.quote(a) for a in args)
+def job_shape(cfg) -> tuple[int, int]:
+    """(nodes, GPUs per node) the job asks for: the Megatron plan's when it names them."""
+    if launch_kind(cfg) == "single":
+        return 1, (0 if cfg.stage == "data" else cfg.cluster.gpus_per_node)
+    if cfg.engine == "megatron":
+        from recipes.megatron import job_nodes
+
+        return job_nodes(cfg)
+    return cfg.cluster.nodes, cfg.cluster.gpus_per_node
+
+
+def is_torchrun(command: list[str] | str) -> bool:
+    return isinstance(command, list) and Path(command[0]).name == "torchrun"
+
+
+def tasks_per_node(cfg, command: list[str] | str) -> int:
+    """Megatron without torchrun: one task per GPU; everything else: one task per node."""
+    if launch_kind(cfg) == "megatron" and not is_torchrun(command):
+        return max(job_shape(cfg)[1], 1)
+    return 1
+
+
+def shell_join(args: list[str] | str) -> str:
+    """shlex.join, except that arguments with $VARIABLES are double-quoted so the shell expands them."""
+    if isinstance(args, str):
+        return args
+    def quote(arg: str) -> str:
+        if re.search(r"\$[A-Z_{]", arg):
+            return '"' + re.sub(r'(["\\`])', r"\\\1", arg) + '"'
+        return shlex.quote(arg)
+    return " ".join(quote(a) for a in args)
 
 
 def in_task(cfg, body: str) -> str:
@@ -132,42 +157,43 @@ def in_task(cfg, body: str) -> str:
     return "bash -c " + shlex.quote(f"{task_setup(cfg)}; {body}")
 
 
-def launch_block(cfg, config_file: Path, command: str | None = None) -> str:
+def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
     """The lines that start the stage in the background (its PID in STAGE_PID)."""
     kind = launch_kind(cfg)
-    nodes, gpus = cfg.cluster.nodes, cfg.cluster.gpus_per_node
-    command = command or stage_command(cfg, config_file)
+    nodes, gpus = job_shape(cfg)
     if kind == "single":
-        return f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1')} \\\n    {in_task(cfg, 'exec ' + command)} &"
+        return f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1')} \\\n    {in_task(cfg, 'exec ' + shell_join(command))} &"
     if kind == "megatron":
-        per_node = max(gpus, 1)
+        per_node = tasks_per_node(cfg, command)
+        srun = srun_prefix(cfg, f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--kill-on-bad-exit=1")
+        if per_node == 1:  # torchrun on each node starts that node's ranks
+            return (f"# one torchrun per node: {nodes} nodes x {max(gpus, 1)} GPUs\n"
+                    f"{srun} \\\n    {in_task(cfg, 'exec ' + shell_join(command))} &")
         ranks = "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; "
         return (f"# one task per GPU: {nodes} nodes x {per_node} = {nodes * per_node} ranks\n"
-                f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks-per-node={per_node}', '--kill-on-bad-exit=1')} \\\n"
-                f"    {in_task(cfg, ranks + 'exec ' + command)} &")
+                f"{srun} \\\n    {in_task(cfg, ranks + 'exec ' + shell_join(command))} &")
     if kind == "hf":
         from recipes.training import CHILD_ENV, accelerate_command
 
         per_node = gpus if gpus > 0 else cfg.hf.num_processes
         if nodes * per_node == 1 and not cfg.hf.accelerate_config:
-            launcher = command
+            body = "exec " + shell_join(command)
         else:  # the $VARIABLES expand inside each task: its node's rank, the first node's address
             accelerate = accelerate_command(config_file, per_node, cfg.hf.accelerate_config, nodes,
                                             machine_rank="$SLURM_NODEID", main_process_ip="$MASTER_ADDR",
                                             main_process_port="$MASTER_PORT")
-            launcher = shell_join(["python", *accelerate[1:]])
-        body = f"export {CHILD_ENV}=1; exec {launcher}" if launcher != command else f"exec {launcher}"
+            body = f"export {CHILD_ENV}=1; exec " + shell_join(["python", *accelerate[1:]])
         return (f"# one task per node, each starting {per_node} process(es): {nodes * per_node} in all\n"
                 f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks={nodes}', '--ntasks-per-node=1', '--kill-on-bad-exit=1')} \\\n"
                 f"    {in_task(cfg, body)} &")
-    return ray_block(cfg, command)
+    return ray_block(cfg, shell_join(command))
 
 
 def ray_block(cfg, command: str) -> str:
     """NeMo-RL: Ray head on the first node, a worker per other node (as NeMo-RL's ray.sub lays them
     out), the stage command on the head once every node's GPUs have joined; ENDED stops the workers."""
-    gpus = max(cfg.cluster.gpus_per_node, 1)
-    nodes = cfg.cluster.nodes
+    nodes, gpus = job_shape(cfg)
+    gpus = max(gpus, 1)
     ray_dir = '"$RAY_DIR"'
     head = (f"ray start --head --node-ip-address=$MASTER_ADDR --port={RAY_PORT} --num-gpus={gpus} --disable-usage-stats; "
             f"touch $RAY_DIR/STARTED_RAY_HEAD; "
@@ -188,21 +214,20 @@ def ray_block(cfg, command: str) -> str:
     return "\n".join(lines)
 
 
-def render_script(cfg, command: str | None = None) -> str:
+def render_script(cfg, command: list[str] | str | None = None) -> str:
     """The sbatch script of one stage (pure: same config -> same text). `command` replaces the stage's
     own command inside the same launch layout (to probe a cluster's environment)."""
     c = cfg.cluster
     kind = launch_kind(cfg)
     files = job_files(cfg)
     out = Path(cfg.out).resolve()
-    nodes = 1 if kind == "single" else c.nodes
-    gpus = 0 if cfg.stage == "data" else c.gpus_per_node
-    tasks_per_node = max(gpus, 1) if kind == "megatron" else 1
+    command = command or stage_command(cfg, files["config"])
+    nodes, gpus = job_shape(cfg)
     sbatch = [f"--job-name=hs3-{cfg.stage}"]
     for key in ("account", "partition", "qos"):
         if c[key]:
             sbatch.append(f"--{key}={c[key]}")
-    sbatch += [f"--time={c.time}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node}"]
+    sbatch += [f"--time={c.time}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node(cfg, command)}"]
     if gpus > 0 and c.request_gpus:
         sbatch.append(f"--gpus-per-node={gpus}")
     if c.cpus_per_task:

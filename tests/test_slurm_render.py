@@ -8,6 +8,7 @@ import subprocess
 import pytest
 
 from recipes.config import REPO_ROOT, compose
+from recipes.megatron import job_nodes
 from recipes.slurm import render_script
 from tests.conftest import run_cli
 
@@ -56,6 +57,7 @@ def test_megatron_sft_on_four_8gpu_nodes(tmp_path):
     assert srun[-3:-1] == ["bash", "-c"]
     assert "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID" in task
     assert "export HF_HOME=/lustre/cache/huggingface" in task
+    assert task.endswith(f"exec python -m recipes.megatron.bridge_sft --config {tmp_path}/sft/megatron_bridge_sft.yaml")
     assert 'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)' in script
     assert "export MASTER_PORT=" in script and "export CUDA_DEVICE_MAX_CONNECTIONS=1" in script
     assert "trap on_usr1 USR1" in script and 'scontrol requeue "$SLURM_JOB_ID"' in script
@@ -94,15 +96,19 @@ def test_hf_dry_run_checks_the_batch_against_the_gpu_count(tmp_path):
 def test_nemo_rl_stage_starts_a_ray_cluster_and_runs_on_the_head(tmp_path):
     cfg = compose("rl", ["engine=megatron", "executor=slurm", "cluster=example", "nodes=2", "model=llama33_70b",
                          f"run_dir={tmp_path}"])
+    nodes, gpus = job_nodes(cfg)  # the Megatron plan's (policy + reward-model nodes)
+    assert nodes > 1 and gpus == 8
     script = render_script(cfg, command="python run_rl.py")
     assert_bash_syntax(script, tmp_path)
+    assert sbatch_options(script)["nodes"] == str(nodes)
     workers, head = srun_lines(script)
-    assert workers[1:5] == ["--nodes=1", "--ntasks=1", "--ntasks-per-node=1", "--exclude=$MASTER_ADDR"]
+    assert workers[1:5] == [f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1", "--exclude=$MASTER_ADDR"]
     assert "ray start --address=$MASTER_ADDR:6379 --num-gpus=8" in workers[-1]
     assert head[1:6] == ["--nodes=1", "--ntasks=1", "-w", "$MASTER_ADDR", "--overlap"]
     assert "ray start --head --node-ip-address=$MASTER_ADDR --port=6379 --num-gpus=8" in head[-1]
-    # the stage waits for all 16 GPUs, then runs; the workers stop when it has ended
-    assert "< 16" in head[-1] and head[-1].index("< 16") < head[-1].index("python run_rl.py")
+    # the stage waits for every node's GPUs, then runs; the workers stop when it has ended
+    wait = f"< {nodes * 8}"
+    assert wait in head[-1] and head[-1].index(wait) < head[-1].index("python run_rl.py")
     assert "touch $RAY_DIR/ENDED" in head[-1] and "until [ -f $RAY_DIR/ENDED ]" in workers[-1]
     assert "--container-image=nvcr.io/nvidia/nemo-rl:v0.7.0" in head
 
