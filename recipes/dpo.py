@@ -50,15 +50,16 @@ def build_trainer(cfg):
 
 
 def run(cfg) -> dict:
-    skipped = training.dry_run(cfg) or training.maybe_relaunch(cfg)
-    if skipped:
-        return skipped
-    from transformers import AutoModelForCausalLM
-
+    if cfg.dry_run:
+        return training.dry_run(cfg)
+    training.check_inputs(cfg, "pairs/train.jsonl", "pairs/validation.jsonl")  # before anything is written or loaded
+    relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
+    if relaunched:
+        return relaunched
     timer = training.Timer()
-    training.data_file(cfg, "pairs/train.jsonl")
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
+    from transformers import AutoModelForCausalLM
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     metrics = trainer.evaluate()

@@ -35,6 +35,8 @@ def copy_indicator(prompts, completions, original_response, **kwargs) -> list[fl
 
 
 def check_batch(cfg) -> None:
+    if cfg.reward_model is None:
+        raise ConfigError("reward_model is not set (rm=PATH to a reward model checkpoint)")
     prompts_x_k = cfg.rl.prompts_per_step * cfg.rl.k
     if cfg.train.global_batch != prompts_x_k:
         raise ConfigError(
@@ -52,8 +54,6 @@ def build_trainer(cfg):
     prompts_file = training.data_file(cfg, "prompts/train.jsonl")
     training.model_dir(cfg, "init")
     reward_path = training.model_dir(cfg, "reward_model")
-    if reward_path is None:
-        raise ConfigError("reward_model is not set (rm=PATH to a reward model checkpoint)")
     args = training.common_args(
         cfg, RLOOConfig, evaluate=False,
         num_generations=cfg.rl.k,
@@ -81,17 +81,17 @@ def build_trainer(cfg):
 
 
 def run(cfg) -> dict:
-    skipped = training.dry_run(cfg) or training.maybe_relaunch(cfg)
-    if skipped:
-        return skipped
-    from transformers import AutoModelForCausalLM
-
-    timer = training.Timer()
+    if cfg.dry_run:
+        return training.dry_run(cfg)
     check_batch(cfg)
-    training.data_file(cfg, "prompts/train.jsonl")
-    training.model_dir(cfg, "reward_model")
+    training.check_inputs(cfg, "prompts/train.jsonl")  # before anything is written or loaded
+    relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
+    if relaunched:
+        return relaunched
+    timer = training.Timer()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
+    from transformers import AutoModelForCausalLM
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)

@@ -51,6 +51,13 @@ def pair_accuracy(model, tokenizer, pairs, batch_size: int = 8) -> dict[str, flo
     return {kind: sum(w) / len(w) for kind, w in wins.items() if w}
 
 
+def check_keep_best(cfg) -> None:
+    if cfg.rm.keep_best and cfg.train.save_steps % cfg.train.eval_steps:
+        raise ConfigError(
+            f"rm.keep_best needs train.save_steps={cfg.train.save_steps} to be a multiple of train.eval_steps={cfg.train.eval_steps}"
+        )
+
+
 def build_trainer(cfg):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
@@ -58,10 +65,7 @@ def build_trainer(cfg):
     train_file = training.data_file(cfg, "pairs/train.jsonl")
     validation_file = training.data_file(cfg, "pairs/validation.jsonl")
     training.model_dir(cfg, "init")
-    if cfg.rm.keep_best and cfg.train.save_steps % cfg.train.eval_steps:
-        raise ConfigError(
-            f"rm.keep_best needs train.save_steps={cfg.train.save_steps} to be a multiple of train.eval_steps={cfg.train.eval_steps}"
-        )
+    check_keep_best(cfg)
     args = training.common_args(
         cfg, RewardConfig,
         max_length=cfg.train.seq_len,
@@ -85,15 +89,17 @@ def build_trainer(cfg):
 
 
 def run(cfg) -> dict:
-    skipped = training.dry_run(cfg) or training.maybe_relaunch(cfg)
-    if skipped:
-        return skipped
-    from transformers import AutoModelForSequenceClassification
-
+    if cfg.dry_run:
+        return training.dry_run(cfg)
+    check_keep_best(cfg)
+    training.check_inputs(cfg, "pairs/train.jsonl", "pairs/validation.jsonl")  # before anything is written or loaded
+    relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
+    if relaunched:
+        return relaunched
     timer = training.Timer()
-    training.data_file(cfg, "pairs/train.jsonl")
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
+    from transformers import AutoModelForSequenceClassification
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     final = training.save_final(trainer, cfg, AutoModelForSequenceClassification)  # the best checkpoint's weights
@@ -106,5 +112,5 @@ def run(cfg) -> dict:
     return training.write_summary(
         cfg, "val_accuracy", accuracy.pop("all"), timer.seconds,
         **{f"val_accuracy_{kind}": value for kind, value in sorted(accuracy.items())},
-        best_checkpoint=trainer.state.best_model_checkpoint,
+        best_checkpoint=trainer.state.best_model_checkpoint, steps=trainer.state.global_step,
     )

@@ -59,11 +59,13 @@ def build_trainer(cfg):
 
 
 def run(cfg) -> dict:
-    skipped = training.dry_run(cfg) or training.maybe_relaunch(cfg)
-    if skipped:
-        return skipped
+    if cfg.dry_run:
+        return training.dry_run(cfg)
+    training.check_inputs(cfg, "sft/train.jsonl", "sft/validation.jsonl")  # before anything is written or loaded
+    relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
+    if relaunched:
+        return relaunched
     timer = training.Timer()
-    training.data_file(cfg, "sft/train.jsonl")  # fail on missing inputs before writing anything
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
 

@@ -61,8 +61,18 @@ def model_dir(cfg, key: str) -> Optional[str]:
     return str(value)
 
 
-def prepare_output_dir(cfg) -> Path:
-    """cfg.out with config.yaml and the data manifest's hash; refuses a dir from another stage or model."""
+def check_inputs(cfg, *data_files: str) -> None:
+    """Every input of the stage exists (its data files, cfg.init, cfg.reward_model) and cfg.out is not
+    another stage's or model's run: one-line ConfigError otherwise."""
+    check_output_dir(cfg)
+    for relative in data_files:
+        data_file(cfg, relative)
+    model_dir(cfg, "init")
+    model_dir(cfg, "reward_model")
+
+
+def check_output_dir(cfg) -> None:
+    """Refuse to resume in (or overwrite) a dir that holds a run of another stage or model."""
     out = Path(cfg.out)
     previous = out / "config.yaml"
     if previous.is_file() and cfg.resume != "never":
@@ -73,6 +83,12 @@ def prepare_output_dir(cfg) -> Path:
                 raise ConfigError(
                     f"out={out}: holds a run with {key}={was}, not {key}={now} (pick another out= or run_dir=, or resume=never)"
                 )
+
+
+def prepare_output_dir(cfg) -> Path:
+    """cfg.out with config.yaml (the resolved config) and the data manifest's hash."""
+    check_output_dir(cfg)
+    out = Path(cfg.out)
     if is_main_process():
         atomic_write_text(out / "config.yaml", to_yaml(cfg))
         manifest = Path(cfg.data_dir) / "manifest.json"
@@ -95,9 +111,10 @@ def resume_checkpoint(cfg) -> Optional[str]:
     RNG states and the data position (it skips the batches already seen) from there."""
     if cfg.resume == "never":
         return None
-    if cfg.resume == "auto":
-        return latest_checkpoint(cfg.out)
-    return str(cfg.resume)
+    checkpoint = latest_checkpoint(cfg.out) if cfg.resume == "auto" else str(cfg.resume)
+    if checkpoint and is_main_process():
+        print(f"{cfg.stage}: resuming from {checkpoint}", file=sys.stderr, flush=True)
+    return checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
