@@ -26,9 +26,6 @@ STAGE_RUNNERS = {
     ("dpo", "megatron"): "recipes.megatron.nemo_rl:run",
 }
 
-# Stages that train (checkpoint, can be preempted and resumed).
-TRAINING_STAGES = ("sft", "rm", "rl", "dpo")
-
 # Commands that are not a single stage: "module:function(argv) -> exit code".
 COMMANDS = {
     "plan": "recipes.megatron.plan:main",
@@ -52,12 +49,12 @@ def run_stage(cfg) -> dict:
     if key not in STAGE_RUNNERS:
         raise UserError(f"stage {cfg.stage} has no {cfg.engine} engine (try engine=megatron or engine=hf)")
     runner = load(STAGE_RUNNERS[key])
-    if cfg.stage not in TRAINING_STAGES or cfg.dry_run:
+    from recipes import preemption
+
+    if cfg.stage not in preemption.TRAINING_STAGES or cfg.dry_run:
         return runner(cfg)
     # Training stages: USR1 / the batch script's request file -> checkpoint, exit 75, requeue;
     # and one writer per output dir (recipes/preemption.py).
-    from recipes import preemption
-
     preemption.install_signal_handler()
     with preemption.OutputLock(cfg.out):
         if "SLURM_JOB_ID" not in os.environ:  # in a job, the batch script clears it before starting

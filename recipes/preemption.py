@@ -30,6 +30,8 @@ from pathlib import Path
 
 from recipes.io import UserError, atomic_write_json
 
+# Stages that train: they checkpoint, can be preempted and resume, and lock their output dir.
+TRAINING_STAGES = ("sft", "rm", "rl", "dpo")
 # EX_TEMPFAIL (sysexits.h): "temporary failure, retry later" = preempted, checkpoint saved, requeue me.
 PREEMPTED_EXIT_CODE = 75
 PREEMPT_REQUEST_FILE = "PREEMPT_REQUEST"
@@ -185,6 +187,16 @@ class OutputLock:
         if owner.get("job_id"):
             return f"SLURM job {owner['job_id']}"
         return f"process {owner.get('pid')} on {owner.get('host')}"
+
+    def holder(self) -> str | None:
+        """Who holds the lock, when that is another live job or process (None: free, stale or ours)."""
+        try:
+            owner = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        if not owner or _token(owner) in (_token(_my_identity()), os.environ.get(LOCK_ENV)):
+            return None
+        return self._describe(owner) if _holder_alive(owner) else None
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)

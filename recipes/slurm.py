@@ -38,6 +38,7 @@ from omegaconf import OmegaConf
 from recipes import preemption
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
 from recipes.io import UserError, atomic_write_json, atomic_write_text
+from recipes.pipeline import is_finished
 
 # Which stage waits for which (afterok): sft and rm both only need the data, so they run side by side.
 PIPELINE_NEEDS = {"data": [], "sft": ["data"], "rm": ["data"], "rl": ["sft", "rm"], "eval": ["rl"]}
@@ -70,7 +71,7 @@ def job_config(cfg):
     job.dry_run = False
     if launch_kind(cfg) == "single":
         job.cluster.nodes = 1
-    if cfg.engine == "hf" and cfg.cluster.gpus_per_node > 0:
+    if launch_kind(cfg) == "hf" and cfg.cluster.gpus_per_node > 0:
         job.hf.num_processes = cfg.cluster.gpus_per_node
     validate(job)
     return job
@@ -239,6 +240,11 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
                *c.extra_sbatch]
     image = container_image(cfg)
     code = preemption.PREEMPTED_EXIT_CODE
+    if cfg.stage in preemption.TRAINING_STAGES:
+        request = (f'echo "[hs3] USR1 at $(date -u +%FT%TZ): asking the stage to checkpoint and stop"\n'
+                   f'  touch "$OUT/{preemption.PREEMPT_REQUEST_FILE}"')
+    else:  # nothing to checkpoint: the stage runs on until the limit
+        request = f'echo "[hs3] USR1 at $(date -u +%FT%TZ): {cfg.stage} has no checkpoint; it may hit the time limit"'
     return f"""#!/bin/bash
 # {cfg.stage} (engine={cfg.engine}, {kind} launch) for run_dir={cfg.run_dir}
 # Rendered by recipes/slurm.py from conf/cluster/{c.name}.yaml; the job runs the frozen config
@@ -264,8 +270,7 @@ rm -f "$OUT/{preemption.PREEMPT_REQUEST_FILE}" "$OUT/{preemption.PREEMPTED_MARKE
 got_usr1=0
 on_usr1() {{
   got_usr1=1
-  echo "[hs3] USR1 at $(date -u +%FT%TZ): asking the stage to checkpoint and stop"
-  touch "$OUT/{preemption.PREEMPT_REQUEST_FILE}"
+  {request}
 }}
 trap on_usr1 USR1
 
@@ -329,12 +334,28 @@ def _entry(cfg, files: dict[str, Path], job_id: str, after: list[str]) -> dict:
             "submitted": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
 
+def check_not_running(cfg) -> None:
+    """One job per output dir: refuse while this stage's earlier job is queued or running, or while
+    another job or process holds the output dir's lock."""
+    jobs_file = Path(cfg.run_dir).resolve() / "jobs.json"
+    entry = (json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}).get(cfg.stage)
+    if entry:
+        state = scontrol_job(entry["job_id"]).get("JobState")
+        if state in preemption.LIVE_JOB_STATES:
+            raise UserError(f"{cfg.stage} of {cfg.run_dir} is already {state} as job {entry['job_id']} "
+                            f"(wait for it, or scancel {entry['job_id']})")
+    holder = preemption.OutputLock(cfg.out).holder()
+    if holder:
+        raise UserError(f"{cfg.out} is being written by {holder} (lock {Path(cfg.out) / preemption.LOCK_FILE})")
+
+
 def submit_stage(cfg) -> dict:
     """Render (and unless cfg.dry_run, submit) one stage's job."""
     if cfg.dry_run:
         print(render_script(cfg), end="")
         job_config(cfg)  # a config the job could not run is an error now, not after the queue wait
         return {"stage": cfg.stage, "metric": "dry-run", "value": None, "out": str(cfg.out)}
+    check_not_running(cfg)
     files = write_job(cfg)
     job_id = sbatch(files["script"])
     record_jobs(cfg.run_dir, {cfg.stage: _entry(cfg, files, job_id, [])})
@@ -353,6 +374,9 @@ def submit_pipeline(cfgs: dict, stages: dict, dry_run: bool = False) -> dict[str
     entries: dict[str, dict] = {}
     for stage, cfg in cfgs.items():
         after = [job_ids[s] for s in PIPELINE_NEEDS.get(stage, []) if s in job_ids]
+        if is_finished(job_config(cfg)):
+            print(f"{stage}: finished earlier with the same config ({cfg.out}), not submitted")
+            continue
         if dry_run:
             job_ids[stage] = f"${stage.upper()}_JOB"
             dependency = f" --dependency=afterok:{':'.join(after)}" if after else ""
@@ -360,6 +384,7 @@ def submit_pipeline(cfgs: dict, stages: dict, dry_run: bool = False) -> dict[str
             print(render_script(cfg))
             job_config(cfg)
             continue
+        check_not_running(cfg)
         files = write_job(cfg)
         job_ids[stage] = sbatch(files["script"], after)
         entries[stage] = _entry(cfg, files, job_ids[stage], after)

@@ -1,9 +1,11 @@
 """The rendered sbatch scripts (no scheduler needed): `./launch.sh ... executor=slurm --dry-run`."""
 from __future__ import annotations
 
+import json
 import re
 import shlex
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -134,3 +136,36 @@ def test_clusters_without_containers_run_the_setup_lines(tmp_path, setup, expect
     assert not any(a.startswith("--container") for a in srun)
     assert srun[-1] == f"cd {REPO_ROOT}; " + expected.format(venv=REPO_ROOT / ".venv") + \
         f"; exec python -m recipes.training {tmp_path}/slurm/sft.yaml"
+
+
+def test_status_without_jobs_file_is_a_one_line_error(tmp_path):
+    proc = run_cli("-m", "recipes", "status", str(tmp_path))
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path}/jobs.json: no such file (submit with executor=slurm first)"
+
+
+def test_submit_without_sbatch_is_a_one_line_error(tmp_path):
+    import sys
+
+    proc = run_cli("-m", "recipes", "sft", "executor=slurm", f"run_dir={tmp_path}",
+                   env={"PATH": str(Path(sys.executable).parent)})
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == "error: sbatch not found: executor=slurm needs a SLURM login node (or use executor=local)"
+    assert (tmp_path / "slurm" / "sft.sbatch").is_file()  # rendered; submit it by hand if you like
+
+
+def test_submit_refuses_an_output_dir_that_another_process_writes(tmp_path):
+    import socket
+    import sys
+
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / "sft").mkdir()
+        (tmp_path / "sft" / ".lock").write_text(json.dumps({"job_id": None, "host": socket.gethostname(), "pid": writer.pid}))
+        proc = run_cli("-m", "recipes", "sft", "executor=slurm", f"run_dir={tmp_path}")
+    finally:
+        writer.kill()
+        writer.wait()
+    assert proc.returncode == 2
+    assert proc.stderr.strip() == f"error: {tmp_path}/sft is being written by process {writer.pid} on {socket.gethostname()} (lock {tmp_path}/sft/.lock)"
+    assert not (tmp_path / "slurm").exists()  # refused before anything was rendered
