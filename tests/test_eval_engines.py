@@ -194,3 +194,28 @@ def test_mean_logprobs_match_a_direct_computation(engine):
         logprobs = torch.log_softmax(logits, -1)
         expected = sum(logprobs[t - 1, full[t]].item() for t in range(len(prefix), len(full))) / (len(full) - len(prefix))
         assert value == pytest.approx(expected, abs=1e-4)
+
+
+def test_sampling_is_seeded_and_differs_from_greedy(engine):
+    from eval.engines import Sampling
+
+    sampled = Sampling(max_new_tokens=8, temperature=1.0, top_p=0.95, seed=5)
+    first = [g.text for g in engine.generate(CONVERSATIONS, sampled)]
+    assert first == [g.text for g in engine.generate(CONVERSATIONS, sampled)]
+    assert first != [g.text for g in engine.generate(CONVERSATIONS, Sampling(max_new_tokens=8))]
+
+
+def test_llm_judge_asks_both_orders_through_the_endpoint(server, tmp_path):
+    from eval.judge import judge_against_reference, judge_prompt
+    from recipes.config import EvalConfig
+
+    text = judge_prompt(CONVERSATIONS[1], "EDIT-ONE", "EDIT-TWO")[0]["content"]
+    assert "[Edit A]\nEDIT-ONE" in text and "[Edit B]\nEDIT-TWO" in text
+    assert "[Original response]\nA short answer." in text and "<None>" in text  # original and feedback
+    rows = [{"prompt": c, "reference_edit": f"human edit {i}"} for i, c in enumerate(CONVERSATIONS[:3])]
+    records = [{"generated": f"model edit {i}"} for i in range(3)]
+    before = _completions(server)
+    verdicts = judge_against_reference(rows, records, EvalConfig(judge_endpoint=server, judge_model="tiny", concurrency=4),
+                                       seed=0, cache_path=tmp_path / "judge.jsonl")
+    assert _completions(server) - before == 2 * len(rows)  # each row judged in both orders
+    assert len(verdicts) == 3 and all(v in (None, 0.0, 0.5, 1.0) for v in verdicts)
