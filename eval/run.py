@@ -26,13 +26,13 @@ from eval.data import check_held_out, load_edit_rows, load_pairs, manifest_notes
 from eval.engines import GenerationCache, HFEngine, HTTPEngine, Sampling, generate_cached, is_endpoint
 
 
-def model_under_test(cfg) -> Optional[str]:
+def model_under_test(cfg, check: bool = True) -> Optional[str]:
     """A checkpoint dir or endpoint to score, or None for the configured model (see the docstring)."""
     path = str(cfg.model.path)
     if is_endpoint(path) or Path(path).is_dir():
         return path
     if cfg.init:
-        if not (is_endpoint(str(cfg.init)) or Path(cfg.init).is_dir()):
+        if check and not (is_endpoint(str(cfg.init)) or Path(cfg.init).is_dir()):
             raise UserError(f"init={cfg.init}: no such checkpoint (score a model with model=PATH_OR_ENDPOINT, "
                             f"or init=null to score model.path={path})")
         return str(cfg.init)
@@ -48,6 +48,15 @@ def reward_model_path(cfg) -> Optional[str]:
     return str(cfg.reward_model)
 
 
+def free_memory() -> None:
+    """Release a model before the next one loads (on GPUs too: the policy and the rm may both be 70B)."""
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _progress(total: int, desc: str):
     from tqdm import tqdm
 
@@ -58,6 +67,11 @@ def run(cfg) -> dict:
     start = time.monotonic()
     e = cfg.eval
     out = Path(cfg.out)
+    if cfg.dry_run:  # print what would run; load and check nothing
+        print(to_yaml(cfg))
+        print(f"eval: dry run, would score {model_under_test(cfg, check=False) or cfg.model.path} on "
+              f"{cfg.data_dir} ({e.split}; reward model: {cfg.reward_model}) -> {out}/report.json")
+        return {"stage": "eval", "metric": "dry_run", "value": None, "wall_s": 0.0, "out": str(out)}
     target = model_under_test(cfg)
     model_name = target or str(cfg.model.path)
     rm_path = reward_model_path(cfg)
@@ -77,10 +91,6 @@ def run(cfg) -> dict:
     rows = load_edit_rows(cfg.data_dir, e.split, e.max_rows)
     pairs = load_pairs(cfg.data_dir, e.split, e.max_rows)
     sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
-    if cfg.dry_run:
-        print(f"[dry-run] eval {model_name} on {len(rows)} rows + {len(pairs)} pairs of {cfg.data_dir} "
-              f"(rm: {rm_path}) -> {out}")
-        return {"stage": "eval", "metric": "dry_run", "value": None, "out": str(out)}
 
     # 1. Generate an edit for every row (cached on disk as it goes).
     if target and is_endpoint(target):
@@ -104,44 +114,17 @@ def run(cfg) -> dict:
 
     # 2. The policy's preference between good and bad edits (needs the model's logits).
     likelihood: dict[str, Optional[dict]] = {}
-    good_vs_bad = [p for p in pairs if p["kind"] == "good_vs_bad"]
-    if e.policy_likelihood and isinstance(engine, HFEngine) and good_vs_bad:
-        from eval.scoring import mean_logprobs
-
-        with _progress(2 * len(good_vs_bad), "policy log-likelihood") as bar:
-            prompts = [p["prompt"] for p in good_vs_bad]
-            good = mean_logprobs(engine.model, engine.tokenizer, prompts, [p["chosen"][-1]["content"] for p in good_vs_bad],
-                                 e.batch_size, bar.update)
-            bad = mean_logprobs(engine.model, engine.tokenizer, prompts, [p["rejected"][-1]["content"] for p in good_vs_bad],
-                                e.batch_size, bar.update)
-        likelihood["policy_pref_accuracy"] = M.summarize(M.pair_accuracy(good, bad), e.bootstrap_samples, cfg.seed)
+    if e.policy_likelihood and isinstance(engine, HFEngine):
+        likelihood["policy_pref_accuracy"] = policy_preference(engine, pairs, cfg)
     elif isinstance(engine, HTTPEngine):
         notes.append("policy log-likelihood preference skipped: an endpoint gives no prompt log-probabilities")
     del engine
-    gc.collect()
+    free_memory()
 
     # 3. Reward model: generated edit vs original and vs human edit; accuracy on the pairs.
     if rm_path:
-        from eval.scoring import RewardScorer
-
-        scorer = RewardScorer(rm_path, cfg.model.dtype, e.batch_size, cfg.train.seq_len)
-        texts = [(r["generated"], row["original_response"], row["reference_edit"]) for r, row in zip(records, rows)]
-        conversations = [[*row["prompt"], {"role": "assistant", "content": t}] for row, triple in zip(rows, texts) for t in triple]
-        pair_conversations = [[*p["prompt"], *side] for p in pairs for side in (p["chosen"], p["rejected"])]
-        with _progress(len(conversations) + len(pair_conversations), "reward model") as bar:
-            scores = scorer.score(conversations + pair_conversations, bar.update)
-        for i, (record, (generated, original, reference)) in enumerate(zip(records, texts)):
-            s_gen, s_orig, s_ref = scores[3 * i:3 * i + 3]
-            record["metrics"].update({"reward_generated": s_gen, "reward_original": s_orig, "reward_reference": s_ref})
-            record["metrics"].update(M.reward_wins(generated, original, reference, s_gen, s_orig, s_ref))
-        pair_scores = scores[len(conversations):]
-        hits = M.pair_accuracy(pair_scores[0::2], pair_scores[1::2])
-        for key, kinds in (("rm_accuracy", ("good_vs_bad", "good_vs_original")),
-                           ("rm_accuracy_good_vs_bad", ("good_vs_bad",)),
-                           ("rm_accuracy_good_vs_original", ("good_vs_original",))):
-            likelihood[key] = M.summarize([h for h, p in zip(hits, pairs) if p["kind"] in kinds], e.bootstrap_samples, cfg.seed)
-        del scorer
-        gc.collect()
+        likelihood.update(reward_model_metrics(rm_path, cfg, rows, records, pairs))
+        free_memory()
 
     # 4. Optional LLM judge against the human edit, both orders.
     if e.judge_endpoint:
@@ -162,6 +145,47 @@ def run(cfg) -> dict:
                          if report.get(k) is not None)
     print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs: {headline} -> {out}/report.md")
     return summary
+
+
+def policy_preference(engine: HFEngine, pairs: list[dict], cfg) -> Optional[dict]:
+    """Accuracy of "the good edit has the higher length-normalised log-likelihood than the bad one"."""
+    from eval.scoring import mean_logprobs
+
+    good_vs_bad = [p for p in pairs if p["kind"] == "good_vs_bad"]
+    if not good_vs_bad:
+        return None
+    prompts = [p["prompt"] for p in good_vs_bad]
+    with _progress(2 * len(good_vs_bad), "policy log-likelihood") as bar:
+        good, bad = (mean_logprobs(engine.model, engine.tokenizer, prompts, [p[side][-1]["content"] for p in good_vs_bad],
+                                   cfg.eval.batch_size, bar.update) for side in ("chosen", "rejected"))
+    return M.summarize(M.pair_accuracy(good, bad), cfg.eval.bootstrap_samples, cfg.seed)
+
+
+def reward_model_metrics(rm_path: str, cfg, rows: list[dict], records: list[dict], pairs: list[dict]) -> dict:
+    """Scores each row's generated, original and human edit (wins go into the records' metrics)
+    and every pair's two sides; returns the rm accuracies."""
+    from eval.scoring import RewardScorer
+
+    scorer = RewardScorer(rm_path, cfg.model.dtype, cfg.eval.batch_size, cfg.train.seq_len)
+    triples = [(r["generated"], row["original_response"], row["reference_edit"]) for r, row in zip(records, rows)]
+    conversations = [[*row["prompt"], {"role": "assistant", "content": text}]
+                     for row, triple in zip(rows, triples) for text in triple]
+    conversations += [[*p["prompt"], *side] for p in pairs for side in (p["chosen"], p["rejected"])]
+    with _progress(len(conversations), "reward model") as bar:
+        scores = scorer.score(conversations, bar.update)
+    for i, (record, (generated, original, reference)) in enumerate(zip(records, triples)):
+        s_gen, s_orig, s_ref = scores[3 * i:3 * i + 3]
+        record["metrics"].update({"reward_generated": s_gen, "reward_original": s_orig, "reward_reference": s_ref})
+        record["metrics"].update(M.reward_wins(generated, original, reference, s_gen, s_orig, s_ref))
+    pair_scores = scores[3 * len(triples):]
+    hits = M.pair_accuracy(pair_scores[0::2], pair_scores[1::2])
+    accuracies = {}
+    for key, kinds in (("rm_accuracy", ("good_vs_bad", "good_vs_original")),
+                       ("rm_accuracy_good_vs_bad", ("good_vs_bad",)),
+                       ("rm_accuracy_good_vs_original", ("good_vs_original",))):
+        accuracies[key] = M.summarize([h for h, p in zip(hits, pairs) if p["kind"] in kinds],
+                                      cfg.eval.bootstrap_samples, cfg.seed)
+    return accuracies
 
 
 def build_report(cfg, model_name, rm_path, rows, pairs, records, likelihood, sampling, notes) -> dict:

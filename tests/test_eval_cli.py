@@ -137,3 +137,10 @@ def test_data_loading_limits_and_pair_kinds(eval_data_dir):
     pairs = load_pairs(eval_data_dir, "validation", max_rows=2)
     assert [p["kind"] for p in pairs].count("good_vs_bad") == 2 and len(pairs) == 4
     assert load_pairs(eval_data_dir, "test") == []
+
+
+def test_dry_run_loads_and_writes_nothing(tmp_path):
+    proc = run_cli("-m", "recipes", "eval", "--dry-run", "model=tiny", f"run_dir={tmp_path / 'nothing'}")
+    assert proc.returncode == 0, proc.stderr
+    assert "eval: dry run, would score" in proc.stdout and f"{tmp_path / 'nothing'}/rl/final" in proc.stdout
+    assert not (tmp_path / "nothing").exists()
