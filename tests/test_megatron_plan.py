@@ -157,3 +157,16 @@ def test_distributed_optimizer_shards_the_optimizer_state():
     plain = memory_per_gpu(plan(tp=4, pp=4, nodes=8))["optimizer"]
     sharded = memory_per_gpu(plan(tp=4, pp=4, nodes=8, distributed_optimizer=True))["optimizer"]
     assert sharded == pytest.approx(plain / 4)  # DP 4
+
+
+def test_stage_steps_count_rows_or_prompts(tmp_path):
+    from recipes.megatron.plan import stage_steps
+
+    prompts = tmp_path / "data" / "prompts"
+    prompts.mkdir(parents=True)
+    (prompts / "train.jsonl").write_text('{"id": 1}\n' * 100)
+    rl = compose("rl", ["engine=megatron", "model=llama33_70b", f"run_dir={tmp_path}"])
+    assert stage_steps(rl, plan_from_cfg(rl)) == (4, f"100 rows in {prompts / 'train.jsonl'}")  # 100 / 32 prompts
+    sft = compose("sft", ["engine=megatron", "model=llama33_70b", f"run_dir={tmp_path}", "megatron.plan_samples=1000"])
+    assert stage_steps(sft, plan_from_cfg(sft))[0] == 8  # 1000 rows / 128, rounded up
+    assert stage_steps(compose("sft", ["engine=megatron", "model=llama33_70b", "train.max_steps=5"]), plan())[0] == 5

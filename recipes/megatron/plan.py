@@ -263,7 +263,9 @@ def stage_steps(cfg, plan: Plan) -> tuple[int, str]:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps, f"train.max_steps={cfg.train.max_steps}"
     rows, source = count_rows(cfg)
-    return max(1, math.ceil(rows * cfg.train.epochs / plan.global_batch)), source
+    # rl steps over prompts (each prompt yields rl.k sequences of the global batch); the rest over rows.
+    per_step = cfg.rl.prompts_per_step if cfg.stage == "rl" else plan.global_batch
+    return max(1, math.ceil(rows * cfg.train.epochs / per_step)), source
 
 
 STAGE_DATA = {"sft": "sft/train.jsonl", "rm": "pairs/train.jsonl", "dpo": "pairs/train.jsonl", "rl": "prompts/train.jsonl"}
