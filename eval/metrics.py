@@ -54,6 +54,11 @@ ROW_FIELD = {
     "empty_rate": "empty",
     "truncated_rate": "truncated",
     "judge_win_rate": "judge_win",
+    # per pair (likelihood.jsonl): 1 when the good edit wins, else 0
+    "rm_accuracy": "rm_correct",
+    "rm_accuracy_good_vs_bad": "rm_correct_good_vs_bad",
+    "rm_accuracy_good_vs_original": "rm_correct_good_vs_original",
+    "policy_pref_accuracy": "policy_correct",
 }
 
 
@@ -158,9 +163,10 @@ def summarize(values: Iterable[Optional[float]], samples: int = 1000, seed: int 
 
 
 def summarize_rows(rows: list[dict], samples: int = 1000, seed: int = 0) -> dict:
-    """Each generation metric over rows (their `metrics` dicts); metrics no row has are left out."""
+    """Each metric over the rows (generated edits and pairs) whose `metrics` dict has its field;
+    metrics no row has are left out."""
     out = {}
-    for key, _, _ in GENERATION_METRICS:
+    for key, _, _ in GENERATION_METRICS + LIKELIHOOD_METRICS:
         summary = summarize((r["metrics"].get(ROW_FIELD[key]) for r in rows), samples, seed)
         if summary is not None:
             out[key] = summary
@@ -178,6 +184,13 @@ def summarize_groups(rows: list[dict], field: str, samples: int = 1000, seed: in
 def pair_accuracy(chosen_scores: Sequence[float], rejected_scores: Sequence[float]) -> list[float]:
     """Per pair: 1 when the chosen side scores strictly higher, else 0 (a tie is not a success)."""
     return [1.0 if c > r else 0.0 for c, r in zip(chosen_scores, rejected_scores, strict=True)]
+
+
+def rm_pair_metrics(kind: str, score_chosen: float, score_rejected: float) -> dict:
+    """One pair's reward-model outcome, under the pooled field and its kind's field."""
+    correct = pair_accuracy([score_chosen], [score_rejected])[0]
+    return {"reward_chosen": score_chosen, "reward_rejected": score_rejected,
+            "rm_correct": correct, f"rm_correct_{kind}": correct}
 
 
 # --- optional LLM judge -------------------------------------------------------------------------

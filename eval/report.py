@@ -14,7 +14,8 @@ PERCENT = {"reward_win_rate", "reward_win_rate_vs_reference", "copy_rate", "near
            "rm_accuracy_good_vs_original", "policy_pref_accuracy"}
 LABELS = {key: label for key, label, _ in GENERATION_METRICS + LIKELIHOOD_METRICS}
 # The columns of the per-domain / per-language tables (the full set is in report.json).
-GROUP_COLUMNS = ("reward_win_rate", "copy_rate", "near_copy_rate", "chrf", "rouge_l", "length_ratio")
+GROUP_COLUMNS = ("reward_win_rate", "copy_rate", "near_copy_rate", "chrf", "rouge_l", "length_ratio", "rm_accuracy",
+                 "policy_pref_accuracy")
 
 
 def fmt(key: str, value: Optional[float]) -> str:
@@ -57,9 +58,9 @@ def group_table(groups: dict, name: str) -> str:
     columns = [c for c in GROUP_COLUMNS if any(c in g for g in groups.values())]
     rows = []
     for group, metrics in groups.items():
-        n = max((m["n"] for m in metrics.values()), default=0)
-        rows.append([group, str(n)] + [fmt_ci(c, metrics.get(c)) for c in columns])
-    return md_table([name, "n"] + [LABELS[c] for c in columns], rows)
+        counts = [str(metrics[k]["n"]) if k in metrics else "0" for k in ("copy_rate", "rm_accuracy")]
+        rows.append([group, *counts] + [fmt_ci(c, metrics.get(c)) for c in columns])
+    return md_table([name, "rows", "pairs"] + [LABELS[c] for c in columns], rows)
 
 
 def render_markdown(report: dict) -> str:

@@ -7,7 +7,7 @@ otherwise `init` (the pipeline's ${run_dir}/rl/final, from conf/stage/eval.yaml)
 the configured model itself (a hub id, builtin:tiny, pkg:...).
 
 Writes into cfg.out: generations.jsonl (one line per edit/SPLIT row, with its generation and
-metrics), report.json, report.md, metrics.png, copy_rate.png, length_ratio.png, summary.json,
+metrics), likelihood.jsonl (one line per edit_quality pair, with its scores), report.json, report.md, metrics.png, copy_rate.png, length_ratio.png, summary.json,
 config.yaml, and cache/ (generations so far: a rerun after a crash resumes from it).
 """
 from __future__ import annotations
@@ -113,9 +113,10 @@ def run(cfg) -> dict:
         })
 
     # 2. The policy's preference between good and bad edits (needs the model's logits).
-    likelihood: dict[str, Optional[dict]] = {}
+    pair_records = [{"id": p["id"], "kind": p["kind"], "domain": p.get("domain", "unknown"),
+                     "language": p.get("language", "unknown"), "metrics": {}} for p in pairs]
     if e.policy_likelihood and isinstance(engine, HFEngine):
-        likelihood["policy_pref_accuracy"] = policy_preference(engine, pairs, cfg)
+        policy_preference(engine, pairs, pair_records, cfg)
     elif isinstance(engine, HTTPEngine):
         notes.append("policy log-likelihood preference skipped: an endpoint gives no prompt log-probabilities")
     del engine
@@ -123,7 +124,7 @@ def run(cfg) -> dict:
 
     # 3. Reward model: generated edit vs original and vs human edit; accuracy on the pairs.
     if rm_path:
-        likelihood.update(reward_model_metrics(rm_path, cfg, rows, records, pairs))
+        reward_model_metrics(rm_path, cfg, rows, records, pairs, pair_records)
         free_memory()
 
     # 4. Optional LLM judge against the human edit, both orders.
@@ -134,8 +135,8 @@ def run(cfg) -> dict:
         for record, verdict in zip(records, verdicts):
             record["metrics"]["judge_win"] = verdict
 
-    report = build_report(cfg, model_name, rm_path, rows, pairs, records, likelihood, sampling, notes)
-    write_outputs(cfg, out, records, report)
+    report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes)
+    write_outputs(out, records, pair_records, report)
     summary = {"stage": "eval", "metric": "reward_win_rate" if report.get("reward_win_rate") is not None else "copy_rate",
                "value": None, "out": str(out), "wall_s": round(time.monotonic() - start, 1)}
     summary["value"] = report[summary["metric"]]
@@ -147,23 +148,23 @@ def run(cfg) -> dict:
     return summary
 
 
-def policy_preference(engine: HFEngine, pairs: list[dict], cfg) -> Optional[dict]:
-    """Accuracy of "the good edit has the higher length-normalised log-likelihood than the bad one"."""
+def policy_preference(engine: HFEngine, pairs: list[dict], pair_records: list[dict], cfg) -> None:
+    """Per good_vs_bad pair: does the good edit have the higher length-normalised log-likelihood?"""
     from eval.scoring import mean_logprobs
 
-    good_vs_bad = [p for p in pairs if p["kind"] == "good_vs_bad"]
-    if not good_vs_bad:
-        return None
-    prompts = [p["prompt"] for p in good_vs_bad]
-    with _progress(2 * len(good_vs_bad), "policy log-likelihood") as bar:
-        good, bad = (mean_logprobs(engine.model, engine.tokenizer, prompts, [p[side][-1]["content"] for p in good_vs_bad],
+    chosen = [i for i, p in enumerate(pairs) if p["kind"] == "good_vs_bad"]
+    prompts = [pairs[i]["prompt"] for i in chosen]
+    with _progress(2 * len(chosen), "policy log-likelihood") as bar:
+        good, bad = (mean_logprobs(engine.model, engine.tokenizer, prompts, [pairs[i][side][-1]["content"] for i in chosen],
                                    cfg.eval.batch_size, bar.update) for side in ("chosen", "rejected"))
-    return M.summarize(M.pair_accuracy(good, bad), cfg.eval.bootstrap_samples, cfg.seed)
+    for i, lp_good, lp_bad, correct in zip(chosen, good, bad, M.pair_accuracy(good, bad)):
+        pair_records[i]["metrics"].update({"logprob_chosen": lp_good, "logprob_rejected": lp_bad, "policy_correct": correct})
 
 
-def reward_model_metrics(rm_path: str, cfg, rows: list[dict], records: list[dict], pairs: list[dict]) -> dict:
-    """Scores each row's generated, original and human edit (wins go into the records' metrics)
-    and every pair's two sides; returns the rm accuracies."""
+def reward_model_metrics(rm_path: str, cfg, rows: list[dict], records: list[dict], pairs: list[dict],
+                         pair_records: list[dict]) -> None:
+    """Scores each row's generated, original and human edit, and each pair's two sides; the
+    wins and accuracies go into the records' metrics."""
     from eval.scoring import RewardScorer
 
     scorer = RewardScorer(rm_path, cfg.model.dtype, cfg.eval.batch_size, cfg.train.seq_len)
@@ -178,41 +179,38 @@ def reward_model_metrics(rm_path: str, cfg, rows: list[dict], records: list[dict
         record["metrics"].update({"reward_generated": s_gen, "reward_original": s_orig, "reward_reference": s_ref})
         record["metrics"].update(M.reward_wins(generated, original, reference, s_gen, s_orig, s_ref))
     pair_scores = scores[3 * len(triples):]
-    hits = M.pair_accuracy(pair_scores[0::2], pair_scores[1::2])
-    accuracies = {}
-    for key, kinds in (("rm_accuracy", ("good_vs_bad", "good_vs_original")),
-                       ("rm_accuracy_good_vs_bad", ("good_vs_bad",)),
-                       ("rm_accuracy_good_vs_original", ("good_vs_original",))):
-        accuracies[key] = M.summarize([h for h, p in zip(hits, pairs) if p["kind"] in kinds],
-                                      cfg.eval.bootstrap_samples, cfg.seed)
-    return accuracies
+    for record, s_chosen, s_rejected in zip(pair_records, pair_scores[0::2], pair_scores[1::2]):
+        record["metrics"].update(M.rm_pair_metrics(record["kind"], s_chosen, s_rejected))
 
 
-def build_report(cfg, model_name, rm_path, rows, pairs, records, likelihood, sampling, notes) -> dict:
+def build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes) -> dict:
+    """Headline values at the top level; each metric with its CI overall, per domain and per language
+    (generation metrics over the edit rows, likelihood metrics over the pairs)."""
     samples, seed = cfg.eval.bootstrap_samples, cfg.seed
-    overall = M.summarize_rows(records, samples, seed)
-    overall.update({k: v for k, v in likelihood.items() if v is not None})
+    scored = records + pair_records
+    overall = M.summarize_rows(scored, samples, seed)
     headline = {key: (overall[key]["value"] if key in overall else None)
                 for key, _, _ in M.GENERATION_METRICS + M.LIKELIHOOD_METRICS}
     return {
         **headline,
         "meta": {"model": model_name, "reward_model": rm_path, "data_dir": str(cfg.data_dir), "split": cfg.eval.split,
                  "sampling": asdict(sampling), "bootstrap_samples": samples, "seed": seed, "notes": notes},
-        "counts": {"rows": len(rows), "pairs": len(pairs),
+        "counts": {"rows": len(records), "pairs": len(pair_records),
                    "empty": int(sum(r["metrics"]["empty"] for r in records)),
                    "truncated": int(sum(r["metrics"]["truncated"] for r in records)),
                    "copies": int(sum(r["metrics"]["copy_exact"] for r in records)),
                    "near_copies": int(sum(r["metrics"]["near_copy"] for r in records))},
         "overall": overall,
-        "by_domain": M.summarize_groups(records, "domain", samples, seed),
-        "by_language": M.summarize_groups(records, "language", samples, seed),
+        "by_domain": M.summarize_groups(scored, "domain", samples, seed),
+        "by_language": M.summarize_groups(scored, "language", samples, seed),
     }
 
 
-def write_outputs(cfg, out: Path, records: list[dict], report: dict) -> None:
+def write_outputs(out: Path, records: list[dict], pair_records: list[dict], report: dict) -> None:
     from eval.report import plot_copy_rate, plot_length_ratio, plot_metrics, render_markdown
 
     atomic_write_jsonl(out / "generations.jsonl", records)
+    atomic_write_jsonl(out / "likelihood.jsonl", pair_records)
     atomic_write_json(out / "report.json", report)
     atomic_write_text(out / "report.md", render_markdown(report))
     plot_metrics({report["meta"]["model"]: report}, out / "metrics.png", f"eval: {Path(report['meta']['model']).name}")

@@ -114,7 +114,8 @@ def write_eval_data(data_dir: Path, leakage: dict | None = None) -> Path:
         good = [{"role": "assistant", "content": row["good_edited_response"]}]
         for kind, rejected in (("good_vs_bad", row["bad_edited_response"]), ("good_vs_original", row["original_response"])):
             pairs.append({"id": f"edit_quality-validation-{i}-{kind}", "prompt": prompt, "chosen": good,
-                          "rejected": [{"role": "assistant", "content": rejected}], "kind": kind})
+                          "rejected": [{"role": "assistant", "content": rejected}], "kind": kind,
+                          "domain": row["domain"], "language": row["language"]})
     atomic_write_jsonl(data_dir / "prompts" / "validation.jsonl", prompts)
     atomic_write_jsonl(data_dir / "sft" / "validation.jsonl", sft)
     atomic_write_jsonl(data_dir / "pairs" / "validation.jsonl", pairs)

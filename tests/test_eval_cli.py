@@ -46,7 +46,7 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert [l["id"] for l in lines] == [p["id"] for p in prompts]
     # domain and language come from the sft rows with the same prompt (prompts rows lack them)
     assert {l["domain"] for l in lines} == {"general", "stem", "code", "multilingual"}
-    assert set(report["by_language"]) == {l["language"] for l in lines} and "unknown" not in report["by_language"]
+    assert {l["language"] for l in lines} <= set(report["by_language"]) and "unknown" not in report["by_language"]
     assert set(report["by_domain"]) == {"code", "general", "multilingual", "stem"}
     # every row carries all its metrics, and the report's means are the rows' means
     for key in ("copy_exact", "near_copy", "chrf", "rouge_l", "length_ratio", "empty", "truncated",
@@ -59,6 +59,14 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert report["counts"]["rows"] == 8 and report["counts"]["pairs"] == 16
     code = report["by_domain"]["code"]["copy_rate"]
     assert code["n"] == sum(l["domain"] == "code" for l in lines)
+    # likelihood metrics: one line per pair, and per group too
+    pairs = [json.loads(l) for l in (eval_dir / "likelihood.jsonl").read_text().splitlines()]
+    assert len(pairs) == 16 and all("rm_correct" in p["metrics"] for p in pairs)
+    assert sum("policy_correct" in p["metrics"] for p in pairs) == 8  # good_vs_bad pairs only
+    korean = [p["metrics"]["rm_correct"] for p in pairs if p["language"] == "korean"]
+    assert report["by_language"]["korean"]["rm_accuracy"]["value"] == pytest.approx(sum(korean) / len(korean))
+    assert "copy_rate" not in report["by_language"]["korean"]  # no edit row in Korean
+    assert report["rm_accuracy"] == pytest.approx(sum(p["metrics"]["rm_correct"] for p in pairs) / 16)
     md = (eval_dir / "report.md").read_text()
     assert "## Per domain" in md and "## Per language" in md and "95% CI" in md
     summary = json.loads((eval_dir / "summary.json").read_text())
