@@ -169,8 +169,11 @@ MEGATRON_CFG_KEYS = {"enabled", "tensor_model_parallel_size", "pipeline_model_pa
 MEGATRON_OPTIMIZER_KEYS = {"lr", "min_lr", "weight_decay", "use_distributed_optimizer"}
 DTENSOR_KEYS = {"enabled", "tensor_parallel_size", "context_parallel_size", "sequence_parallel", "activation_checkpointing",
                 "cpu_offload", "custom_parallel_plan"}
-REWARD_ENV_KEYS = {"model_name", "tokenizer", "precision", "batch_size", "checkpoint_path", "max_model_len", "resources",
-                   "dtensor_cfg", "reward_model_cfg", "dynamic_batching", "sequence_packing", "max_grad_norm"}
+# env.reward_model of examples/configs/grpo_rm_1B.yaml at v0.7.0, less `processor` (the data's processor is
+# data.default.processor); the environment hands this whole dict to its Policy as the policy config.
+REWARD_ENV_KEYS = {"model_name", "tokenizer", "precision", "batch_size", "checkpoint_path", "max_model_len",
+                   "offload_optimizer_for_logprob", "resources", "dtensor_cfg", "reward_model_cfg", "dynamic_batching",
+                   "sequence_packing", "max_grad_norm"}
 TOP_LEVEL = {"defaults", "rm", "dpo", "grpo", "loss_fn", "policy", "data", "env", "checkpointing", "logger", "cluster"}
 
 
@@ -228,7 +231,7 @@ def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
     # reward_model_environment.py asserts each of these at start-up
     assert env["reward_model_cfg"] == {"enabled": True, "reward_model_type": "bradley_terry"}
     assert not env["dynamic_batching"]["enabled"] and not env["sequence_packing"]["enabled"]
-    assert env["dtensor_cfg"]["enabled"] and not env["dtensor_cfg"]["cpu_offload"]
+    assert env["dtensor_cfg"]["enabled"] and env["dtensor_cfg"]["_v2"] and not env["dtensor_cfg"]["cpu_offload"]
     assert not env["dtensor_cfg"]["activation_checkpointing"] and env["max_grad_norm"] is None
     # policy nodes = cluster nodes - reward-model nodes, as NeMo-RL's grpo.setup computes them
     assert doc["cluster"]["num_nodes"] - env["resources"]["num_nodes"] == 8

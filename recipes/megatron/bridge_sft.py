@@ -29,7 +29,7 @@ import yaml
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
-from recipes.megatron.plan import plan_from_cfg, plan_nodes, validate_plan
+from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
 from recipes.training import Timer, write_summary
 
 CONFIG_NAME = "megatron_bridge_sft.yaml"
@@ -70,14 +70,6 @@ def write_dataset(cfg) -> dict[str, int]:
             conversations.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
         rows[split] = atomic_write_jsonl(dataset_root(cfg) / name, conversations)
     return rows
-
-
-def count_train_rows(cfg) -> tuple[int, str]:
-    source = Path(cfg.data_dir) / "sft" / "train.jsonl"
-    if source.is_file():
-        with open(source, encoding="utf-8") as f:
-            return sum(1 for line in f if line.strip()), str(source)
-    return cfg.megatron.plan_samples, f"megatron.plan_samples (no {source} yet)"
 
 
 def train_iters(cfg, rows: int) -> int:
@@ -197,7 +189,7 @@ def render(cfg, write_data: bool = True) -> dict[str, str]:
         rows = write_dataset(cfg)["train"]
         source = f"{rows} rows converted into {dataset_root(cfg)}"
     else:
-        rows, source = count_train_rows(cfg)
+        rows, source = count_rows(cfg)
     document = bridge_config(cfg, rows)
     text = f"# Megatron-Bridge SFT config rendered by recipes.megatron.bridge_sft (train rows: {source})\n"
     text += yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
@@ -229,7 +221,7 @@ def run(cfg) -> dict:
     result = subprocess.run(command)
     if result.returncode:
         raise UserError(f"Megatron-Bridge sft exited with {result.returncode} (command: {shlex.join(command)})")
-    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_train_rows(cfg)[0])), timer.seconds,
+    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_rows(cfg)[0])), timer.seconds,
                          checkpoints=str(out_dir(cfg) / "checkpoints"))
 
 

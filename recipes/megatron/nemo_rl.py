@@ -226,9 +226,10 @@ def nemo_rl_config(cfg) -> dict:
                 "batch_size": t.micro_batch,
                 "checkpoint_path": None,
                 "max_model_len": t.seq_len,
+                "offload_optimizer_for_logprob": False,  # the env's config is also its Policy's config
                 "resources": reward_resources,
                 # The environment asserts all of these (reward_model_environment.py).
-                "dtensor_cfg": {"enabled": True, "tensor_parallel_size": reward_resources["gpus_per_node"],
+                "dtensor_cfg": {"_v2": True, "enabled": True, "tensor_parallel_size": reward_resources["gpus_per_node"],
                                 "context_parallel_size": 1,
                                 "sequence_parallel": False, "cpu_offload": False, "activation_checkpointing": False,
                                 "custom_parallel_plan": None},
