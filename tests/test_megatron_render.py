@@ -53,13 +53,14 @@ def cfg_for(stage: str, run_dir: Path, *extra: str):
 # checkpoint.save_interval, ddp.use_distributed_optimizer, rng.seed), src/megatron/bridge/recipes/common.py
 # (_sft_common: checkpoint.save/load/pretrained_checkpoint, logger.log_interval/tensorboard_dir,
 # tokenizer.tokenizer_model), recipes/utils/optimizer_utils.py (scheduler.lr_warmup_iters, lr_decay_iters,
-# lr_decay_style), data/builders/gpt_sft.py (GPTSFTDatasetConfig fields) and data/sft_processing.py
+# lr_decay_style, start_weight_decay, end_weight_decay), data/builders/gpt_sft.py (GPTSFTDatasetConfig fields) and data/sft_processing.py
 # (ChatSFTPreprocessingConfig.loss_mode in {"assistant", "last_turn", "full"}).
 BRIDGE_KEYS = {
     "model.seq_length", "train.train_iters", "train.global_batch_size", "train.micro_batch_size",
     "validation.eval_interval", "checkpoint.pretrained_checkpoint", "checkpoint.save", "checkpoint.load",
     "checkpoint.save_interval", "logger.log_interval", "logger.tensorboard_dir", "rng.seed",
     "tokenizer.tokenizer_model", "scheduler.lr_warmup_iters", "scheduler.lr_decay_iters", "scheduler.lr_decay_style",
+    "scheduler.start_weight_decay", "scheduler.end_weight_decay",
 }
 GPT_SFT_DATASET_FIELDS = {"dataset_root", "seq_length", "preprocessing", "do_validation", "do_test",
                           "enable_offline_packing", "seed", "dataloader_type"}
@@ -74,7 +75,7 @@ def test_sft_config_golden(run_dir: Path):
     from megatron.core.optimizer import OptimizerConfig
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    cfg = cfg_for("sft", run_dir, "train.lr=5e-6", "train.epochs=2", "gbs=2")
+    cfg = cfg_for("sft", run_dir, "train.lr=5e-6", "train.epochs=2", "gbs=2", "train.weight_decay=0.01")
     files = bridge_sft.render(cfg)
     doc = yaml.safe_load(files[str(bridge_sft.config_path(cfg))])
     assert doc["recipe"] == "llama31_70b_sft_config"
@@ -89,6 +90,7 @@ def test_sft_config_golden(run_dir: Path):
                 "model.sequence_parallel": "false", "model.seq_length": "4096", "train.train_iters": "3",
                 "train.global_batch_size": "2", "train.micro_batch_size": "1", "optimizer.lr": "5e-06",
                 "optimizer.use_distributed_optimizer": "false", "scheduler.lr_decay_iters": "3",
+                "optimizer.weight_decay": "0.01", "scheduler.start_weight_decay": "0.01", "scheduler.end_weight_decay": "0.01",
                 "checkpoint.save": str((run_dir / "sft" / "checkpoints").resolve()),
                 "checkpoint.load": str((run_dir / "sft" / "checkpoints").resolve()),
                 "checkpoint.pretrained_checkpoint": str((run_dir / "convert").resolve())}

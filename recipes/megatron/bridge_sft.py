@@ -112,6 +112,9 @@ def bridge_config(cfg, rows: int) -> dict:
         "optimizer.weight_decay": t.weight_decay,
         "optimizer.use_distributed_optimizer": p.distributed_optimizer,
         "ddp.use_distributed_optimizer": p.distributed_optimizer,
+        # The scheduler (override_opt_param_scheduler=True in the recipe) sets the weight decay each step.
+        "scheduler.start_weight_decay": t.weight_decay,
+        "scheduler.end_weight_decay": t.weight_decay,
         "scheduler.lr_warmup_iters": warmup,
         "scheduler.lr_decay_iters": iters,
         "scheduler.lr_decay_style": t.lr_scheduler,
