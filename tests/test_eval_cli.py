@@ -28,9 +28,11 @@ def eval_dir(tiny_model_dir, tiny_rm_dir, tmp_path_factory) -> Path:
     data = write_eval_data(tmp_path_factory.mktemp("leaky_data"), leakage={"edit": {"train_leaked": 3, "removed": 3}})
     out = tmp_path_factory.mktemp("runs") / "sft_eval"
     checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final", ["edit/train"])
-    proc = run_cli("-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}", *FAST)
+    args = ["-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}", *FAST]
+    proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    (out / "stdout.txt").write_text(proc.stdout)
+    (out.parent / "stdout.txt").write_text(proc.stdout)
+    (out.parent / "args.json").write_text(json.dumps(args))
     return out
 
 
@@ -71,10 +73,19 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert "## Per domain" in md and "## Per language" in md and "95% CI" in md
     summary = json.loads((eval_dir / "summary.json").read_text())
     assert summary["stage"] == "eval" and summary["value"] == report[summary["metric"]]
-    stdout = (eval_dir / "stdout.txt").read_text()
+    stdout = (eval_dir.parent / "stdout.txt").read_text()
     assert "leakage flagged by the data manifest: edit.train_leaked=3, edit.removed=3" in stdout
     assert "trained on another data build" in stdout  # the record's manifest sha differs from this data's
     assert stdout.strip().splitlines()[-1].startswith("eval: ")
+
+
+def test_rerun_from_scratch_gives_the_same_bytes(eval_dir, tmp_path):
+    args = json.loads((eval_dir.parent / "args.json").read_text())
+    again = tmp_path / "again"
+    proc = run_cli(*[a if not a.startswith("out=") else f"out={again}" for a in args])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for name in ("generations.jsonl", "likelihood.jsonl", "report.json", "report.md", "metrics.png", "length_ratio.png"):
+        assert (again / name).read_bytes() == (eval_dir / name).read_bytes(), name
 
 
 def test_eval_compare_side_by_side(eval_dir, tmp_path):
