@@ -167,7 +167,7 @@ POLICY_KEYS = {"model_name", "tokenizer", "train_global_batch_size", "train_micr
                "max_total_sequence_length", "precision", "reward_model_cfg", "dtensor_cfg", "megatron_cfg", "optimizer",
                "scheduler", "generation", "make_sequence_length_divisible_by"}
 MEGATRON_CFG_KEYS = {"enabled", "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                     "sequence_parallel", "activation_checkpointing", "optimizer"}
+                     "sequence_parallel", "activation_checkpointing", "optimizer", "scheduler"}
 MEGATRON_OPTIMIZER_KEYS = {"lr", "min_lr", "weight_decay", "use_distributed_optimizer"}
 DTENSOR_KEYS = {"enabled", "tensor_parallel_size", "context_parallel_size", "sequence_parallel", "activation_checkpointing",
                 "cpu_offload", "custom_parallel_plan"}
@@ -254,6 +254,9 @@ def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):
     assert doc["policy"]["dtensor_cfg"] == {"enabled": False}
     assert doc["policy"]["optimizer"] is None and doc["policy"]["scheduler"] is None
     assert doc["policy"]["megatron_cfg"]["pipeline_model_parallel_size"] == 4
+    assert doc["policy"]["megatron_cfg"]["scheduler"] == {"lr_decay_style": "cosine"}  # dpo.yaml stage: cosine
+    with pytest.raises(ConfigError, match="train.lr_scheduler=polynomial"):
+        nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "train.lr_scheduler=polynomial"))
 
 
 def test_edit_prompt_processor_renders_the_whole_conversation(tiny_model_dir):

@@ -42,3 +42,15 @@ def job_nodes(cfg) -> tuple[int, int]:
     nodes = cfg.parallel.nodes or cfg.cluster.nodes
     gpus = cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8
     return nodes, gpus
+
+
+# train.lr_scheduler (transformers' names) -> Megatron's lr_decay_style
+MEGATRON_DECAY_STYLES = {"constant": "constant", "linear": "linear", "cosine": "cosine"}
+
+
+def megatron_decay_style(name: str) -> str:
+    if name not in MEGATRON_DECAY_STYLES:
+        from recipes.config import ConfigError
+
+        raise ConfigError(f"train.lr_scheduler={name}: the Megatron engine supports {', '.join(MEGATRON_DECAY_STYLES)}")
+    return MEGATRON_DECAY_STYLES[name]

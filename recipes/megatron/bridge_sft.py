@@ -29,6 +29,7 @@ import yaml
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from recipes.megatron import megatron_decay_style
 from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
 from recipes.training import Timer, write_summary
 
@@ -117,7 +118,7 @@ def bridge_config(cfg, rows: int) -> dict:
         "scheduler.end_weight_decay": t.weight_decay,
         "scheduler.lr_warmup_iters": warmup,
         "scheduler.lr_decay_iters": iters,
-        "scheduler.lr_decay_style": t.lr_scheduler,
+        "scheduler.lr_decay_style": megatron_decay_style(t.lr_scheduler),
         "validation.eval_interval": t.eval_steps,
         # checkpoints: start from the converted base model, save here, resume from here
         "checkpoint.pretrained_checkpoint": pretrained_checkpoint(cfg),

@@ -31,7 +31,7 @@ import yaml
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_jsonl, atomic_write_text, read_jsonl
-from recipes.megatron import job_nodes
+from recipes.megatron import job_nodes, megatron_decay_style
 from recipes.megatron.plan import plan_from_cfg, validate_plan
 from recipes.training import Timer, write_summary
 
@@ -121,7 +121,10 @@ def _megatron_policy(cfg) -> dict:
         "activation_checkpointing": p.recompute,
         "optimizer": {"lr": cfg.train.lr, "min_lr": cfg.train.lr * cfg.train.min_lr_ratio,
                       "weight_decay": cfg.train.weight_decay, "use_distributed_optimizer": p.distributed_optimizer},
+        "scheduler": {"lr_decay_style": megatron_decay_style(cfg.train.lr_scheduler)},
     }
+
+
 
 
 def _dtensor_policy(cfg) -> dict:
