@@ -113,11 +113,14 @@ def _first_line(exc: BaseException) -> str:
 def _megatron_core_checks(plan: Plan) -> None:
     """megatron-core's own post-init checks: heads and KV heads vs TP, sequence parallel needs TP > 1,
     and the number of micro-batches (global batch vs micro batch x DP)."""
-    with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed" on CPU
-        warnings.simplefilter("ignore")
-        from megatron.core.num_microbatches_calculator import ConstantNumMicroBatchesCalculator
-        from megatron.core.transformer.transformer_config import TransformerConfig
-
+    try:
+        with warnings.catch_warnings():  # "Transformer Engine and Apex are not installed" on CPU
+            warnings.simplefilter("ignore")
+            from megatron.core.num_microbatches_calculator import ConstantNumMicroBatchesCalculator
+            from megatron.core.transformer.transformer_config import TransformerConfig
+    except ImportError:  # megatron-core (the `megatron` extra) not installed: the same rules, checked here
+        _checks_without_megatron_core(plan)
+        return
     try:
         with warnings.catch_warnings():  # deprecation notes about CUDA-graph defaults
             warnings.simplefilter("ignore")
@@ -134,6 +137,22 @@ def _megatron_core_checks(plan: Plan) -> None:
             f"global batch {plan.global_batch} is not divisible by micro batch {plan.micro_batch} x DP {plan.dp}"
             f" (= {plan.micro_batch * plan.dp}); megatron-core: {_first_line(exc)}"
         ) from None
+
+
+def _checks_without_megatron_core(plan: Plan) -> None:
+    """The rules _megatron_core_checks delegates, for when megatron-core is not installed (same wording)."""
+    prefix = f"plan {plan.describe()}: megatron-core: "
+    if plan.sequence_parallel and plan.tp <= 1:
+        raise ConfigError(prefix + "Cannot use sequence parallelism without tensor parallelism")
+    if plan.num_attention_heads % plan.tp:
+        raise ConfigError(prefix + f"num_attention_heads ({plan.num_attention_heads}) must be a multiple of "
+                          f"tensor_model_parallel_size ({plan.tp}).")
+    if plan.num_kv_heads % plan.tp and plan.tp % plan.num_kv_heads:
+        raise ConfigError(prefix + f"num_query_groups ({plan.num_kv_heads}) must be a multiple or divisor of "
+                          f"tensor_model_parallel_size ({plan.tp}).")
+    if plan.global_batch % (plan.micro_batch * plan.dp):
+        raise ConfigError(f"global batch {plan.global_batch} is not divisible by micro batch {plan.micro_batch} x DP {plan.dp}"
+                          f" (= {plan.micro_batch * plan.dp})")
 
 
 def _transformer_config(plan: Plan, TransformerConfig):
