@@ -1,4 +1,4 @@
-"""Real jobs on a real single-node SLURM (tests/slurm_cluster.sh starts it once for this module).
+"""Real jobs on a real single-node SLURM (tests/slurm_cluster.sh starts it once per test session).
 
 Skipped, with the reason, only when SLURM cannot start at all here (e.g. not root and not installed).
 Job ids restart at 1 with every fresh cluster: each test uses its own run dir.
@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -20,16 +21,25 @@ from recipes.config import REPO_ROOT, compose
 from recipes.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch
 from tests.conftest import SAMPLE_DIR, run_cli
 
+pytestmark = pytest.mark.slurm
+
 CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm_cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Every job of these tests: the test cluster's single partition, no GPUs, the repo's venv.
 ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10"]
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def slurm(tmp_path_factory):
     state = tmp_path_factory.mktemp("slurm-state")
-    proc = subprocess.run([str(CLUSTER_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600)
+    # Free ports, so that a second test session on the same machine gets its own cluster.
+    ports = {}
+    for name in ("HS3_SLURMCTLD_PORT", "HS3_SLURMD_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            ports[name] = str(sock.getsockname()[1])
+    proc = subprocess.run([str(CLUSTER_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ports})
     if proc.returncode != 0:
         reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         print(f"SLURM could not start: {reason}", file=sys.stderr)
@@ -87,6 +97,7 @@ def test_two_task_job_ranks_share_one_master(slurm, tmp_path):
     assert [p["sum"] for p in probes] == [3, 3]  # 1 + 2: both ranks joined one process group
 
 
+@pytest.mark.slow
 def test_preempted_stage_checkpoints_requeues_and_resumes(slurm, tmp_path):
     """--time=1 with USR1 30 s before the end: the sft stage stops at a step boundary with a checkpoint,
     the job requeues itself and the restarted job resumes there: every step is trained exactly once."""
@@ -130,6 +141,7 @@ def test_failed_stage_cancels_its_dependents(slurm, tmp_path):
     assert not (tmp_path / "sft").exists()  # no dependent ever started
 
 
+@pytest.mark.slow
 def test_tiny_pipeline_through_sbatch(slurm, tmp_path):
     """data -> (sft, rm) -> rl -> eval as five jobs chained with afterok, then `status`."""
     run_dir = tmp_path / "run"
