@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import socket
 import subprocess
 import sys
@@ -84,7 +85,7 @@ def test_two_task_job_ranks_share_one_master(slurm, tmp_path):
     """)
     (tmp_path / "slurm").mkdir()  # the job's log dir
     script = tmp_path / "probe.sbatch"
-    script.write_text(render_script(cfg, command=f"python -c {__import__('shlex').quote(probe)}"))
+    script.write_text(render_script(cfg, command=f"python -c {shlex.quote(probe)}"))
     job = sbatch(script)
     info = wait_for([job], timeout=120)[job]
     log = (tmp_path / "slurm" / f"sft-{job}.log").read_text()
