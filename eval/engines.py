@@ -2,8 +2,9 @@
 OpenAI-compatible chat-completions endpoint (vLLM, TRT-LLM, NIM, or eval.serve).
 
 Both engines take a list of conversations (lists of {role, content}) and return one
-`Generation` per conversation, in order. `generate_cached` puts an on-disk cache in front of
-either, keyed by (model, conversation, sampling settings), so a rerun after a crash resumes
+`Generation` per conversation, in order; `on_result(index, generation)` hears of each one as soon
+as it exists. `generate_cached` puts an on-disk cache in front of either, keyed by (model,
+conversation, sampling settings) and written as results arrive, so a rerun after a crash resumes
 where it stopped instead of regenerating.
 """
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -19,6 +20,7 @@ from typing import Callable, Optional, Sequence
 from recipes.io import UserError, dumps_json
 
 Messages = list[dict]
+OnResult = Optional[Callable[[int, "Generation"], None]]
 
 
 @dataclass(frozen=True)
@@ -87,7 +89,7 @@ class HFEngine:
         return [self.tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
                 for m in conversations]
 
-    def generate(self, conversations: Sequence[Messages], sampling: Sampling) -> list[Generation]:
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
         """All conversations, batch_size at a time, longest first (similar lengths share a batch,
         and an out-of-memory error shows up on the first batch rather than the last)."""
         texts = self.prompt_texts(conversations)
@@ -98,6 +100,8 @@ class HFEngine:
             batch = order[start:start + self.batch_size]
             for i, generation in zip(batch, self._generate_batch([texts[i] for i in batch], sampling)):
                 results[i] = generation
+                if on_result:
+                    on_result(i, generation)
         return results  # type: ignore[return-value]
 
     def _generate_batch(self, texts: list[str], sampling: Sampling) -> list[Generation]:
@@ -167,12 +171,24 @@ class HTTPEngine:
         return Generation(choice.message.content or "", "length" if choice.finish_reason == "length" else "stop",
                           usage.completion_tokens if usage else 0)
 
-    def generate(self, conversations: Sequence[Messages], sampling: Sampling) -> list[Generation]:
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
         import openai
 
+        results: list[Optional[Generation]] = [None] * len(conversations)
         try:
             with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                return list(pool.map(lambda m: self.complete(m, sampling), conversations))
+                futures = {pool.submit(self.complete, m, sampling): i for i, m in enumerate(conversations)}
+                try:
+                    for future in as_completed(futures):
+                        i = futures[future]
+                        results[i] = future.result()
+                        if on_result:
+                            on_result(i, results[i])
+                except BaseException:
+                    for future in futures:  # do not wait for requests never started
+                        future.cancel()
+                    raise
+            return results  # type: ignore[return-value]
         except openai.APIError as exc:
             raise UserError(f"endpoint {self.base_url}: {type(exc).__name__} after retries: "
                             f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
@@ -212,19 +228,22 @@ class GenerationCache:
 
 
 def generate_cached(engine, conversations: Sequence[Messages], sampling: Sampling, cache: GenerationCache,
-                    chunk_size: int = 64, progress: Optional[Callable[[int], None]] = None) -> list[Generation]:
-    """Generations for every conversation: cached ones read back, the rest generated chunk by
-    chunk (each chunk cached when done). `progress(n)` is told how many finished each time."""
+                    progress: Optional[Callable[[int], None]] = None) -> list[Generation]:
+    """Generations for every conversation: cached ones read back, the rest generated (each cached
+    the moment it arrives). `progress(n)` is told how many rows finished each time."""
     keys = [GenerationCache.key(engine.model_id, list(m), sampling) for m in conversations]
-    todo = list(dict.fromkeys(k for k in keys if k not in cache.entries))  # each distinct request once
-    first_of = {k: keys.index(k) for k in todo}
+    rows_of: dict[str, list[int]] = {}
+    for row, key in enumerate(keys):
+        rows_of.setdefault(key, []).append(row)
+    todo = [k for k in rows_of if k not in cache.entries]  # each distinct request once
     if progress:
-        progress(len(keys) - sum(1 for k in keys if k in todo))
-    for start in range(0, len(todo), chunk_size):
-        chunk = todo[start:start + chunk_size]
-        generations = engine.generate([conversations[first_of[k]] for k in chunk], sampling)
-        cache.add(list(zip(chunk, generations)))
+        progress(len(keys) - sum(len(rows_of[k]) for k in todo))
+
+    def arrived(index: int, generation: Generation) -> None:
+        cache.add([(todo[index], generation)])
         if progress:
-            done = set(chunk)
-            progress(sum(1 for k in keys if k in done))
+            progress(len(rows_of[todo[index]]))
+
+    if todo:
+        engine.generate([conversations[rows_of[k][0]] for k in todo], sampling, on_result=arrived)
     return [cache.entries[k] for k in keys]

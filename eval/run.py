@@ -99,8 +99,7 @@ def run(cfg) -> dict:
         engine = HFEngine.load(cfg.model, target, e.batch_size)
     cache = GenerationCache(out / "cache" / "generations.jsonl")
     with _progress(len(rows), "generating edits") as bar:
-        generations = generate_cached(engine, [r["prompt"] for r in rows], sampling, cache,
-                                      chunk_size=max(e.batch_size, e.concurrency) * 4, progress=bar.update)
+        generations = generate_cached(engine, [r["prompt"] for r in rows], sampling, cache, progress=bar.update)
     records = []
     for row, generation in zip(rows, generations):
         original = row["original_response"]

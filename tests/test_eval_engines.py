@@ -69,22 +69,22 @@ class Interrupted(Exception):
     pass
 
 
-class StopsAfter:
-    """A real engine that dies (like a killed job) after `calls` generate calls."""
+class DiesAfter:
+    """A real engine whose job is killed after it has produced `results` generations."""
 
-    def __init__(self, engine, calls: int):
-        self.engine, self.calls, self.seen = engine, calls, []
+    def __init__(self, engine, results: int):
+        self.engine, self.results, self.requested = engine, results, []
 
     @property
     def model_id(self):
         return self.engine.model_id
 
-    def generate(self, conversations, sampling):
-        if self.calls == 0:
+    def generate(self, conversations, sampling, on_result=None):
+        self.requested.extend(conversations)
+        done = self.engine.generate(conversations[:self.results], sampling, on_result)
+        if len(conversations) > self.results:
             raise Interrupted
-        self.calls -= 1
-        self.seen.extend(conversations)
-        return self.engine.generate(conversations, sampling)
+        return done
 
 
 def test_cache_resumes_an_interrupted_run_without_regenerating(engine, tmp_path):
@@ -92,22 +92,23 @@ def test_cache_resumes_an_interrupted_run_without_regenerating(engine, tmp_path)
 
     sampling = Sampling(max_new_tokens=8)
     cache_path = tmp_path / "cache.jsonl"
-    first = StopsAfter(engine, calls=1)
+    engine.batch_size = 2
     with pytest.raises(Interrupted):
-        generate_cached(first, CONVERSATIONS, sampling, GenerationCache(cache_path), chunk_size=2)
-    assert len(first.seen) == 2
+        generate_cached(DiesAfter(engine, results=3), CONVERSATIONS, sampling, GenerationCache(cache_path))
+    engine.batch_size = 6
     with open(cache_path, "a") as f:  # a crash mid-write leaves half a line: ignored on reading
         f.write('{"key": "abc", "generati')
+    assert len(GenerationCache(cache_path).entries) == 3
 
-    resumed = StopsAfter(engine, calls=100)
-    results = generate_cached(resumed, CONVERSATIONS, sampling, GenerationCache(cache_path), chunk_size=2)
-    assert resumed.seen == CONVERSATIONS[2:]  # only what the first run had not finished
+    resumed = DiesAfter(engine, results=100)
+    results = generate_cached(resumed, CONVERSATIONS, sampling, GenerationCache(cache_path))
+    assert resumed.requested == CONVERSATIONS[3:]  # only what the first run had not finished
     assert [r.text for r in results] == [g.text for g in engine.generate(CONVERSATIONS, sampling)]
 
-    # other sampling settings are other cache entries
-    again = StopsAfter(engine, calls=100)
-    generate_cached(again, CONVERSATIONS[:1], Sampling(max_new_tokens=4), GenerationCache(cache_path))
-    assert again.seen == CONVERSATIONS[:1]
+    # other sampling settings are other cache entries; repeated conversations are generated once
+    again = DiesAfter(engine, results=100)
+    generate_cached(again, CONVERSATIONS[:1] * 3, Sampling(max_new_tokens=4), GenerationCache(cache_path))
+    assert again.requested == CONVERSATIONS[:1]
 
 
 @pytest.fixture(scope="module")
