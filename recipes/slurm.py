@@ -352,8 +352,8 @@ def check_not_running(cfg) -> None:
 def submit_stage(cfg) -> dict:
     """Render (and unless cfg.dry_run, submit) one stage's job."""
     if cfg.dry_run:
-        print(render_script(cfg), end="")
         job_config(cfg)  # a config the job could not run is an error now, not after the queue wait
+        print(render_script(cfg), end="")
         return {"stage": cfg.stage, "metric": "dry-run", "value": None, "out": str(cfg.out)}
     check_not_running(cfg)
     files = write_job(cfg)
@@ -380,9 +380,9 @@ def submit_pipeline(cfgs: dict, stages: dict, dry_run: bool = False) -> dict[str
         if dry_run:
             job_ids[stage] = f"${stage.upper()}_JOB"
             dependency = f" --dependency=afterok:{':'.join(after)}" if after else ""
+            job_config(cfg)
             print(f"# ---- {stage}: sbatch --parsable{dependency} {job_files(cfg)['script']}")
             print(render_script(cfg))
-            job_config(cfg)
             continue
         check_not_running(cfg)
         files = write_job(cfg)
