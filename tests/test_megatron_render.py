@@ -63,7 +63,9 @@ BRIDGE_KEYS = {
     "scheduler.start_weight_decay", "scheduler.end_weight_decay",
 }
 GPT_SFT_DATASET_FIELDS = {"dataset_root", "seq_length", "preprocessing", "do_validation", "do_test",
-                          "enable_offline_packing", "seed", "dataloader_type"}
+                          "enable_offline_packing", "offline_packing_specs", "dataset_kwargs", "seed", "dataloader_type"}
+# data/packing/config.py PackedSequenceSpecs; recipes/utils/dataset_utils.py passes pad_to_max_length with packing.
+PACKING_SPEC_FIELDS = {"packed_sequence_size", "pad_seq_to_mult"}
 
 
 def _fields(cls) -> set[str]:
@@ -83,6 +85,8 @@ def test_sft_config_golden(run_dir: Path):
     assert doc["megatron_bridge"]["commit"] == "51885cf132b2814188b6855c25a8588254274c2a"
     assert doc["dataset"]["preprocessing"] == {"loss_mode": "last_turn"}
     assert set(doc["dataset"]) <= GPT_SFT_DATASET_FIELDS
+    packing = "offline_packing_specs" in doc["dataset"]
+    assert doc["dataset"]["enable_offline_packing"] is packing is cfg.train.packing
     overrides = dict(line.split("=", 1) for line in doc["overrides"])
     # 3 train rows x 2 epochs / global batch 2 = 3 iterations
     expected = {"model.tensor_model_parallel_size": "8", "model.pipeline_model_parallel_size": "4",
@@ -104,6 +108,18 @@ def test_sft_config_golden(run_dir: Path):
     assert len(training) == 3 and set(training[0]) == {"messages"}
     assert training[0]["messages"][-1] == {"role": "assistant", "content": "Rain falls, 0."}
     assert len(read_jsonl(Path(doc["dataset"]["dataset_root"]) / "validation.jsonl")) == 1
+
+
+@pytest.mark.parametrize("packing, cp, spec", [(True, 1, {"packed_sequence_size": 4096, "pad_seq_to_mult": 1}),
+                                                (True, 2, {"packed_sequence_size": 4096, "pad_seq_to_mult": 4}),
+                                                (False, 1, None)])
+def test_sft_packing_follows_train_packing(run_dir: Path, packing, cp, spec):
+    cfg = cfg_for("sft", run_dir, f"train.packing={str(packing).lower()}", f"cp={cp}", f"parallel.nodes={4 * cp}")
+    dataset = bridge_sft.bridge_config(cfg, rows=3)["dataset"]
+    assert dataset["enable_offline_packing"] is packing
+    assert dataset.get("offline_packing_specs") == spec
+    if spec:
+        assert set(spec) <= PACKING_SPEC_FIELDS and dataset["dataset_kwargs"] == {"pad_to_max_length": True}
 
 
 def test_sft_resume_never_and_commands(run_dir: Path):

@@ -130,6 +130,18 @@ def bridge_config(cfg, rows: int) -> dict:
         "rng.seed": cfg.seed,
         "tokenizer.tokenizer_model": cfg.megatron.hf_model_id,
     }
+    dataset = {
+        "dataset_root": str(dataset_root(cfg)),
+        "seq_length": t.seq_len,
+        "preprocessing": {"loss_mode": "last_turn"},  # loss on the final assistant turn only
+        "do_validation": True,
+        "do_test": False,
+        "enable_offline_packing": t.packing,
+        "seed": cfg.seed,
+    }
+    if t.packing:  # as the recipe's own packed default: pack to seq_length, pad each row to 2*CP with CP
+        dataset["offline_packing_specs"] = {"packed_sequence_size": t.seq_len, "pad_seq_to_mult": 2 * p.cp if p.cp > 1 else 1}
+        dataset["dataset_kwargs"] = {"pad_to_max_length": True}
     return {
         "megatron_bridge": {
             "version": cfg.megatron.megatron_bridge_version,
@@ -140,15 +152,9 @@ def bridge_config(cfg, rows: int) -> dict:
         # The recipe reads its model config from this HF model (instead of Meta-Llama-3.1-70B).
         "hf_model_id": cfg.megatron.hf_model_id,
         # GPTSFTDatasetConfig fields; preprocessing = ChatSFTPreprocessingConfig(loss_mode=...).
-        "dataset": {
-            "dataset_root": str(dataset_root(cfg)),
-            "seq_length": t.seq_len,
-            "preprocessing": {"loss_mode": "last_turn"},  # loss on the final assistant turn only
-            "do_validation": True,
-            "do_test": False,
-            "enable_offline_packing": t.packing,
-            "seed": cfg.seed,
-        },
+        # GPTSFTDatasetConfig fields; preprocessing = ChatSFTPreprocessingConfig(loss_mode=...),
+        # offline_packing_specs = PackedSequenceSpecs(...).
+        "dataset": dataset,
         "train_rows": rows,
         "out": str(out_dir(cfg)),  # summary.json goes here when training ends
         "overrides": [f"{key}={_override_value(value)}" for key, value in overrides.items()],
@@ -236,6 +242,7 @@ def finetune_from_file(path: str) -> None:
     document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
     from megatron.bridge import AutoBridge
     from megatron.bridge.data.builders import ChatSFTPreprocessingConfig, GPTSFTDatasetConfig
+    from megatron.bridge.data.packing import PackedSequenceSpecs
     from megatron.bridge.recipes import llama as llama_recipes
     from megatron.bridge.training.finetune import finetune
     from megatron.bridge.training.gpt_step import forward_step
@@ -253,6 +260,8 @@ def finetune_from_file(path: str) -> None:
         AutoBridge.from_hf_pretrained = original
     dataset = dict(document["dataset"])
     dataset["preprocessing"] = ChatSFTPreprocessingConfig(**dataset["preprocessing"])
+    if dataset.get("offline_packing_specs"):
+        dataset["offline_packing_specs"] = PackedSequenceSpecs(**dataset["offline_packing_specs"])
     container.dataset = GPTSFTDatasetConfig(**dataset, dataloader_type="batch")
     container = process_config_with_overrides(container, cli_overrides=document["overrides"])
     timer = Timer()
