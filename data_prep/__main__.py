@@ -58,6 +58,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-leaked", action="store_true",
                    help="keep train rows whose context and original_response also occur in a validation split "
                         "(default: remove them from training; reported in the manifest either way)")
+    p.add_argument("--workers", type=int, metavar="N",
+                   help="processes that count tokens (default: one per CPU); the output does not depend on it")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -71,7 +73,8 @@ def main(argv: list[str]) -> int:
 
     options = Options(feedback_orders=args.feedback_orders, seed=args.seed, tokenizer=args.tokenizer,
                       max_seq_len=args.max_seq_len, strict=args.strict, keep_leaked=args.keep_leaked)
-    manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress)
+    manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress,
+                     workers=args.workers)
     print(summary_line(manifest, args.out))
     return 0
 

@@ -179,37 +179,93 @@ def emit_edit_quality(row: Row) -> None:
                                 "after whitespace normalisation")
 
 
-def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bool) -> None:
+def _conversations(batch: list[Row]) -> tuple[list, list, list, list]:
+    """What to count for a batch of rows: pair sides (whole conversations), RL prompts (with the
+    generation prompt), SFT conversations as variants of one conversation (they differ only in the
+    edit request), and the output line each count belongs to, in that order."""
+    full, prompts, variants = [], [], []
+    full_owners, prompt_owners, variant_owners = [], [], []
+    for r_index, r in enumerate(batch):
+        for kind, lines in r.outputs.items():
+            if kind == "sft":
+                variants.append((lines[0]["messages"], len(lines[0]["messages"]) - 2,
+                                 [line["messages"][-2]["content"] for line in lines]))
+                variant_owners += [(r_index, kind, i) for i in range(len(lines))]
+            elif kind == "pairs":
+                for i, line in enumerate(lines):
+                    full += [line["prompt"] + line["chosen"], line["prompt"] + line["rejected"]]
+                    full_owners += [(r_index, kind, i)] * 2
+            else:
+                prompts += [line["prompt"] for line in lines]
+                prompt_owners += [(r_index, kind, i) for i in range(len(lines))]
+    return full, prompts, variants, full_owners + prompt_owners + variant_owners
+
+
+_WORKER_COUNTER = None  # the parent's TokenCounter, inherited by forked workers
+
+
+def _count_in_worker(job: tuple[list, list, list]) -> list[int]:
+    return _flat(_WORKER_COUNTER.count_batch(*job))
+
+
+def _flat(counts: tuple[list, list, list]) -> list[int]:
+    full, prompts, variants = counts
+    return full + prompts + [n for group in variants for n in group]
+
+
+def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bool, workers: int = 1) -> None:
     """Token counts of every output line (SFT: the whole conversation; pair: prompt + the longer
-    side; prompt: with the generation prompt); rows with a sequence over max_seq_len are rejected."""
+    side; prompt: with the generation prompt); rows with a sequence over max_seq_len are rejected.
+    With workers > 1 the batches are counted in forked processes (same counts, same order)."""
+    global _WORKER_COUNTER
+    import multiprocessing
+
     from tqdm import tqdm
 
     used = [r for r in rows if r.outputs]
-    with tqdm(total=len(used), desc="count tokens", unit="row", disable=None if progress else True) as bar:
-        for start in range(0, len(used), TOKEN_BATCH_ROWS):
-            batch = used[start:start + TOKEN_BATCH_ROWS]
-            full, with_prompt = [], []  # (row, kind, index) -> conversation
-            for r in batch:
-                for kind, lines in r.outputs.items():
-                    for i, line in enumerate(lines):
-                        if kind == "sft":
-                            full.append(((r, kind, i, 0), line["messages"]))
-                        elif kind == "pairs":
-                            full.append(((r, kind, i, 0), line["prompt"] + line["chosen"]))
-                            full.append(((r, kind, i, 1), line["prompt"] + line["rejected"]))
-                        else:
-                            with_prompt.append(((r, kind, i, 0), line["prompt"]))
-            counts: dict[tuple, int] = {}
-            for items, generation in ((full, False), (with_prompt, True)):
-                lengths = counter.count([conv for _, conv in items], add_generation_prompt=generation)
-                for (r, kind, i, side), n in zip([k for k, _ in items], lengths):
-                    counts[id(r), kind, i] = max(n, counts.get((id(r), kind, i), 0))
-            for r in batch:
-                r.lengths = {kind: [counts[id(r), kind, i] for i in range(len(lines))] for kind, lines in r.outputs.items()}
-                longest = max(max(v) for v in r.lengths.values())
-                if max_seq_len is not None and longest > max_seq_len:
-                    r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
-            bar.update(len(batch))
+    batches = [used[i:i + TOKEN_BATCH_ROWS] for i in range(0, len(used), TOKEN_BATCH_ROWS)]
+    owners = []
+
+    def jobs():
+        for batch in batches:
+            full, prompts, variants, batch_owners = _conversations(batch)
+            owners.append(batch_owners)
+            yield full, prompts, variants
+
+    pool = None
+    job_iter = jobs()
+    results = []
+    if batches:  # the first batch here: it also checks the shortcut against apply_chat_template
+        results = [_flat(counter.count_batch(*next(job_iter)))]
+    saved_env = os.environ.get("TOKENIZERS_PARALLELISM")
+    if workers > 1 and len(batches) > 2 and "fork" in multiprocessing.get_all_start_methods():
+        _WORKER_COUNTER = counter
+        os.environ["TOKENIZERS_PARALLELISM"] = "false"  # each worker encodes on one core
+        pool = multiprocessing.get_context("fork").Pool(workers)
+        later = pool.imap(_count_in_worker, job_iter)
+    else:
+        later = (_flat(counter.count_batch(*job)) for job in job_iter)
+    try:
+        with tqdm(total=len(used), desc="count tokens", unit="row", disable=None if progress else True) as bar:
+            for batch_index, (batch, lengths) in enumerate(zip(batches, itertools.chain(results, later))):
+                counts: dict[tuple[int, str, int], int] = {}
+                for owner, n in zip(owners[batch_index], lengths, strict=True):
+                    counts[owner] = max(n, counts.get(owner, 0))
+                for r_index, r in enumerate(batch):
+                    r.lengths = {kind: [counts[r_index, kind, i] for i in range(len(lines))]
+                                 for kind, lines in r.outputs.items()}
+                    longest = max(max(v) for v in r.lengths.values())
+                    if max_seq_len is not None and longest > max_seq_len:
+                        r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
+                bar.update(len(batch))
+    finally:
+        if pool is not None:
+            pool.terminate()
+            _WORKER_COUNTER = None
+            if saved_env is None:
+                os.environ.pop("TOKENIZERS_PARALLELISM", None)
+            else:
+                os.environ["TOKENIZERS_PARALLELISM"] = saved_env
 
 
 def percentiles(values: list[int]) -> dict:
@@ -289,10 +345,11 @@ def existing_build(out: Path) -> dict | None:
 
 
 def build(source: str, out: str | os.PathLike, revision: str = "main", options: Options | None = None,
-          progress: bool = True, tokenizer=None) -> dict:
+          progress: bool = True, tokenizer=None, workers: int | None = None) -> dict:
     """Build OUT from SOURCE ('hf' or a directory); returns the manifest (with "up_to_date": True
     and nothing rewritten when OUT already holds the very same build). `tokenizer` may be passed
-    as an object (then options.tokenizer is only its recorded name)."""
+    as an object (then options.tokenizer is only its recorded name). Token counting runs in
+    `workers` processes (default: one per CPU); the output does not depend on it."""
     from tqdm import tqdm
 
     options = options or Options()
@@ -353,7 +410,7 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
         if row.reason is None:
             emit_edit(row, orders, options.seed) if row.subset == "edit" else emit_edit_quality(row)
     if counter is not None:
-        count_tokens(all_rows, counter, options.max_seq_len, progress)
+        count_tokens(all_rows, counter, options.max_seq_len, progress, workers or os.cpu_count() or 1)
 
     rejected = [row for row in all_rows if row.reason is not None]
     if options.strict and rejected:

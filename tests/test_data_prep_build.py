@@ -257,7 +257,7 @@ def test_max_seq_len_counts_like_apply_chat_template(tmp_path, tiny_model_dir):
 
     counter = TokenCounter(tokenizer)  # piecewise counting must reproduce apply_chat_template exactly
     assert counter.count([c["messages"] for c in conversations]) == list(plain.values())
-    assert counter.exact_shortcut
+    assert counter.shortcut
     lengths = full["token_lengths"]["sft/train"]
     assert (lengths["count"], lengths["max"], lengths["min"]) == (len(plain), max(plain.values()), min(plain.values()))
 
