@@ -73,6 +73,11 @@ def job_config(cfg):
         job.cluster.nodes = 1
     if launch_kind(cfg) == "hf" and cfg.cluster.gpus_per_node > 0:
         job.hf.num_processes = cfg.cluster.gpus_per_node
+        try:
+            validate(job)
+        except ConfigError as exc:
+            raise ConfigError(f"{exc}; the job runs one process per GPU on {cfg.cluster.nodes} node(s) x "
+                              f"{cfg.cluster.gpus_per_node} GPUs (change gbs=, mbs= or nodes=)") from None
     validate(job)
     return job
 

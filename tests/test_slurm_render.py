@@ -92,7 +92,8 @@ def test_hf_dry_run_checks_the_batch_against_the_gpu_count(tmp_path):
                    f"run_dir={tmp_path}", "--dry-run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: train.global_batch=8 is not divisible by train.micro_batch=2 x data-parallel size=16 (= 32)"]
+        "error: train.global_batch=8 is not divisible by train.micro_batch=2 x data-parallel size=16 (= 32); "
+        "the job runs one process per GPU on 2 node(s) x 8 GPUs (change gbs=, mbs= or nodes=)"]
 
 
 def test_nemo_rl_stage_starts_a_ray_cluster_and_runs_on_the_head(tmp_path):
