@@ -118,6 +118,9 @@ class HFEngineConfig:
     accelerate_config: Optional[str] = None
     # processes per node (GPUs per node on a cluster; CPU processes on a laptop).
     num_processes: int = 1
+    # rl under ZeRO-3: gather the full policy on every GPU to generate (fast; needs the whole model to fit
+    # one GPU) or generate layer by layer from the shards (slow; what a 70B needs).
+    gather_weights_for_generation: bool = True
 
 
 @dataclass
@@ -310,6 +313,12 @@ def _load_model_file(name: str, seen: tuple[str, ...] = ()) -> DictConfig:
     return node
 
 
+def default_model(engine: str, executor: str) -> str:
+    """Without `model=`: the paper's 70B model for the Megatron engine and for SLURM jobs (that is
+    what they exist for), the tiny CPU model for everything run on this machine."""
+    return "llama33_70b" if engine == "megatron" or executor == "slurm" else "tiny"
+
+
 def parse_overrides(args: list[str]) -> tuple[dict[str, str], list[tuple[str, str]]]:
     """Split `key=value` args into group selections and dotted overrides (aliases expanded)."""
     groups: dict[str, str] = {}
@@ -338,7 +347,7 @@ def compose(stage: str, args: list[str] = ()) -> DictConfig:
         raise ConfigError(f"engine={engine}: unknown engine (engines: {', '.join(ENGINES)})")
 
     # `model=` names a conf/model file, or else is a checkpoint path / endpoint for the tiny preset.
-    model_arg = groups.get("model", "tiny")
+    model_arg = groups.get("model") or default_model(engine, dict(overrides).get("executor", "local"))
     model_path_override = None
     if not (CONF_DIR / "model" / f"{model_arg}.yaml").is_file() and (
         "/" in model_arg or model_arg.startswith(("http:", "https:")) or Path(model_arg).exists()
