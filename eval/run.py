@@ -39,13 +39,18 @@ def model_under_test(cfg, check: bool = True) -> Optional[str]:
     return None
 
 
-def reward_model_path(cfg) -> Optional[str]:
+def reward_model_path(cfg, notes: list[str]) -> Optional[str]:
+    """The rm checkpoint, or None. The pipeline's default (${run_dir}/rm/final) may be absent:
+    the reward metrics are then skipped with a note; a path the user named must exist."""
     if not cfg.reward_model:
         return None
-    if not Path(cfg.reward_model).is_dir():
-        raise UserError(f"reward_model={cfg.reward_model}: no such checkpoint (pass rm=PATH, or rm=null to skip "
-                        f"the reward metrics)")
-    return str(cfg.reward_model)
+    if Path(cfg.reward_model).is_dir():
+        return str(cfg.reward_model)
+    if Path(cfg.reward_model) == Path(cfg.run_dir) / "rm" / "final":
+        notes.append(f"no reward model at {cfg.reward_model}: reward metrics skipped (pass rm=PATH)")
+        return None
+    raise UserError(f"reward_model={cfg.reward_model}: no such checkpoint (pass rm=PATH, or rm=null to skip "
+                    f"the reward metrics)")
 
 
 def free_memory() -> None:
@@ -74,7 +79,8 @@ def run(cfg) -> dict:
         return {"stage": "eval", "metric": "dry_run", "value": None, "wall_s": 0.0, "out": str(out)}
     target = model_under_test(cfg)
     model_name = target or str(cfg.model.path)
-    rm_path = reward_model_path(cfg)
+    notes: list[str] = []
+    rm_path = reward_model_path(cfg, notes)
     if not Path(cfg.data_dir).is_dir():
         raise UserError(f"data_dir={cfg.data_dir}: no such directory (pass data=DIR, a data_prep output dir)")
 
@@ -84,7 +90,7 @@ def run(cfg) -> dict:
     rm_record = training_record(rm_path)
     check_held_out(model_record, model_name, splits, "model")
     check_held_out(rm_record, str(rm_path), splits, "reward model")
-    notes = manifest_notes(cfg.data_dir, [(model_name, model_record), (str(rm_path), rm_record)])
+    notes += manifest_notes(cfg.data_dir, [(model_name, model_record)] + ([(rm_path, rm_record)] if rm_path else []))
     for note in notes:
         print(note)
 

@@ -137,6 +137,17 @@ def test_bad_paths_are_one_line_errors(args, message, tiny_model_dir, eval_data_
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped(tiny_model_dir, eval_data_dir, tmp_path):
+    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"run_dir={tmp_path}",
+                   "eval.max_rows=2", *FAST)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"no reward model at {tmp_path}/rm/final: reward metrics skipped" in proc.stdout
+    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    assert report["reward_win_rate"] is None and report["rm_accuracy"] is None
+    assert report["counts"]["rows"] == 2 and isinstance(report["policy_pref_accuracy"], float)
+    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metric"] == "copy_rate"
+
+
 def test_which_model_is_scored(tiny_model_dir, tmp_path):
     from eval.run import model_under_test
     from recipes.config import compose
