@@ -82,7 +82,7 @@ def test_tiny_llama_megatron_bridge_sft_tp1_pp1(tmp_path: Path):
     policy, _ = tiny_models(tmp_path)
     write_data(tmp_path / "data")
     bridge_dir = os.environ.get("MEGATRON_BRIDGE_DIR", "/opt/Megatron-Bridge")
-    common = ["engine=megatron", f"run_dir={tmp_path}", f"megatron.hf_model_id={policy}",
+    common = ["engine=megatron", "model=tiny", f"run_dir={tmp_path}", f"megatron.hf_model_id={policy}",
               f"megatron.megatron_bridge_dir={bridge_dir}", "parallel.nodes=1", "parallel.gpus_per_node=1"]
     convert.run(compose("convert", [*common, f"init={policy}"]))
     assert (tmp_path / "convert" / "summary.json").is_file()
@@ -110,7 +110,7 @@ def test_one_nemo_rl_rloo_step_with_the_reward_model_environment(tmp_path: Path)
     policy, reward = tiny_models(tmp_path)
     write_data(tmp_path / "data")
     cfg = compose("rl", [
-        "engine=megatron", f"run_dir={tmp_path}", f"init={policy}", f"rm={reward}",
+        "engine=megatron", "model=tiny", f"run_dir={tmp_path}", f"init={policy}", f"rm={reward}",
         f"megatron.nemo_rl_dir={os.environ.get('NEMO_RL_DIR', '/opt/nemo-rl')}", "megatron.vllm_tp=1",
         "megatron.vllm_gpu_memory_utilization=0.3", "parallel.nodes=1", "parallel.gpus_per_node=2",
         "tp=1", "pp=1", "sp=false", "train.max_steps=1", "train.seq_len=256", "rl.k=2", "rl.prompts_per_step=2",
