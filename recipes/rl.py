@@ -63,6 +63,7 @@ def build_trainer(cfg):
         beta=cfg.rl.kl_coef,
         reward_weights=[1.0, 0.0],  # the reward model; the copy indicator is only logged
         generation_batch_size=cfg.train.global_batch,  # one generation round per optimizer step
+        ds3_gather_for_generation=cfg.hf.gather_weights_for_generation,
     )
     tokenizer = training.load_tokenizer(cfg)
     policy = training.load_model(cfg, AutoModelForCausalLM)

@@ -139,9 +139,14 @@ def load_model(cfg, auto_class, source: Optional[str] = None, **kwargs):
     from recipes.models import torch_dtype
 
     path, extra = (source, {}) if source else model_source(cfg)
-    return auto_class.from_pretrained(
+    model = auto_class.from_pretrained(
         path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation, **extra, **kwargs
     )
+    if "gguf_file" in extra:
+        # GGUF weights are dequantized to cfg.model.dtype on load; the GGUF "quantizer" left on the model
+        # is only a marker, but Trainer would refuse to train it and save_pretrained would record it.
+        model.hf_quantizer.remove_quantization_config(model)
+    return model
 
 
 def load_tokenizer(cfg, source: Optional[str] = None):
