@@ -8,7 +8,7 @@ PY="$VENV/bin/python"
 # The CPU build of torch 2.13.0 is what laptops and CI use; a GPU cluster that wants
 # another build sets TORCH_SPEC (e.g. TORCH_SPEC='torch==2.13.0' from its CUDA index).
 TORCH_SPEC="${TORCH_SPEC:-torch==2.13.0}"
-EXTRAS="${EXTRAS:-hf,eval,test}"
+EXTRAS="${EXTRAS:-hf,eval,megatron,test}"
 
 usage() {
   cat <<'USAGE'

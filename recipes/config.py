@@ -48,6 +48,8 @@ ALIASES = {
     "data": "data_dir",
     "rm": "reward_model",
 }
+# Without `engine=`: convert exists only on the Megatron engine; every other stage defaults to hf.
+STAGE_DEFAULT_ENGINE = {"convert": "megatron"}
 # Keys that select a file from a conf/ group rather than set a value.
 GROUPS = ("engine", "model", "stage", "cluster")
 
@@ -342,7 +344,7 @@ def compose(stage: str, args: list[str] = ()) -> DictConfig:
     groups, overrides = parse_overrides(list(args))
     if "stage" in groups and groups["stage"] != stage:
         raise ConfigError(f"stage={groups['stage']} contradicts the command's stage {stage}")
-    engine = groups.get("engine", "hf")
+    engine = groups.get("engine") or STAGE_DEFAULT_ENGINE.get(stage, "hf")
     if engine not in ENGINES:
         raise ConfigError(f"engine={engine}: unknown engine (engines: {', '.join(ENGINES)})")
 

@@ -108,3 +108,19 @@ def test_config_errors_do_not_import_torch():
     proc = run_cli("-c", "import sys\nfrom recipes.__main__ import main\nrc = main(['sft', 'gbs=3'])\n"
                    "print(rc, 'torch' in sys.modules)", timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
+
+
+def test_default_model_follows_engine_and_executor():
+    assert compose("sft", []).model.name == "tiny"
+    assert compose("sft", ["engine=megatron"]).model.name == "llama33_70b"
+    assert compose("sft", ["executor=slurm", "cluster=example"]).model.name == "llama33_70b"
+    assert compose("sft", ["executor=slurm", "cluster=example", "model=tiny", "hf.num_processes=1", "nodes=1"]).model.name == "tiny"
+
+
+def test_convert_defaults_to_the_megatron_engine():
+    assert compose("convert", []).engine == "megatron"
+    from recipes.__main__ import run_stage
+    from recipes.io import UserError
+
+    with pytest.raises(UserError, match="stage convert has no hf engine"):
+        run_stage(compose("convert", ["engine=hf"]))
