@@ -50,3 +50,18 @@ def test_copy_indicator_ignores_whitespace_only():
                    [{"role": "assistant", "content": "Hello world!"}]]
     originals = ["Hello world.", "Hello world."]
     assert rl.copy_indicator(prompts=[None, None], completions=completions, original_response=originals) == [1.0, 0.0]
+
+
+def test_with_lora_the_reference_is_the_adapter_disabled_policy(edit_data_dir, tmp_path, tiny_model_dir,
+                                                                random_reward_model):
+    """peft.enabled: no second model copy; the KL reference is the policy with its adapter switched off,
+    so at the start (LoRA's B = 0) the policy equals its reference and the logged KL is exactly 0."""
+    from peft import PeftModel
+
+    cfg = compose("rl", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         f"rm={random_reward_model}", "rl.max_new_tokens=8", "peft.enabled=true", "peft.r=4"])
+    trainer = rl.build_trainer(cfg)
+    assert trainer.ref_model is None and isinstance(trainer.model, PeftModel)
+    trainer.model.train()
+    trainer._generate_and_score_completions([trainer.train_dataset[0]] * cfg.rl.k)
+    assert trainer._metrics["train"]["kl"] == [0.0]
