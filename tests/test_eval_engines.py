@@ -220,3 +220,24 @@ def test_llm_judge_asks_both_orders_through_the_endpoint(server, tmp_path):
                                        seed=0, cache_path=tmp_path / "judge.jsonl")
     assert _completions(server) - before == 2 * len(rows)  # each row judged in both orders
     assert len(verdicts) == 3 and all(v in (None, 0.0, 0.5, 1.0) for v in verdicts)
+
+
+def test_http_engine_retries_with_backoff_until_the_server_is_up(varied_model_dir):
+    """Connection refused while the server is still loading its model: retried, not fatal."""
+    import socket
+
+    from eval.engines import HTTPEngine
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "eval.serve", "--model", str(varied_model_dir), "--port", str(port),
+                             "--name", "late"], cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        start = time.monotonic()
+        engine = HTTPEngine(f"http://127.0.0.1:{port}/v1", max_retries=8, timeout_s=30)  # lists models: retried
+        assert engine.model == "late"
+        assert time.monotonic() - start > 0.4  # it did have to wait for the server (first backoff is 0.5 s)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
