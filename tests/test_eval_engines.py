@@ -14,6 +14,8 @@ import pytest
 
 from .conftest import REPO_ROOT
 
+pytestmark = pytest.mark.timeout(300)  # a server that never comes up fails the test instead of hanging CI
+
 CONVERSATIONS = [
     [{"role": "user", "content": f"Question {i}: " + "tell me more " * (3 * i)},
      {"role": "assistant", "content": "A short answer."},
