@@ -69,6 +69,8 @@ def parser() -> argparse.ArgumentParser:
 @cli_main
 def main(argv: list[str]) -> int:
     args = parser().parse_args(argv)
+    if args.workers is not None and args.workers < 1:
+        raise UserError(f"--workers {args.workers}: must be >= 1")
     from data_prep.build import Options, build, summary_line
 
     options = Options(feedback_orders=args.feedback_orders, seed=args.seed, tokenizer=args.tokenizer,

@@ -286,19 +286,42 @@ class _Writer:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = open(path, "w", encoding="utf-8", newline="\n")
+        self.file = open(path, "wb")
         self.sha = hashlib.sha256()
         self.lines = 0
 
     def write(self, obj: Any) -> None:
-        line = dumps_json(obj) + "\n"
-        self.file.write(line)
-        self.sha.update(line.encode("utf-8"))
+        self.write_json(dumps_json(obj))
+
+    def write_json(self, text: str) -> None:
+        data = (text + "\n").encode("utf-8")
+        self.file.write(data)
+        self.sha.update(data)
         self.lines += 1
 
     def close(self) -> dict:
         self.file.close()
         return {"lines": self.lines, "sha256": self.sha.hexdigest()}
+
+
+_PLACEHOLDER = "\x00messages\x00"
+
+
+def sft_lines_json(lines: list[dict]) -> list[str]:
+    """dumps_json of each of a row's SFT lines (the same bytes), encoding once the messages they
+    share (all but the edit request): the feedback orders of a row repeat its longest texts."""
+    first = lines[0]["messages"]
+    shared, last = ", ".join(dumps_json(m) for m in first[:-2]), dumps_json(first[-1])
+    out = []
+    for line in lines:
+        messages = line["messages"]
+        if messages[:-2] != first[:-2] or messages[-1] != first[-1]:
+            out.append(dumps_json(line))
+            continue
+        encoded = "[" + ", ".join(filter(None, (shared, dumps_json(messages[-2]), last))) + "]"
+        # "id" comes first and holds no NUL, so the first placeholder is the messages value.
+        out.append(dumps_json({**line, "messages": _PLACEHOLDER}).replace(dumps_json(_PLACEHOLDER), encoded, 1))
+    return out
 
 
 def versions() -> dict:
@@ -464,8 +487,9 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
         rejected_writer = _Writer(tmp / "rejected.jsonl")
         for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
             for kind, lines in row.outputs.items():
-                for line in lines:
-                    writers[f"{kind}/{row.split}.jsonl"].write(line)
+                writer = writers[f"{kind}/{row.split}.jsonl"]
+                for text in sft_lines_json(lines) if kind == "sft" else map(dumps_json, lines):
+                    writer.write_json(text)
             if row.reason is not None:
                 rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
                                        "detail": row.detail,

@@ -104,19 +104,19 @@ class TokenCounter:
         (conversation, i, contents) stands for the conversation with message i's content replaced by
         each of contents in turn (a row's feedback orders). All are counted together, so the
         messages they share are split and encoded once."""
-        variant_texts, variant_pieces = [], set()
-        for conversation, index, contents in variants:
-            texts = self._render_variants(conversation, index, contents)
-            variant_texts += texts
-            if self._cut_lines is not None and self._split_specials is not None:
-                for text, content in zip(texts, contents):
-                    variant_pieces.update(p for p in self._split_specials.split(text) if content in p)
-        texts = self._render(full, False) + self._render(prompts, True) + variant_texts
+        texts = self._render(full, False) + self._render(prompts, True)
         if not self.shortcut:
+            texts += [text for conv, i, contents in variants for text in self._render_each(conv, i, contents)]
             lengths = self._encode(texts) if texts else []
         else:
-            lengths = self._count_by_pieces(texts, variant_pieces)
-            if self._verified < VERIFY_FIRST and texts:
+            parts = [self._split_specials.split(text) for text in texts]
+            requests: set[str] = set()
+            for conversation, index, contents in variants:
+                variant_parts, variant_requests = self._variant_parts(conversation, index, contents)
+                parts += variant_parts
+                requests.update(variant_requests)
+            lengths = self._count_parts(parts, requests)
+            if self._verified < VERIFY_FIRST and lengths:
                 lengths = self._verify(full, prompts, variants, lengths)
         n_full, n_prompts = len(full), len(prompts)
         variant_lengths, start = [], n_full + n_prompts
@@ -124,6 +124,25 @@ class TokenCounter:
             variant_lengths.append(lengths[start:start + len(contents)])
             start += len(contents)
         return lengths[:n_full], lengths[n_full:n_full + n_prompts], variant_lengths
+
+    def _render_each(self, conversation: Conversation, index: int, contents: list[str]) -> list[str]:
+        return self._render([self._with_content(conversation, index, c) for c in contents], False)
+
+    def _variant_parts(self, conversation: Conversation, index: int, contents: list[str]):
+        """Each variant split at special tokens, and the pieces that hold the varied content.
+        Rendered once with the first content, the others substituted into its piece, where the
+        template provably put it in verbatim (found exactly once, no edge whitespace a template
+        might trim, no special token inside); otherwise each variant is rendered and split."""
+        first = self._render([self._with_content(conversation, index, contents[0])], False)[0]
+        parts = self._split_specials.split(first)
+        holders = [j for j, part in enumerate(parts) if contents[0] in part]
+        if (len(holders) == 1 and first.count(contents[0]) == 1
+                and all(c == c.strip() and not self._split_specials.search(c) for c in contents)):
+            j = holders[0]
+            pieces = [parts[j].replace(contents[0], c) for c in contents]
+            return [parts[:j] + [piece] + parts[j + 1:] for piece in pieces], pieces
+        split = [self._split_specials.split(text) for text in self._render_each(conversation, index, contents)]
+        return split, [part for parts, c in zip(split, contents) for part in parts if c in part]
 
     def _render(self, conversations: list[Conversation], add_generation_prompt: bool) -> list[str]:
         if not conversations:
@@ -133,14 +152,6 @@ class TokenCounter:
     @staticmethod
     def _with_content(conversation: Conversation, index: int, content: str) -> Conversation:
         return conversation[:index] + [{**conversation[index], "content": content}] + conversation[index + 1:]
-
-    def _render_variants(self, conversation: Conversation, index: int, contents: list[str]) -> list[str]:
-        """Render once and substitute the other contents, where the template provably put the first
-        one in verbatim (found exactly once; no edge whitespace a template might trim); else render each."""
-        first = self._render([self._with_content(conversation, index, contents[0])], False)[0]
-        if all(c == c.strip() for c in contents) and first.count(contents[0]) == 1:
-            return [first] + [first.replace(contents[0], c) for c in contents[1:]]
-        return self._render([self._with_content(conversation, index, c) for c in contents], False)
 
     def _verify(self, full, prompts, variants, lengths: list[int]) -> list[int]:
         """Compare the first conversations with apply_chat_template; fall back for good on a mismatch."""
@@ -155,8 +166,8 @@ class TokenCounter:
                 return self._encode([self._render([c], g)[0] for c, g in checked])
         return lengths
 
-    def _count_by_pieces(self, texts: list[str], cut_pieces: set[str]) -> list[int]:
-        split_texts = [self._split_specials.split(text) for text in texts]
+    def _count_parts(self, split_texts: list[list[str]], cut_pieces: set[str]) -> list[int]:
+        """Lengths of texts given as their special-token splits: special tokens count 1 each."""
         pieces = {part: 0 for parts in split_texts for part in parts if part and part not in self._specials}
         for piece, n in zip(pieces, self._count_pieces(list(pieces), cut_pieces)):
             pieces[piece] = n
@@ -168,7 +179,8 @@ class TokenCounter:
         if self._pretokenize is None:
             return self._encode(pieces)
         # Edit requests are cut into lines first: their feedback items repeat across the orders.
-        chunked = [self._cut_lines(p) if p in cut_pieces else [p] for p in pieces]
+        cut = self._cut_lines
+        chunked = [cut(p) if cut is not None and p in cut_pieces else [p] for p in pieces]
         chunks = {c: 0 for cs in chunked for c in cs}
         known = self._pretoken_lengths
         split = [self._pretokenize(chunk) for chunk in chunks]
