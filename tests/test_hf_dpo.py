@@ -1,0 +1,33 @@
+"""dpo on the HF engine with LoRA: trains against the adapter-disabled reference; final/ is the merged model."""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from recipes import dpo
+from recipes.config import compose
+from recipes.io import sha256_file
+
+
+def test_lora_dpo_writes_a_merged_plain_model(edit_data_dir, tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    cfg = compose("dpo", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                          "train.max_steps=3", "train.lr=1e-2", "peft.enabled=true", "peft.r=4"])
+    summary = dpo.run(cfg)
+
+    assert summary["metric"] == "reward_accuracy" and 0.0 <= summary["value"] <= 1.0
+    out = tmp_path / "dpo"
+    assert (out / "adapter" / "adapter_config.json").is_file()
+    final = out / "final"
+    assert not (final / "adapter_config.json").exists()  # merged: transformers loads it without peft
+    merged = AutoModelForCausalLM.from_pretrained(final)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    changed = {name for (name, a), (_, b) in zip(merged.named_parameters(), base.named_parameters())
+               if not torch.equal(a, b)}
+    assert changed and all(any(m in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                    "down_proj")) for name in changed), changed
+    record = json.loads((final / "hs3_training.json").read_text())
+    assert record == {"stage": "dpo", "trained_on": ["edit_quality/train"], "init": str(tiny_model_dir),
+                      "data_manifest_sha256": sha256_file(edit_data_dir / "manifest.json")}
