@@ -13,6 +13,8 @@ beta * log(pi/pi_ref) of the chosen edit exceeds that of the rejected one.
 """
 from __future__ import annotations
 
+import time
+
 from recipes import training
 
 
@@ -56,7 +58,7 @@ def run(cfg) -> dict:
     relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
     if relaunched:
         return relaunched
-    timer = training.Timer()
+    start = time.monotonic()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
     from transformers import AutoModelForCausalLM
@@ -67,6 +69,6 @@ def run(cfg) -> dict:
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)
     training.write_training_record(final, cfg, training.STAGE_SPLITS["dpo"])
     return training.write_summary(
-        cfg, "reward_accuracy", metrics["eval_rewards/accuracies"], timer.seconds,
+        cfg, "reward_accuracy", metrics["eval_rewards/accuracies"], start,
         eval_loss=metrics["eval_loss"], reward_margin=metrics["eval_rewards/margins"],
     )

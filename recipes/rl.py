@@ -18,6 +18,8 @@ whitespace normalisation; SFT alone copies ~30% of the time on the paper's data)
 """
 from __future__ import annotations
 
+import time
+
 from recipes import training
 from recipes.config import ConfigError
 
@@ -89,7 +91,7 @@ def run(cfg) -> dict:
     relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
     if relaunched:
         return relaunched
-    timer = training.Timer()
+    start = time.monotonic()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
     from transformers import AutoModelForCausalLM
@@ -98,7 +100,7 @@ def run(cfg) -> dict:
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)
     training.write_training_record(final, cfg, training.STAGE_SPLITS["rl"])
     return training.write_summary(
-        cfg, "mean_reward", training.mean_logged(trainer, "reward"), timer.seconds,
+        cfg, "mean_reward", training.mean_logged(trainer, "reward"), start,
         copy_rate=training.mean_logged(trainer, "rewards/copy_indicator/mean"),
         kl=training.mean_logged(trainer, "kl"),
         last_reward=training.last_logged(trainer, "reward"),

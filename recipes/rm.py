@@ -15,6 +15,8 @@ is reported overall and per kind.
 """
 from __future__ import annotations
 
+import time
+
 from recipes import training
 from recipes.config import ConfigError
 
@@ -96,7 +98,7 @@ def run(cfg) -> dict:
     relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
     if relaunched:
         return relaunched
-    timer = training.Timer()
+    start = time.monotonic()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
     from transformers import AutoModelForSequenceClassification
@@ -110,7 +112,7 @@ def run(cfg) -> dict:
     accuracy = pair_accuracy(model, trainer.processing_class, list(load_split(training.data_file(cfg, "pairs/validation.jsonl"))),
                              cfg.train.micro_batch)
     return training.write_summary(
-        cfg, "val_accuracy", accuracy.pop("all"), timer.seconds,
+        cfg, "val_accuracy", accuracy.pop("all"), start,
         **{f"val_accuracy_{kind}": value for kind, value in sorted(accuracy.items())},
         best_checkpoint=trainer.state.best_model_checkpoint, steps=trainer.state.global_step,
     )

@@ -14,6 +14,8 @@ padding-free batches carrying position_ids; transformers then builds a block-dia
 """
 from __future__ import annotations
 
+import time
+
 from recipes import training
 
 
@@ -65,19 +67,14 @@ def run(cfg) -> dict:
     relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
     if relaunched:
         return relaunched
-    timer = training.Timer()
+    start = time.monotonic()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)
+    from transformers import AutoModelForCausalLM
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     eval_loss = trainer.evaluate()["eval_loss"]
 
-    final = training.save_final(trainer, cfg, _causal_lm_class())
+    final = training.save_final(trainer, cfg, AutoModelForCausalLM)
     training.write_training_record(final, cfg, training.STAGE_SPLITS["sft"])
-    return training.write_summary(cfg, "eval_loss", eval_loss, timer.seconds, steps=trainer.state.global_step)
-
-
-def _causal_lm_class():
-    from transformers import AutoModelForCausalLM
-
-    return AutoModelForCausalLM
+    return training.write_summary(cfg, "eval_loss", eval_loss, start, steps=trainer.state.global_step)

@@ -1,8 +1,10 @@
 """HF-engine glue shared by the four training stages (recipes/sft.py, rm.py, rl.py, dpo.py).
 
 Each stage file reads top to bottom and calls, in order:
+    dry_run(cfg)                   `--dry-run`: print the config, load nothing
+    check_inputs(cfg, files...)    data files, init, reward model, out dir: one-line ConfigError, nothing loaded
     maybe_relaunch(cfg)            re-exec under `accelerate launch` when several processes are asked for
-    check_inputs / prepare_output_dir(cfg)   one-line ConfigError before any model is loaded
+    prepare_output_dir(cfg)        OUT/config.yaml and OUT/data_manifest.sha256
     common_args(cfg, TRLConfigClass, ...)    TrainingArguments from cfg.train (+ stage keys)
     lora_config(cfg, task_type)    PEFT LoRA from cfg.peft (None when disabled)
     trainer.train(resume_from_checkpoint=resume_checkpoint(cfg))
@@ -278,14 +280,20 @@ def write_training_record(final_dir, cfg, trained_on: list[str]) -> dict:
     return record
 
 
-def write_summary(cfg, metric: str, value: float, wall_s: float, **extra) -> dict:
-    """OUT/summary.json for the pipeline's closing table, and the stage's one-line summary."""
+def write_summary(cfg, metric: str, value: Optional[float], start_time: float, **extra) -> dict:
+    """OUT/summary.json for the pipeline's closing table, and the stage's one-line summary.
+    start_time: time.monotonic() when the stage started."""
+    wall_s = time.monotonic() - start_time
     summary = {"stage": cfg.stage, "metric": metric, "value": value, "wall_s": round(wall_s, 1), "out": str(cfg.out), **extra}
     if is_main_process():
         atomic_write_json(Path(cfg.out) / "summary.json", summary)
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in extra.items())
-        print(f"{cfg.stage}: {metric}={value:.4g} in {wall_s:.0f} s -> {cfg.out}/final" + (f" ({shown})" if shown else ""))
+        shown = ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items())
+        print(f"{cfg.stage}: {metric}={_fmt(value)} in {wall_s:.0f} s -> {cfg.out}/final" + (f" ({shown})" if shown else ""))
     return summary
+
+
+def _fmt(value) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 def last_logged(trainer, key: str) -> Optional[float]:
@@ -377,15 +385,6 @@ def main(argv: list[str]) -> int:
         raise SystemExit("usage: python -m recipes.training RESOLVED_CONFIG.yaml")
     run_stage(load_resolved_config(argv[0]))
     return 0
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.monotonic()
-
-    @property
-    def seconds(self) -> float:
-        return time.monotonic() - self.start
 
 
 if __name__ == "__main__":
