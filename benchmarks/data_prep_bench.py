@@ -191,11 +191,12 @@ def main() -> None:
 
         shutil.rmtree(work / "out", ignore_errors=True)
         t = time.perf_counter()
-        manifest = build(str(work / "input"), work / "out", progress=True,
+        timings = {}
+        manifest = build(str(work / "input"), work / "out", progress=True, timings=timings,
                          options=Options(feedback_orders="all", tokenizer=str(tokenizer_dir), max_seq_len=16_384))
         ours = time.perf_counter() - t
         lines = {k: v["lines"] for k, v in manifest["outputs"].items()}
-        print(f"[bench] data_prep.build: {ours:.1f} s  outputs {lines}")
+        print(f"[bench] data_prep.build: {ours:.1f} s (phases {timings})  outputs {lines}")
         print(f"[bench] token lengths sft/train: {manifest['token_lengths']['sft/train']}")
         if args.skip_baseline:
             return

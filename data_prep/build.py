@@ -8,6 +8,8 @@ the manifest's counts say so (read = used + rejected). Same inputs and options g
 """
 from __future__ import annotations
 
+import contextlib
+import gc
 import hashlib
 import itertools
 import json
@@ -16,7 +18,9 @@ import platform
 import random
 import shutil
 import tempfile
+import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -282,24 +286,45 @@ def percentiles(values: list[int]) -> dict:
 
 
 class _Writer:
-    """A JSONL file written once, hashing as it goes."""
+    """A JSONL file written once, hashing as it goes. Hashing and writing happen on a background
+    thread (both release the GIL), overlapping with the JSON encoding of the next lines."""
 
-    def __init__(self, path: Path):
+    BUFFER_BYTES = 1 << 22
+
+    def __init__(self, path: Path, thread: ThreadPoolExecutor):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(path, "wb")
         self.sha = hashlib.sha256()
         self.lines = 0
+        self.thread = thread
+        self.buffer: list[bytes] = []
+        self.buffered = 0
+        self.pending = []
 
     def write(self, obj: Any) -> None:
         self.write_json(dumps_json(obj))
 
     def write_json(self, text: str) -> None:
         data = (text + "\n").encode("utf-8")
-        self.file.write(data)
-        self.sha.update(data)
+        self.buffer.append(data)
+        self.buffered += len(data)
         self.lines += 1
+        if self.buffered >= self.BUFFER_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffer:
+            self.pending.append(self.thread.submit(self._store, b"".join(self.buffer)))
+            self.buffer, self.buffered = [], 0
+
+    def _store(self, data: bytes) -> None:
+        self.sha.update(data)
+        self.file.write(data)
 
     def close(self) -> dict:
+        self._flush()
+        for future in self.pending:
+            future.result()  # re-raises a failed write
         self.file.close()
         return {"lines": self.lines, "sha256": self.sha.hexdigest()}
 
@@ -367,15 +392,60 @@ def existing_build(out: Path) -> dict | None:
     return manifest
 
 
+def write_outputs(tmp: Path, all_rows: list[Row], manifest: dict, progress: bool) -> None:
+    """Every output file into tmp, then manifest.json (with each file's line count and sha256)."""
+    from tqdm import tqdm
+
+    with ThreadPoolExecutor(max_workers=1) as thread:  # one thread, so each file's chunks stay in order
+        writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl", thread)
+                   for kind in OUTPUT_KINDS for split in SPLITS}
+        rejected_writer = _Writer(tmp / "rejected.jsonl", thread)
+        for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
+            for kind, lines in row.outputs.items():
+                writer = writers[f"{kind}/{row.split}.jsonl"]
+                for text in sft_lines_json(lines) if kind == "sft" else map(dumps_json, lines):
+                    writer.write_json(text)
+            if row.reason is not None:
+                rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
+                                       "detail": row.detail,
+                                       "record": row.record if row.record is not None else row.raw_text})
+        manifest["outputs"] = {name: writer.close() for name, writer in writers.items()}
+        manifest["outputs"]["rejected.jsonl"] = rejected_writer.close()
+    manifest["versions"] = versions()
+    with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
+        f.write(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+
+
+@contextlib.contextmanager
+def _without_gc():
+    """The build holds millions of small objects and makes no reference cycles: the cyclic
+    collector would rescan them again and again for nothing."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def build(source: str, out: str | os.PathLike, revision: str = "main", options: Options | None = None,
-          progress: bool = True, tokenizer=None, workers: int | None = None) -> dict:
+          progress: bool = True, tokenizer=None, workers: int | None = None,
+          timings: dict | None = None) -> dict:
     """Build OUT from SOURCE ('hf' or a directory); returns the manifest (with "up_to_date": True
     and nothing rewritten when OUT already holds the very same build). `tokenizer` may be passed
     as an object (then options.tokenizer is only its recorded name). Token counting runs in
-    `workers` processes (default: one per CPU); the output does not depend on it."""
+    `workers` processes (default: one per CPU); the output does not depend on it. `timings`, if
+    given, receives the seconds each phase took (not part of the manifest: it must stay byte-stable)."""
+    with _without_gc():
+        return _build(source, out, revision, options or Options(), progress, tokenizer, workers,
+                      {} if timings is None else timings)
+
+
+def _build(source, out, revision, options, progress, tokenizer, workers, timings) -> dict:
+    """build(), phase by phase: read and check, leaks, emit, count tokens, write, rename."""
     from tqdm import tqdm
 
-    options = options or Options()
     options.validate()
     orders = parse_feedback_orders(options.feedback_orders)
     out = Path(out)
@@ -400,6 +470,13 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
         raise UserError(f"--out {out}: already holds a different data_prep build ({', '.join(differ)} differ); "
                         f"pass another --out or delete it")
 
+    clock = time.perf_counter()
+
+    def phase(name: str) -> None:
+        nonlocal clock
+        timings[name] = round(time.perf_counter() - clock, 2)
+        clock = time.perf_counter()
+
     # Read and check every row.
     rows: dict[tuple[str, str], list[Row]] = {}
     for subset in SUBSETS:
@@ -413,6 +490,7 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
                         row.reason, row.detail = problem
                 rows[subset, split].append(row)
 
+    phase("read")
     # Held-out hygiene: train rows that repeat a validation row's (context, original_response).
     held_out: dict[str, list[str]] = {}
     for subset in SUBSETS:
@@ -432,9 +510,11 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
     for row in all_rows:
         if row.reason is None:
             emit_edit(row, orders, options.seed) if row.subset == "edit" else emit_edit_quality(row)
+    phase("emit")
     if counter is not None:
         count_tokens(all_rows, counter, options.max_seq_len, progress, workers or os.cpu_count() or 1)
 
+    phase("count_tokens")
     rejected = [row for row in all_rows if row.reason is not None]
     if options.strict and rejected:
         by_reason = Counter(row.reason for row in rejected)
@@ -483,25 +563,11 @@ def build(source: str, out: str | os.PathLike, revision: str = "main", options: 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
-        writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl") for kind in OUTPUT_KINDS for split in SPLITS}
-        rejected_writer = _Writer(tmp / "rejected.jsonl")
-        for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
-            for kind, lines in row.outputs.items():
-                writer = writers[f"{kind}/{row.split}.jsonl"]
-                for text in sft_lines_json(lines) if kind == "sft" else map(dumps_json, lines):
-                    writer.write_json(text)
-            if row.reason is not None:
-                rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
-                                       "detail": row.detail,
-                                       "record": row.record if row.record is not None else row.raw_text})
-        manifest["outputs"] = {name: writer.close() for name, writer in writers.items()}
-        manifest["outputs"]["rejected.jsonl"] = rejected_writer.close()
-        manifest["versions"] = versions()
-        with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
-            f.write(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")
+        write_outputs(tmp, all_rows, manifest, progress)
         if out.exists():
             out.rmdir()  # an empty directory (existing_build allowed nothing else here)
         os.rename(tmp, out)
+        phase("write")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

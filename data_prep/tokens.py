@@ -68,7 +68,23 @@ NEWLINE_SAFE_PATTERNS = {
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
     r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+""",
 }
-AFTER_LAST_NEWLINE = re.compile(r"(?<=[\r\n])(?=[^\S\r\n]*(?:\S|\Z))")
+
+
+def cut_after_newlines(text: str) -> list[str]:
+    """`text` cut right after each newline that ends a whitespace run (the next line starts, after
+    spaces or tabs, with a non-space character): under NEWLINE_SAFE_PATTERNS a pre-token ends there.
+    Not cutting is always exact, so any doubtful position is simply left uncut."""
+    lines = text.split("\n")
+    chunks, current = [], []
+    for line, following in zip(lines, lines[1:]):
+        current.append(line)
+        start = following.lstrip(" \t")
+        if start and not start[0].isspace():
+            chunks.append("\n".join(current) + "\n")
+            current = []
+    current.append(lines[-1])
+    chunks.append("\n".join(current))
+    return [chunk for chunk in chunks if chunk]
 
 
 class TokenCounter:
@@ -79,7 +95,7 @@ class TokenCounter:
         self._split_specials = re.compile("(" + "|".join(map(re.escape, specials)) + ")") if specials else None
         pattern = pretokenizer_pattern(tokenizer)
         self._pretokenize = regex.compile(pattern).findall if pattern else None
-        self._cut_lines = AFTER_LAST_NEWLINE.split if pattern in NEWLINE_SAFE_PATTERNS else None
+        self._cut_lines = cut_after_newlines if pattern in NEWLINE_SAFE_PATTERNS else None
         self._pretoken_lengths: dict[str, int] = {}
         self._encode = self._make_encoder(tokenizer)
         self._verified = 0
