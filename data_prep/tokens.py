@@ -11,8 +11,11 @@ We render each conversation with the chat template (apply_chat_template, tokeniz
 at special tokens, split each distinct piece into pre-tokens with the same regex, and encode each
 distinct pre-token once, in batches. For tokenizers whose pre-tokenizer is not a plain regex split
 (or that normalize text first) we encode each distinct piece whole instead, which is still exact.
-The first conversations are checked against apply_chat_template; if a count ever differs, the
-counter switches to encoding whole rendered texts.
+A row's feedback orders differ only in the edit request: that conversation is rendered once and the
+other requests are substituted where the template put the first one verbatim, and (for Llama-3-style
+regexes) edit requests are cut at line starts so the same feedback items are pre-tokenized once.
+The first conversations are checked against apply_chat_template; if a count differs, the counter
+switches to encoding whole rendered texts for good.
 """
 from __future__ import annotations
 
