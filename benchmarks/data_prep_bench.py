@@ -29,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep import build_edit_conversation  # noqa: E402
-from data_prep.build import Options, build  # noqa: E402
+from data_prep.build import Options, build, percentiles  # noqa: E402
 from data_prep.feedback import select_feedback  # noqa: E402
 from recipes.tiny_model import CHAT_TEMPLATE  # noqa: E402
 
@@ -134,14 +134,14 @@ def make_tokenizer(root: Path, corpus_dir: Path) -> tuple[Path, str]:
     return root, f"{what}, vocab {len(tokenizer)}"
 
 
-def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> int:
+def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> tuple[int, list[int]]:
     """The straightforward way: datasets.map per row, apply_chat_template per conversation, one process."""
     import datasets
     from transformers import AutoTokenizer
 
     datasets.disable_progress_bars()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir)
-    conversations = 0
+    conversations, sft_train_lengths = 0, []
 
     def edit_row(row):
         selected = select_feedback(row["feedback"])
@@ -170,7 +170,9 @@ def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> int:
             mapped = ds.map(fn, num_proc=None, load_from_cache_file=False)
             mapped.to_json(out / f"{subset}-{split}.jsonl", force_ascii=False)
             conversations += len(mapped) * (6 if subset == "edit" else 3)
-    return conversations
+            if (subset, split) == ("edit", "train"):
+                sft_train_lengths = [n for lengths in mapped["sft_lengths"] for n in lengths]
+    return conversations, sft_train_lengths
 
 
 def main() -> None:
@@ -203,8 +205,10 @@ def main() -> None:
         shutil.rmtree(work / "baseline", ignore_errors=True)
         (work / "baseline").mkdir()
         t = time.perf_counter()
-        conversations = naive_baseline(work / "input", work / "baseline", tokenizer_dir)
+        conversations, naive_lengths = naive_baseline(work / "input", work / "baseline", tokenizer_dir)
         naive = time.perf_counter() - t
+        same = percentiles(naive_lengths) == manifest["token_lengths"]["sft/train"]
+        print(f"[bench] token counts of sft/train agree with per-conversation apply_chat_template: {same}")
         print(f"[bench] naive baseline (datasets.map + per-row apply_chat_template): {naive:.1f} s "
               f"({conversations} conversations counted)")
         print(f"[bench] data_prep {ours:.1f} s vs naive {naive:.1f} s: {naive / ours:.1f}x faster "
