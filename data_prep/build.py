@@ -379,7 +379,7 @@ def existing_build(out: Path) -> dict | None:
     if not out.exists():
         return None
     if not out.is_dir():
-        raise UserError(f"--out {out}: exists and is not a directory")
+        raise UserError(f"output dir {out}: exists and is not a directory")
     if not any(out.iterdir()):
         return None
     try:
@@ -387,7 +387,7 @@ def existing_build(out: Path) -> dict | None:
         if manifest.get("tool") != "data_prep":
             raise ValueError
     except (OSError, ValueError):
-        raise UserError(f"--out {out}: not empty and holds no data_prep build (manifest.json); "
+        raise UserError(f"output dir {out}: not empty and holds no data_prep build (manifest.json); "
                         f"pass a new or empty directory") from None
     return manifest
 
@@ -467,8 +467,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
         if fingerprint(previous) == fingerprint(manifest):
             return {**previous, "up_to_date": True}
         differ = [k for k, v in fingerprint(manifest).items() if fingerprint(previous).get(k) != v]
-        raise UserError(f"--out {out}: already holds a different data_prep build ({', '.join(differ)} differ); "
-                        f"pass another --out or delete it")
+        raise UserError(f"output dir {out}: already holds a different data_prep build ({', '.join(differ)} differ); "
+                        f"use another output dir (--out, or data_dir in the pipeline) or delete it")
 
     clock = time.perf_counter()
 
