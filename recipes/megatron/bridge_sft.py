@@ -22,6 +22,7 @@ import argparse
 import math
 import os
 import shlex
+import time
 import sys
 from pathlib import Path
 
@@ -31,7 +32,7 @@ from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import megatron_decay_style
 from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
-from recipes.training import Timer, write_summary
+from recipes.training import write_summary
 
 CONFIG_NAME = "megatron_bridge_sft.yaml"
 # Megatron-Bridge's GPTSFTDatasetConfig reads DATASET_ROOT/training.jsonl and validation.jsonl.
@@ -225,13 +226,13 @@ def run(cfg) -> dict:
         raise UserError(f"the sft plan needs {nodes} nodes: submit it with executor=slurm cluster=NAME (a local run uses one node)")
     import subprocess
 
-    timer = Timer()
+    start = time.monotonic()
     command = local_command(cfg)
     print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
     if result.returncode:
         raise UserError(f"Megatron-Bridge sft exited with {result.returncode} (command: {shlex.join(command)})")
-    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_rows(cfg)[0])), timer.seconds,
+    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_rows(cfg)[0])), start,
                          checkpoints=str(out_dir(cfg) / "checkpoints"))
 
 
@@ -264,14 +265,14 @@ def finetune_from_file(path: str) -> None:
         dataset["offline_packing_specs"] = PackedSequenceSpecs(**dataset["offline_packing_specs"])
     container.dataset = GPTSFTDatasetConfig(**dataset, dataloader_type="batch")
     container = process_config_with_overrides(container, cli_overrides=document["overrides"])
-    timer = Timer()
+    start = time.monotonic()
     finetune(config=container, forward_step_func=forward_step)
     if os.environ.get("RANK", "0") == "0":
         iters = next(int(o.split("=", 1)[1]) for o in document["overrides"] if o.startswith("train.train_iters="))
-        summary = {"stage": "sft", "metric": "train_iters", "value": iters, "wall_s": round(timer.seconds, 1),
+        summary = {"stage": "sft", "metric": "train_iters", "value": iters, "wall_s": round(time.monotonic() - start, 1),
                    "out": document["out"], "checkpoints": str(Path(document["out"]) / "checkpoints")}
         atomic_write_json(Path(document["out"]) / "summary.json", summary)
-        print(f"sft: {iters} iterations in {timer.seconds:.0f} s -> {document['out']}/checkpoints")
+        print(f"sft: {iters} iterations in {time.monotonic() - start:.0f} s -> {document['out']}/checkpoints")
 
 
 def main(argv: list[str] | None = None) -> int:

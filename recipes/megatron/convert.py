@@ -10,13 +10,14 @@ the HF model id for the config and tokenizer it writes next to the weights (mega
 from __future__ import annotations
 
 import shlex
+import time
 import subprocess
 from pathlib import Path
 
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_text
 from recipes.megatron import job_nodes
-from recipes.training import Timer, write_summary
+from recipes.training import write_summary
 
 DIRECTIONS = ("hf_to_megatron", "megatron_to_hf")
 DEVICES = ("cpu", "gpu")
@@ -66,9 +67,9 @@ def run(cfg) -> dict:
         print("command:", shlex.join(command))
         print(f"convert ({cfg.megatron.convert_direction}, dry run): wrote {Path(cfg.out) / 'command.sh'}; nothing was run")
         return {"stage": "convert", "metric": "dry_run", "value": 0, "out": cfg.out}
-    timer = Timer()
+    start = time.monotonic()
     print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
     if result.returncode:
         raise UserError(f"Megatron-Bridge conversion exited with {result.returncode} (command: {shlex.join(command)})")
-    return write_summary(cfg, "converted", 1.0, timer.seconds, direction=cfg.megatron.convert_direction)
+    return write_summary(cfg, "converted", 1.0, start, direction=cfg.megatron.convert_direction)

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import runpy
 import shlex
+import time
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import job_nodes, megatron_decay_style
 from recipes.megatron.plan import plan_from_cfg, validate_plan
-from recipes.training import Timer, write_summary
+from recipes.training import write_summary
 
 EXAMPLE_CONFIG = {"rm": "rm.yaml", "rl": "grpo_math_70B_megatron.yaml", "dpo": "dpo.yaml"}
 ENTRY_POINT = {"rm": "examples/run_rm.py", "rl": "examples/run_grpo.py", "dpo": "examples/run_dpo.py"}
@@ -291,12 +292,12 @@ def run(cfg) -> dict:
         return {"stage": cfg.stage, "metric": "dry_run", "value": 0, "out": cfg.out}
     import subprocess
 
-    timer = Timer()
+    start = time.monotonic()
     print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
     if result.returncode:
         raise UserError(f"NeMo-RL {cfg.stage} exited with {result.returncode} (command: {shlex.join(command)})")
-    return write_summary(cfg, "exit_code", 0.0, timer.seconds, checkpoints=str(out_dir(cfg) / "checkpoints"))
+    return write_summary(cfg, "exit_code", 0.0, start, checkpoints=str(out_dir(cfg) / "checkpoints"))
 
 
 # ---- in the container: the multi-turn edit-prompt processor, then NeMo-RL's own entry point --------
