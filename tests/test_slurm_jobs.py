@@ -27,7 +27,8 @@ pytestmark = pytest.mark.slurm
 CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm_cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Every job of these tests: the test cluster's single partition, no GPUs, the repo's venv.
-ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10"]
+# model=tiny: without it a SLURM job defaults to the paper's 70B model.
+ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny"]
 
 
 @pytest.fixture(scope="session")
@@ -96,6 +97,36 @@ def test_two_task_job_ranks_share_one_master(slurm, tmp_path):
     assert {p["MASTER_ADDR"] for p in probes} == {probes[0]["host"]}  # the job's first (only) node
     assert len({p["MASTER_PORT"] for p in probes}) == 1
     assert [p["sum"] for p in probes] == [3, 3]  # 1 + 2: both ranks joined one process group
+
+
+@pytest.mark.slow
+def test_megatron_stage_gets_sigterm_on_usr1_and_is_requeued(slurm, tmp_path):
+    """Megatron-Bridge checkpoints on SIGTERM (train.exit_signal_handler): on USR1 the rendered script
+    signals the job step's tasks with TERM; a task that then exits 75 (as bridge_sft does after
+    its checkpoint) gets the job requeued, and the restarted job runs to completion."""
+    cfg = compose("sft", ["engine=megatron", "megatron.container=", f"run_dir={tmp_path}", *ON_SLURM,
+                          "cluster.time=1", "cluster.signal_seconds=30", "cluster.gpus_per_node=1",
+                          "cluster.request_gpus=false"])
+    probe = textwrap.dedent("""
+        import os, signal, sys, time
+        if os.environ.get("SLURM_RESTART_COUNT", "0") != "0":
+            print("PROBE resumed", flush=True); sys.exit(0)
+        got = []
+        signal.signal(signal.SIGTERM, lambda *_: got.append(time.time()))
+        deadline = time.time() + 120
+        while not got and time.time() < deadline:
+            time.sleep(0.2)
+        print("PROBE term" if got else "PROBE no-term", flush=True)
+        sys.exit(75 if got else 1)
+    """)
+    (tmp_path / "slurm").mkdir()
+    script = tmp_path / "probe.sbatch"
+    script.write_text(render_script(cfg, command=f"python -c {shlex.quote(probe)}"))
+    job = sbatch(script)
+    info = wait_for([job], timeout=240)[job]
+    log = (tmp_path / "slurm" / f"sft-{job}.log").read_text()
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log[-3000:]
+    assert [line for line in log.splitlines() if line.startswith("PROBE ")] == ["PROBE term", "PROBE resumed"]
 
 
 @pytest.mark.slow

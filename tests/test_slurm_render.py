@@ -88,7 +88,7 @@ def test_hf_sft_on_two_nodes_uses_accelerate_per_node(tmp_path):
 
 def test_hf_dry_run_checks_the_batch_against_the_gpu_count(tmp_path):
     # 2 nodes x 8 GPUs = 16 processes: global batch 8 with micro batch 2 cannot be split.
-    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "nodes=2", "gbs=8", "mbs=2",
+    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2", "gbs=8", "mbs=2",
                    f"run_dir={tmp_path}", "--dry-run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -132,7 +132,7 @@ def test_pipeline_dry_run_chains_the_stages(tmp_path):
     (["module load cuda/12.4", "source /opt/env/bin/activate"], "module load cuda/12.4; source /opt/env/bin/activate"),
 ])
 def test_clusters_without_containers_run_the_setup_lines(tmp_path, setup, expected):
-    cfg = compose("sft", ["executor=slurm", f"run_dir={tmp_path}", f"cluster.setup={setup}".replace("'", "")])
+    cfg = compose("sft", ["executor=slurm", "model=tiny", f"run_dir={tmp_path}", f"cluster.setup={setup}".replace("'", "")])
     [srun] = srun_lines(render_script(cfg))
     assert not any(a.startswith("--container") for a in srun)
     assert srun[-1] == f"cd {REPO_ROOT}; " + expected.format(venv=REPO_ROOT / ".venv") + \
