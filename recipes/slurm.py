@@ -248,6 +248,8 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
     if cfg.stage in preemption.TRAINING_STAGES:
         request = (f'echo "[hs3] USR1 at $(date -u +%FT%TZ): asking the stage to checkpoint and stop"\n'
                    f'  touch "$OUT/{preemption.PREEMPT_REQUEST_FILE}"')
+        if kind == "megatron":  # Megatron-Bridge's exit signal handler checkpoints and stops on SIGTERM
+            request += '\n  scancel --signal=TERM "$SLURM_JOB_ID"  # the job steps\' tasks, not this script'
     else:  # nothing to checkpoint: the stage runs on until the limit
         request = f'echo "[hs3] USR1 at $(date -u +%FT%TZ): {cfg.stage} has no checkpoint; it may hit the time limit"'
     return f"""#!/bin/bash

@@ -54,8 +54,10 @@ def cfg_for(stage: str, run_dir: Path, *extra: str):
 # (_sft_common: checkpoint.save/load/pretrained_checkpoint, logger.log_interval/tensorboard_dir,
 # tokenizer.tokenizer_model), recipes/utils/optimizer_utils.py (scheduler.lr_warmup_iters, lr_decay_iters,
 # lr_decay_style, start_weight_decay, end_weight_decay), data/builders/gpt_sft.py (GPTSFTDatasetConfig fields) and data/sft_processing.py
-# (ChatSFTPreprocessingConfig.loss_mode in {"assistant", "last_turn", "full"}).
+# (ChatSFTPreprocessingConfig.loss_mode in {"assistant", "last_turn", "full"}), recipes/run_plugins.py
+# (train.exit_signal_handler: checkpoint and stop on SIGTERM, the preemption path).
 BRIDGE_KEYS = {
+    "train.exit_signal_handler",
     "model.seq_length", "train.train_iters", "train.global_batch_size", "train.micro_batch_size",
     "validation.eval_interval", "checkpoint.pretrained_checkpoint", "checkpoint.save", "checkpoint.load",
     "checkpoint.save_interval", "logger.log_interval", "logger.tensorboard_dir", "rng.seed",
@@ -97,7 +99,8 @@ def test_sft_config_golden(run_dir: Path):
                 "optimizer.weight_decay": "0.01", "scheduler.start_weight_decay": "0.01", "scheduler.end_weight_decay": "0.01",
                 "checkpoint.save": str((run_dir / "sft" / "checkpoints").resolve()),
                 "checkpoint.load": str((run_dir / "sft" / "checkpoints").resolve()),
-                "checkpoint.pretrained_checkpoint": str((run_dir / "convert").resolve())}
+                "checkpoint.pretrained_checkpoint": str((run_dir / "convert").resolve()),
+                "train.exit_signal_handler": "true"}  # SIGTERM on preemption: checkpoint, stop
     assert {k: overrides[k] for k in expected} == expected
     # every key is a real field: megatron-core's classes here, the verified list for the rest
     known = (BRIDGE_KEYS | {f"model.{f}" for f in _fields(TransformerConfig)}

@@ -22,12 +22,13 @@ import argparse
 import math
 import os
 import shlex
-import time
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
+from recipes import preemption
 from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import megatron_decay_style
@@ -128,6 +129,8 @@ def bridge_config(cfg, rows: int) -> dict:
         "checkpoint.save_interval": t.save_steps,
         "logger.log_interval": t.logging_steps,
         "logger.tensorboard_dir": str(out_dir(cfg) / "tb_logs"),
+        # SIGTERM (the SLURM batch script sends it on USR1, before the time limit): save a checkpoint, stop.
+        "train.exit_signal_handler": True,
         "rng.seed": cfg.seed,
         "tokenizer.tokenizer_model": cfg.megatron.hf_model_id,
     }
@@ -267,12 +270,28 @@ def finetune_from_file(path: str) -> None:
     container = process_config_with_overrides(container, cli_overrides=document["overrides"])
     start = time.monotonic()
     finetune(config=container, forward_step_func=forward_step)
+    iters = next(int(o.split("=", 1)[1]) for o in document["overrides"] if o.startswith("train.train_iters="))
+    saved = saved_iteration(str(Path(document["out"]) / "checkpoints"))
+    if saved < iters:  # stopped by the exit signal handler: the checkpoint is saved, the job requeues
+        if os.environ.get("RANK", "0") == "0":
+            atomic_write_json(Path(document["out"]) / preemption.PREEMPTED_MARKER_FILE, {"step": saved})
+            print(f"sft: stopped at iteration {saved} of {iters} with a checkpoint; exit {preemption.PREEMPTED_EXIT_CODE} "
+                  "(requeue or rerun to resume)", flush=True)
+        sys.exit(preemption.PREEMPTED_EXIT_CODE)
     if os.environ.get("RANK", "0") == "0":
-        iters = next(int(o.split("=", 1)[1]) for o in document["overrides"] if o.startswith("train.train_iters="))
         summary = {"stage": "sft", "metric": "train_iters", "value": iters, "wall_s": round(time.monotonic() - start, 1),
                    "out": document["out"], "checkpoints": str(Path(document["out"]) / "checkpoints")}
         atomic_write_json(Path(document["out"]) / "summary.json", summary)
         print(f"sft: {iters} iterations in {time.monotonic() - start:.0f} s -> {document['out']}/checkpoints")
+
+
+def saved_iteration(save_dir: str) -> int:
+    """The iteration of the latest checkpoint Megatron-Bridge saved in save_dir (-1: none yet)."""
+    from megatron.bridge.training.utils.checkpoint_utils import (
+        TRACKER_PREFIX, get_checkpoint_train_state_filename, read_train_state)
+
+    tracker = get_checkpoint_train_state_filename(save_dir, prefix=TRACKER_PREFIX)
+    return read_train_state(tracker).step if Path(tracker).exists() else -1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,8 +24,8 @@ from __future__ import annotations
 import argparse
 import runpy
 import shlex
-import time
 import sys
+import time
 from pathlib import Path
 
 import yaml
