@@ -52,12 +52,9 @@ def build_trainer(cfg):
 
 
 def run(cfg) -> dict:
-    if cfg.dry_run:
-        return training.dry_run(cfg)
-    training.check_inputs(cfg, "pairs/train.jsonl", "pairs/validation.jsonl")  # before anything is written or loaded
-    relaunched = training.maybe_relaunch(cfg)  # several processes: run them, read their summary
-    if relaunched:
-        return relaunched
+    finished = training.preflight(cfg, "pairs/train.jsonl", "pairs/validation.jsonl")  # dry run; checks; or run under accelerate
+    if finished:
+        return finished
     start = time.monotonic()
     training.prepare_output_dir(cfg)
     trainer = build_trainer(cfg)

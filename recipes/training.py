@@ -1,9 +1,9 @@
 """HF-engine glue shared by the four training stages (recipes/sft.py, rm.py, rl.py, dpo.py).
 
 Each stage file reads top to bottom and calls, in order:
-    dry_run(cfg)                   `--dry-run`: print the config, load nothing
-    check_inputs(cfg, files...)    data files, init, reward model, out dir: one-line ConfigError, nothing loaded
-    maybe_relaunch(cfg)            re-exec under `accelerate launch` when several processes are asked for
+    preflight(cfg, files...)       `--dry-run` (print the config, load nothing); check_inputs: data files,
+                                   init, reward model, out dir (one-line ConfigError, nothing loaded);
+                                   maybe_relaunch: re-exec under `accelerate launch` for several processes
     prepare_output_dir(cfg)        OUT/config.yaml and OUT/data_manifest.sha256
     common_args(cfg, TRLConfigClass, ...)    TrainingArguments from cfg.train (+ stage keys)
     lora_config(cfg, task_type)    PEFT LoRA from cfg.peft (None when disabled)
@@ -223,14 +223,22 @@ def callbacks(cfg) -> list:
     return [preemption.PreemptionCallback(cfg.out)]
 
 
-def dry_run(cfg) -> Optional[dict]:
+def dry_run(cfg) -> dict:
     """`--dry-run`: print what would run, load nothing."""
-    if not cfg.dry_run:
-        return None
     launcher = "accelerate launch" if wants_accelerate(cfg) else "this process"
     print(to_yaml(cfg))
     print(f"{cfg.stage}: dry run, would train in {launcher} -> {cfg.out}/final")
     return {"stage": cfg.stage, "metric": "dry_run", "value": None, "wall_s": 0.0, "out": str(cfg.out)}
+
+
+def preflight(cfg, *data_files: str) -> Optional[dict]:
+    """Everything a stage does before it writes or loads anything: `--dry-run`, the input checks, and
+    the relaunch under accelerate when several processes are asked for. Returns the summary when that
+    already finished the stage here (dry run, or the processes ran), else None: go on and train."""
+    if cfg.dry_run:
+        return dry_run(cfg)
+    check_inputs(cfg, *data_files)
+    return maybe_relaunch(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
