@@ -139,4 +139,8 @@ def smoke_main(args: list[str]) -> int:
         if "smoke" not in run_dir.name:  # never wipe a directory the user named for something else
             raise UserError(f"run_dir={run_dir}: the smoke pipeline only clears a run_dir named *smoke*")
         shutil.rmtree(run_dir)
+    # A CPU-only demo: say so to DeepSpeed (instead of its detection warning in every stage), and keep
+    # the libraries' deprecation notices to each other (TRL -> transformers) off the newcomer's screen.
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    os.environ.setdefault("PYTHONWARNINGS", "ignore::FutureWarning")
     return main(args, preset="smoke")

@@ -36,3 +36,18 @@ def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path):
     assert accuracy == {"all": 0.0, "good_vs_bad": 0.0, "good_vs_original": 0.0}
     record = json.loads((final / "hs3_training.json").read_text())
     assert record["stage"] == "rm" and record["trained_on"] == ["edit_quality/train"]
+
+
+def test_the_new_score_head_is_the_same_for_the_same_seed(tmp_path):
+    """The base checkpoint has no score head: it is initialised at load time, so it must come from the
+    configured seed (the same config gives the same reward model), and a new seed must change it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from recipes import training
+
+    heads = [training.load_model(compose("rm", [f"run_dir={tmp_path}", f"seed={seed}"]),
+                                 AutoModelForSequenceClassification, num_labels=1).score.weight.detach().clone()
+             for seed in (7, 7, 8)]
+    torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
+    assert not torch.equal(heads[0], heads[2])
