@@ -22,11 +22,11 @@ class RewardScorer:
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
         from eval.engines import gpu_device_map
-        from recipes.models import torch_dtype
+        from recipes.models import load_pretrained, torch_dtype
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(
-            path, dtype=torch_dtype(dtype), device_map=gpu_device_map()).eval()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = load_pretrained(
+            AutoModelForSequenceClassification, path, dtype=torch_dtype(dtype), device_map=gpu_device_map()).eval()
+        self.tokenizer = load_pretrained(AutoTokenizer, path)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         if self.model.config.pad_token_id is None:

@@ -30,6 +30,7 @@ from recipes.io import UserError
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("HS3_CONF_DIR", REPO_ROOT / "conf"))
 
+DTYPES = ("float32", "bfloat16", "float16")
 STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert")
 ENGINES = ("hf", "megatron")
 EXECUTORS = ("local", "slurm")
@@ -407,6 +408,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"executor={cfg.executor}: unknown executor (executors: {', '.join(EXECUTORS)})")
     if cfg.resume not in ("auto", "never") and not Path(cfg.resume).exists():
         raise ConfigError(f"resume={cfg.resume}: no such checkpoint (use auto, never, or a checkpoint dir)")
+    if cfg.model.dtype not in DTYPES:
+        raise ConfigError(f"model.dtype={cfg.model.dtype}: not one of {', '.join(DTYPES)}")
     t = cfg.train
     for key in ("global_batch", "micro_batch", "logging_steps", "save_steps", "eval_steps"):
         if t[key] < 1:

@@ -36,12 +36,22 @@ def resolve_model_path(model_cfg) -> str:
     return path
 
 
+def load_pretrained(auto_class, source: str, **kwargs):
+    """auto_class.from_pretrained(source), with a model that cannot be had (a missing dir, an unknown hub
+    id, the hub out of reach) as a one-line UserError instead of a traceback."""
+    try:
+        return auto_class.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"cannot load {source}: {first_line[:300]}") from None
+
+
 def load_tokenizer(model_cfg, path: str | None = None):
     from transformers import AutoTokenizer
 
     source = path or (model_cfg.tokenizer and str(model_cfg.tokenizer)) or resolve_model_path(model_cfg)
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file and path is None else {}
-    tokenizer = AutoTokenizer.from_pretrained(source, **kwargs)
+    tokenizer = load_pretrained(AutoTokenizer, source, **kwargs)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -60,7 +70,7 @@ def load_causal_lm(model_cfg, path: str | None = None, **from_pretrained_kwargs)
 
     source = path or resolve_model_path(model_cfg)
     kwargs = {"gguf_file": model_cfg.gguf_file} if model_cfg.gguf_file and path is None else {}
-    return AutoModelForCausalLM.from_pretrained(
-        source, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
+    return load_pretrained(
+        AutoModelForCausalLM, source, dtype=torch_dtype(model_cfg.dtype), attn_implementation=model_cfg.attn_implementation,
         **kwargs, **from_pretrained_kwargs
     )

@@ -140,14 +140,14 @@ def load_model(cfg, auto_class, source: Optional[str] = None, **kwargs):
     """auto_class.from_pretrained on cfg.init / the base model (or `source`) with the configured dtype."""
     from transformers import set_seed
 
-    from recipes.models import torch_dtype
+    from recipes.models import load_pretrained, torch_dtype
 
     path, extra = (source, {}) if source else model_source(cfg)
     # Weights the checkpoint lacks (the reward model's new score head) are initialised from the global
     # RNG, before Trainer seeds it: seed here so that the same config gives the same model.
     set_seed(cfg.seed)
-    model = auto_class.from_pretrained(
-        path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation, **extra, **kwargs
+    model = load_pretrained(
+        auto_class, path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation, **extra, **kwargs
     )
     if "gguf_file" in extra:
         # GGUF weights are dequantized to cfg.model.dtype on load; the GGUF "quantizer" left on the model

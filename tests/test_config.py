@@ -71,6 +71,7 @@ def test_list_values_parse():
         (["model=no_such_model"], "model=no_such_model: no such file"),
         (["engine=jax"], "engine=jax: unknown engine"),
         (["executor=k8s"], "executor=k8s: unknown executor"),
+        (["model.dtype=fp8"], "model.dtype=fp8: not one of float32, bfloat16, float16"),
         (["gbs=10", "mbs=4"], "train.global_batch=10 is not divisible by train.micro_batch=4 x data-parallel size=1 (= 4)"),
         (["gbs=16", "mbs=2", "hf.num_processes=3"], "train.micro_batch=2 x data-parallel size=3 (= 6)"),
         (["gbs=16", "mbs=2", "train.grad_accum=4"], "train.global_batch=16 != train.micro_batch=2 x data-parallel size=1 x train.grad_accum=4 (= 8)"),

@@ -47,3 +47,14 @@ def test_config_error_is_one_line_before_any_model(case, edit_data_dir, tmp_path
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr[-2000:]
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: "), proc.stderr
     assert message in proc.stderr
+
+
+@pytest.mark.parametrize("model_path", ["nobody/no-such-model", "/nonexistent/model/dir"])
+def test_a_model_that_cannot_be_loaded_is_one_line(model_path, edit_data_dir, tmp_path):
+    """No such hub id (the hub is out of reach here, as on many clusters' compute nodes) or no such
+    directory: one line naming the model, exit 2, not transformers' traceback."""
+    proc = run_cli("-m", "recipes", "sft", f"model.path={model_path}", f"data={edit_data_dir}",
+                   f"run_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot load {model_path}: ")
+    assert "Traceback" not in proc.stderr
