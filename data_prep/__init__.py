@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from data_prep.feedback import edit_request, select_feedback
 
-__all__ = ["build_edit_conversation", "edit_request", "select_feedback"]
+__all__ = ["build_edit_conversation", "edit_request", "is_copy", "normalise_whitespace", "select_feedback"]
 
 
 def build_edit_conversation(context: list[dict], original_response: str, feedback: list[str]) -> list[dict]:
@@ -20,3 +20,14 @@ def build_edit_conversation(context: list[dict], original_response: str, feedbac
     messages.append({"role": "assistant", "content": original_response})
     messages.append({"role": "user", "content": edit_request(select_feedback(feedback))})
     return messages
+
+
+def normalise_whitespace(text: str) -> str:
+    """Runs of whitespace as one space, none at the ends: how texts are compared everywhere."""
+    return " ".join(text.split())
+
+
+def is_copy(edit: str, original: str) -> bool:
+    """The edit is the original after whitespace normalisation: a pair the data step does not emit,
+    the copy rate the rl stage logs and the eval reports."""
+    return normalise_whitespace(edit) == normalise_whitespace(original)

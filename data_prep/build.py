@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from data_prep import build_edit_conversation
+from data_prep import build_edit_conversation, is_copy
 from data_prep.feedback import selected_indices
 from data_prep.schema import (EQUAL_PAIRS, LEAKED, SPLITS, SUBSETS, TOO_LONG, check_row, extra_fields)
 from data_prep.sources import open_source
@@ -120,10 +120,6 @@ def leak_key(record: dict) -> str:
                       ensure_ascii=False)
 
 
-def normalise_whitespace(text: str) -> str:
-    return " ".join(text.split())
-
-
 def metadata(subset: str, record: dict) -> dict:
     """change_summary (edit rows that have one) and any field HelpSteer3's schema does not name."""
     extra = extra_fields(subset, record)
@@ -167,7 +163,7 @@ def emit_edit_quality(row: Row) -> None:
     extra = metadata("edit_quality", record)
     pairs = []
     for kind, other in zip(PAIR_KINDS, (record["bad_edited_response"], record["original_response"])):
-        if normalise_whitespace(good) == normalise_whitespace(other):
+        if is_copy(good, other):
             row.equal_pairs.append(kind)
             continue
         pairs.append({"id": f"{row.key}/{kind}", "prompt": prompt,

@@ -23,6 +23,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
+from data_prep import is_copy  # one definition of a copy for data, rl and eval
+
 # Headline metrics in the order reports show them: (key, label, higher is better).
 GENERATION_METRICS = (
     ("reward_win_rate", "reward win rate vs original", True),
@@ -60,14 +62,6 @@ ROW_FIELD = {
     "rm_accuracy_good_vs_original": "rm_correct_good_vs_original",
     "policy_pref_accuracy": "policy_correct",
 }
-
-
-def normalize_ws(text: str) -> str:
-    return " ".join(text.split())
-
-
-def is_copy(edit: str, original: str) -> bool:
-    return normalize_ws(edit) == normalize_ws(original)
 
 
 @lru_cache(maxsize=2)

@@ -20,12 +20,9 @@ from __future__ import annotations
 
 import time
 
+from data_prep import is_copy
 from recipes import training
 from recipes.config import ConfigError
-
-
-def normalise_whitespace(text: str) -> str:
-    return " ".join(text.split())
 
 
 def copy_indicator(prompts, completions, original_response, **kwargs) -> list[float]:
@@ -33,7 +30,7 @@ def copy_indicator(prompts, completions, original_response, **kwargs) -> list[fl
     RLOOTrainer as a reward function with weight 0: it never changes the reward, and its logged mean
     (`rewards/copy_indicator/mean`) is the copy rate."""
     texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(normalise_whitespace(t) == normalise_whitespace(o)) for t, o in zip(texts, original_response)]
+    return [float(is_copy(t, o)) for t, o in zip(texts, original_response)]
 
 
 def check_batch(cfg) -> None:
