@@ -1,12 +1,11 @@
 """report.md tables and PNG plots from a report dict (shared by the eval run and eval-compare)."""
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Optional
 
 from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS
+from recipes.io import atomic_path
 
 # Shown as percentages; chrF is already 0-100; ROUGE-L and length ratio as plain numbers.
 PERCENT = {"reward_win_rate", "reward_win_rate_vs_reference", "copy_rate", "near_copy_rate", "empty_rate",
@@ -103,15 +102,9 @@ def _pyplot():
 
 
 def _save(fig, path: Path) -> None:
-    """Written atomically (temp file + rename), without matplotlib's version stamp in the metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
+    """Written atomically, without matplotlib's version stamp in the metadata."""
+    with atomic_path(path, suffix=".png") as tmp:  # matplotlib picks the format from the suffix
         fig.savefig(tmp, dpi=110, bbox_inches="tight", metadata={"Software": None})
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
 
 
 def plot_metrics(reports: dict[str, dict], path: Path, title: str) -> None:

@@ -1,6 +1,7 @@
 """Small I/O helpers every package uses: user errors, atomic and deterministic writes."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
@@ -8,7 +9,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 
 class UserError(Exception):
@@ -37,18 +38,24 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False, separators=(", ", ": "))
 
 
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temp file in the same directory, then rename: readers never see half a file."""
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
+    """A temp file beside `path` to write; renamed onto `path` when the block succeeds, removed when it
+    fails: readers never see half a file. `suffix` keeps an extension for writers that go by it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
+        yield Path(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    finally:
         Path(tmp).unlink(missing_ok=True)
-        raise
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8", newline="\n")
 
 
 def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
