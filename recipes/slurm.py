@@ -71,14 +71,16 @@ def job_config(cfg):
     job.dry_run = False
     if launch_kind(cfg) == "single":
         job.cluster.nodes = 1
-    if launch_kind(cfg) == "hf" and cfg.cluster.gpus_per_node > 0:
+    hf_on_gpus = launch_kind(cfg) == "hf" and cfg.cluster.gpus_per_node > 0
+    if hf_on_gpus:
         job.hf.num_processes = cfg.cluster.gpus_per_node
-        try:
-            validate(job)
-        except ConfigError as exc:
-            raise ConfigError(f"{exc}; the job runs one process per GPU on {cfg.cluster.nodes} node(s) x "
-                              f"{cfg.cluster.gpus_per_node} GPUs (change gbs=, mbs= or nodes=)") from None
-    validate(job)
+    try:
+        validate(job)
+    except ConfigError as exc:
+        if not hf_on_gpus:
+            raise
+        raise ConfigError(f"{exc}; the job runs one process per GPU on {cfg.cluster.nodes} node(s) x "
+                          f"{cfg.cluster.gpus_per_node} GPUs (change gbs=, mbs= or nodes=)") from None
     return job
 
 
