@@ -142,9 +142,9 @@ def run(cfg) -> dict:
 
     report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes)
     write_outputs(out, records, pair_records, report)
-    summary = {"stage": "eval", "metric": "reward_win_rate" if report.get("reward_win_rate") is not None else "copy_rate",
-               "value": None, "out": str(out), "wall_s": round(time.monotonic() - start, 1)}
-    summary["value"] = report[summary["metric"]]
+    metric = "reward_win_rate" if report.get("reward_win_rate") is not None else "copy_rate"
+    summary = {"stage": "eval", "metric": metric, "value": report[metric], "out": str(out),
+               "wall_s": round(time.monotonic() - start, 1)}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
     headline = ", ".join(f"{k}={report[k]:.3g}" for k in ("copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy")
