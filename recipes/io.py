@@ -38,6 +38,12 @@ def dumps_json(obj: Any) -> str:
     return json.dumps(obj, ensure_ascii=False, sort_keys=False, separators=(", ", ": "))
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """A temp file beside `path` to write; renamed onto `path` when the block succeeds, removed when it
@@ -46,6 +52,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; outputs get the mode of any new file
     try:
         yield Path(tmp)
         os.replace(tmp, path)
