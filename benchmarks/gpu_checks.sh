@@ -54,11 +54,11 @@ run() {
   local start end rc
   start=$(date +%s%N)
   echo "== $name: $*" >> "$LOG"
-  timeout "$limit" "$@" > >(tee -a "$LOG" | grep '^{' >> "$FIGURES") 2>> "$LOG"
+  timeout "$limit" "$@" > >(tee -a "$LOG" | grep '^{"' >> "$FIGURES") 2>> "$LOG"
   rc=$?
   end=$(date +%s%N)
   record "$(printf '{"check": "%s", "status": "%s", "exit": %d, "wall_s": %s}' \
-    "$name" "$([[ $rc == 0 ]] && echo pass || echo FAIL)" "$rc" "$(( (end - start) / 100000000 ))e-1")"
+    "$name" "$([[ $rc == 0 ]] && echo pass || echo FAIL)" "$rc" "$(awk -v ns=$((end - start)) 'BEGIN { printf "%.1f", ns / 1e9 }')")"
 }
 
 if [[ "$which" == all || "$which" == stages ]]; then
@@ -66,7 +66,7 @@ if [[ "$which" == all || "$which" == stages ]]; then
   common=(run_dir="$RUN" model=tiny model.dtype=bfloat16 train.bf16=true)
   run data 120 python3 -m recipes data run_dir="$RUN" model=tiny prep.source=data_prep/sample
   run sft 180 python3 -m recipes sft "${common[@]}" train.max_steps=8 train.save_steps=4
-  run rm 180 python3 -m recipes rm "${common[@]}" train.max_steps=8 train.save_steps=4
+  run rm 180 python3 -m recipes rm "${common[@]}" train.max_steps=8 train.save_steps=4 train.eval_steps=4
   run rl 180 python3 -m recipes rl "${common[@]}" train.max_steps=4 train.save_steps=2 rl.max_new_tokens=32
   run dpo 180 python3 -m recipes dpo "${common[@]}" train.max_steps=4 train.save_steps=2
   run eval 180 python3 -m recipes eval run_dir="$RUN" model=tiny model.dtype=bfloat16 \
@@ -85,7 +85,12 @@ fi
 
 (python3 - "$FIGURES" <<'EOF'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.startswith("{")]
+rows = []
+for line in open(sys.argv[1]):
+    try:
+        rows.append(json.loads(line))
+    except ValueError:  # a library's own log line that happens to start with "{"
+        pass
 peak = next((r["tflops"] for r in rows if r.get("check") == "matmul" and "tflops" in r), None)
 sft = {r["packing"]: r for r in rows if r.get("check") == "sft" and "packing" in r}
 for mode, r in sft.items():
