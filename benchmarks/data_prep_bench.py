@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from data_prep import build_edit_conversation  # noqa: E402
 from data_prep.build import Options, build, percentiles  # noqa: E402
-from data_prep.feedback import select_feedback  # noqa: E402
+from data_prep.feedback import data_step_feedback  # noqa: E402
 from recipes.tiny_model import CHAT_TEMPLATE  # noqa: E402
 
 EDIT_ROWS, EDIT_QUALITY_ROWS, VALIDATION_SHARE = 14_461, 3_274, 0.05
@@ -144,7 +144,7 @@ def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> tuple[int, l
     conversations, sft_train_lengths = 0, []
 
     def edit_row(row):
-        selected = select_feedback(row["feedback"])
+        selected = data_step_feedback(row["feedback"])
         messages, lengths = [], []
         for perm in itertools.permutations(selected):
             conv = build_edit_conversation(row["context"], row["original_response"], list(perm))
@@ -157,7 +157,7 @@ def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> tuple[int, l
         return {"sft": messages, "sft_lengths": lengths, "prompt": prompt, "prompt_length": prompt_len}
 
     def quality_row(row):
-        prompt = build_edit_conversation(row["context"], row["original_response"], select_feedback(row["feedback"]))
+        prompt = build_edit_conversation(row["context"], row["original_response"], data_step_feedback(row["feedback"]))
         lengths = [len(tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": row[k]}],
                                                      tokenize=True, return_dict=False))
                    for k in ("good_edited_response", "bad_edited_response", "original_response")]

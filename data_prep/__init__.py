@@ -4,21 +4,23 @@ The public API (later stages and the eval import it) is import-light: no torch, 
 """
 from __future__ import annotations
 
-from data_prep.feedback import edit_request, select_feedback
+from data_prep.feedback import data_step_feedback, edit_request, select_feedback
 
-__all__ = ["build_edit_conversation", "edit_request", "is_copy", "normalise_whitespace", "select_feedback"]
+__all__ = ["build_edit_conversation", "data_step_feedback", "edit_request", "is_copy", "normalise_whitespace", "select_feedback"]
 
 
 def build_edit_conversation(context: list[dict], original_response: str, feedback: list[str]) -> list[dict]:
     """The messages up to and including the edit request:
-    context + {"assistant": original_response} + {"user": edit_request(select_feedback(feedback))}.
+    context + {"assistant": original_response} + {"user": edit_request(data_step_feedback(feedback))}.
 
-    Feedback with more than 3 items is reduced by `select_feedback`; 3 or fewer are used in the
-    order given (pass a permutation to get that order). Each turn keeps only role and content.
+    The data step's policy: feedback with more than 3 items is reduced by `select_feedback` (the
+    seed's selection); 3 or fewer are used in the order given (pass a permutation to get that order).
+    To ask exactly as the seed does for any length, pass `select_feedback(feedback)`.
+    Each turn keeps only role and content.
     """
     messages = [{"role": turn["role"], "content": turn["content"]} for turn in context]
     messages.append({"role": "assistant", "content": original_response})
-    messages.append({"role": "user", "content": edit_request(select_feedback(feedback))})
+    messages.append({"role": "user", "content": edit_request(data_step_feedback(feedback))})
     return messages
 
 

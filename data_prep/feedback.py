@@ -3,8 +3,15 @@
     context + assistant(original_response) + user(EDIT_REQUEST)
 
 EDIT_REQUEST is EDIT_REQUEST_PREFIX followed by the feedback items joined by a blank line, or by
-the literal `<None>` when there is no feedback. Rows with more than 3 feedback items are reduced
-to 3 by `select_feedback` first; rows with 3 or fewer keep their items exactly as given.
+the literal `<None>` when there is no feedback.
+
+Two feedback selections:
+    select_feedback       the seed's `filter_feedback`, for every input length: stable sort by
+                          `feedback_score` descending, skip items starting with `The response is
+                          perfectly`, keep the first 3. The Feedback-Edit inference (ITS) loop uses it.
+    data_step_feedback    the data step's documented policy: rows with more than 3 items are reduced
+                          by `select_feedback`; rows with 3 or fewer keep their items exactly as given
+                          (the data step then trains on every order of them).
 """
 from __future__ import annotations
 
@@ -24,23 +31,31 @@ def feedback_score(item: str) -> int:
 
 
 def select_feedback(feedback: list[str], max_items: int = 3) -> list[str]:
-    """At most `max_items` feedback items, as the seed selects them.
+    """At most `max_items` feedback items, exactly as the seed's `filter_feedback` selects them, for
+    any number of items: sort by `feedback_score` descending, ties kept in input order (a stable
+    sort), skip items starting with `The response is perfectly`, keep the first `max_items` (fewer
+    when too many were skipped)."""
+    return [feedback[i] for i in seed_indices(feedback, max_items)]
 
-    With `max_items` or fewer items the list is returned unchanged (same order, nothing skipped):
-    selection only applies when there are more. Otherwise: sort by `feedback_score` descending,
-    ties kept in input order (a stable sort), skip items starting with `The response is perfectly`,
-    keep the first `max_items` (fewer when too many were skipped).
-    """
+
+def seed_indices(feedback: list[str], max_items: int = 3) -> list[int]:
+    """`select_feedback` as positions in the input list."""
+    # sorted() is stable, also with reverse=True: equal scores keep their input order.
+    ranked = sorted(range(len(feedback)), key=lambda i: feedback_score(feedback[i]), reverse=True)
+    return [i for i in ranked if not feedback[i].startswith(SKIPPED_PREFIX)][:max_items]
+
+
+def data_step_feedback(feedback: list[str], max_items: int = 3) -> list[str]:
+    """The data step's policy: with more than `max_items` items, `select_feedback`; with `max_items`
+    or fewer, the list unchanged (same order, nothing skipped)."""
     return [feedback[i] for i in selected_indices(feedback, max_items)]
 
 
 def selected_indices(feedback: list[str], max_items: int = 3) -> list[int]:
-    """`select_feedback` as positions in the input list (the data step records them)."""
+    """`data_step_feedback` as positions in the input list (the data step records them)."""
     if len(feedback) <= max_items:
         return list(range(len(feedback)))
-    # sorted() is stable, also with reverse=True: equal scores keep their input order.
-    ranked = sorted(range(len(feedback)), key=lambda i: feedback_score(feedback[i]), reverse=True)
-    return [i for i in ranked if not feedback[i].startswith(SKIPPED_PREFIX)][:max_items]
+    return seed_indices(feedback, max_items)
 
 
 def edit_request(feedback: list[str]) -> str:

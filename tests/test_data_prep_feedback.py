@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from data_prep import build_edit_conversation
 from data_prep.build import feedback_permutations
-from data_prep.feedback import edit_request, select_feedback
+from data_prep.feedback import data_step_feedback, edit_request, select_feedback, selected_indices
 
 
 def test_edit_request_bytes():
@@ -69,12 +69,50 @@ def test_selection_counts_case_sensitive_substrings():
     assert select_feedback(feedback) == ["but but but", "improve improve", "but"]
 
 
-def test_three_or_fewer_items_are_kept_as_given():
+def test_select_feedback_is_the_seeds_filter_for_three_or_fewer_items_too():
+    """The seed's filter_feedback sorts and skips for every input length (it failed before: lists of 3
+    or fewer came back unchanged)."""
     three = ["The response is perfectly fine.", "no keyword", "However it lacks but"]
-    assert select_feedback(three) == three  # no reordering, no skipping
+    assert select_feedback(three) == ["However it lacks but", "no keyword"]
+    assert select_feedback(["plain", "improve this"]) == ["improve this", "plain"]
+    assert select_feedback(["The response is perfectly helpful."]) == []
     assert select_feedback(["only one"]) == ["only one"]
     assert select_feedback([]) == []
     assert select_feedback(["a", "b but"], max_items=1) == ["b but"]
+    # The request the ITS loop builds from it, byte for byte.
+    assert edit_request(select_feedback(three)) == (
+        "Edit the response to the previous prompt based on the following feedback:\n\n"
+        "However it lacks but\n\nno keyword")
+
+
+def test_select_feedback_matches_the_seed_rule_for_every_length():
+    """Every length 0..6 over a pool with ties, skipped items and keyword counts: sort by score
+    descending (stable), drop `The response is perfectly...` items, keep 3."""
+    import itertools
+
+    pool = ["The response is perfectly fine but", "x", "lack lack", "but", "y", "The response is perfectly.",
+            "improve benefit However"]
+    for n in range(len(pool) + 1):
+        for items in itertools.permutations(pool, n) if n <= 3 else [tuple(pool[:n]), tuple(reversed(pool[:n]))]:
+            items = list(items)
+            scores = {i: sum(items[i].count(k) for k in ("However", "improve", "lack", "benefit", "but")) for i in range(n)}
+            expected = [items[i] for i in sorted(range(n), key=lambda i: (-scores[i], i))
+                        if not items[i].startswith("The response is perfectly")][:3]
+            assert select_feedback(items) == expected, items
+
+
+def test_data_step_keeps_three_or_fewer_items_as_given():
+    three = ["The response is perfectly fine.", "no keyword", "However it lacks but"]
+    assert data_step_feedback(three) == three  # no reordering, no skipping
+    assert selected_indices(three) == [0, 1, 2]
+    assert data_step_feedback(["only one"]) == ["only one"] and data_step_feedback([]) == []
+    # More than 3: the seed's selection.
+    five = ["zero", "one but", "two However improve", "three lack", "The response is perfectly four but but"]
+    assert data_step_feedback(five) == select_feedback(five) == ["two However improve", "one but", "three lack"]
+    assert selected_indices(five) == [2, 1, 3]
+    # build_edit_conversation applies the data step's policy: a given permutation of 3 stays in that order.
+    messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", list(reversed(three)))
+    assert messages[-1]["content"].endswith("However it lacks but\n\nno keyword\n\nThe response is perfectly fine.")
 
 
 def test_feedback_permutations():
