@@ -1,9 +1,12 @@
-"""The pipeline: data -> sft -> rm -> rl -> eval, locally (one subprocess per stage) or on SLURM.
+"""The pipeline: a chain of stages from a preset (conf/pipeline/NAME.yaml, read by recipes.stages),
+run locally (one subprocess per entry, in order) or on SLURM (one job per entry, chained with afterok).
 
-    ./launch.sh pipeline [key=value ...] [STAGE:key=value ...] [executor=slurm cluster=NAME] [--dry-run]
+    ./launch.sh pipeline [preset=NAME] [key=value ...] [NAME:key=value ...] [executor=slurm cluster=NAME] [--dry-run]
     ./launch.sh smoke    [key=value ...]
 
-`key=value` applies to every stage; `STAGE:key=value` to one stage (e.g. `sft:train.lr=1e-5`).
+Presets: default (data -> sft -> rm -> rl -> eval); megatron (chosen by engine=megatron without preset=:
+data, import -> sft -> sft_export, rm -> rl -> rl_export -> eval); smoke. `key=value` applies to every
+entry; `NAME:key=value` to one entry of the chain (e.g. `sft:train.lr=1e-5`).
 A stage whose output dir already holds a finished run of the same config is skipped, so a pipeline
 that stopped half-way picks up where it stopped; an unfinished stage resumes from its checkpoint.
 The smoke pipeline (conf/pipeline/smoke.yaml) starts from a clean runs/smoke every time.
@@ -18,81 +21,86 @@ import sys
 import time
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from recipes.config import CONF_DIR, REPO_ROOT, compose, to_yaml
+from recipes.config import REPO_ROOT, compose, to_yaml
 from recipes.io import UserError
+from recipes.stages import Entry, is_finished, load_preset  # noqa: F401  (is_finished: re-exported)
 
-PIPELINE_STAGES = ("data", "sft", "rm", "rl", "eval")
+DEFAULT_PRESET = "default"
+# engine=megatron without preset=: the Megatron chain (import -> sft -> export -> rm -> rl -> export -> eval).
+ENGINE_PRESETS = {"megatron": "megatron"}
 
 
-def split_args(args: list[str]) -> tuple[list[str], dict[str, list[str]], bool]:
-    """Common key=value args, per-stage `STAGE:key=value` args, and --dry-run."""
+def split_args(args: list[str], names) -> tuple[list[str], dict[str, list[str]], bool, str | None]:
+    """Common key=value args, per-entry `NAME:key=value` args, --dry-run, and preset=NAME."""
     common: list[str] = []
-    per_stage: dict[str, list[str]] = {s: [] for s in PIPELINE_STAGES}
-    dry_run = False
+    per_entry: dict[str, list[str]] = {n: [] for n in names}
+    dry_run, preset = False, None
     for arg in args:
         if arg == "--dry-run":
             dry_run = True
             continue
+        if arg.startswith("preset="):
+            preset = arg.split("=", 1)[1]
+            continue
         head, sep, rest = arg.partition(":")
-        if sep and "=" not in head and head in per_stage:
-            per_stage[head].append(rest)
+        if sep and "=" not in head and head in per_entry:
+            per_entry[head].append(rest)
         elif sep and "=" not in head:
-            raise UserError(f"{arg!r}: {head!r} is not a pipeline stage ({', '.join(PIPELINE_STAGES)})")
+            raise UserError(f"{arg!r}: {head!r} is not a pipeline stage ({', '.join(names)})")
         else:
             common.append(arg)
-    return common, per_stage, dry_run
+    return common, per_entry, dry_run, preset
 
 
-def load_preset(name: str) -> tuple[list[str], dict[str, list[str]]]:
-    """conf/pipeline/NAME.yaml: `args` for every stage and `stages.STAGE` args for one."""
-    path = CONF_DIR / "pipeline" / f"{name}.yaml"
-    if not path.is_file():
-        raise UserError(f"pipeline preset {name!r}: no such file {path}")
-    preset = OmegaConf.to_container(OmegaConf.load(path))
-    stages = preset.get("stages") or {}
-    return list(preset.get("args") or []), {s: list(stages.get(s) or []) for s in PIPELINE_STAGES}
+def preset_for(args: list[str], default: str = DEFAULT_PRESET) -> str:
+    """preset=NAME if given; else the engine's chain for engine=ENGINE (e.g. megatron); else `default`."""
+    chosen = None
+    for arg in args:
+        if arg.startswith("preset="):
+            chosen = arg.split("=", 1)[1]
+    if chosen:
+        return chosen
+    if default == DEFAULT_PRESET:
+        engines = [a.split("=", 1)[1] for a in args if a.startswith("engine=")]
+        if engines and engines[-1] in ENGINE_PRESETS:
+            return ENGINE_PRESETS[engines[-1]]
+    return default
 
 
-def stage_args(preset: str, args: list[str]) -> tuple[dict[str, list[str]], bool]:
-    """The key=value list of each stage: preset first, then the command line."""
-    preset_common, preset_stages = load_preset(preset)
-    common, per_stage, dry_run = split_args(args)
-    return {s: preset_common + preset_stages[s] + common + per_stage[s] for s in PIPELINE_STAGES}, dry_run
+def stage_args(preset: str, args: list[str]) -> tuple[dict[str, Entry], dict[str, list[str]], bool]:
+    """The chain and the key=value list of each entry: preset, then the entry's own preset args, its
+    placement (name, out), then the command line (common, then NAME:...)."""
+    preset_common, chain = load_preset(preset_for(args, preset))
+    common, per_entry, dry_run, _ = split_args(args, list(chain))
+    return chain, {name: preset_common + list(e.args) + e.config_args() + common + per_entry[name]
+                   for name, e in chain.items()}, dry_run
 
 
-def is_finished(cfg) -> bool:
-    """A stage is finished when it wrote summary.json under the very same config."""
-    out = Path(cfg.out)
-    config_file = out / "config.yaml"
-    return (out / "summary.json").is_file() and config_file.is_file() and config_file.read_text() == to_yaml(cfg)
-
-
-def run_local(stages: dict[str, list[str]]) -> list[dict]:
-    """Run each stage as `python -m recipes STAGE ...`, in order, stopping at the first failure."""
+def run_local(chain: dict[str, Entry], entry_args: dict[str, list[str]]) -> list[dict]:
+    """Run each entry as `python -m recipes STAGE ...`, in chain order, stopping at the first failure."""
     from rich.console import Console
 
     console = Console(stderr=True)
     rows = []
-    for i, (stage, args) in enumerate(stages.items(), 1):
-        cfg = compose(stage, args)
-        console.rule(f"[bold]stage {i}/{len(stages)}: {stage}[/bold]  -> {cfg.out}")
+    for i, (name, entry) in enumerate(chain.items(), 1):
+        args = entry_args[name]
+        cfg = compose(entry.stage, args)
+        console.rule(f"[bold]stage {i}/{len(chain)}: {name}[/bold]  -> {cfg.out}")
         if is_finished(cfg):
             summary = json.loads((Path(cfg.out) / "summary.json").read_text())
-            console.print(f"{stage}: finished earlier with the same config, skipped")
-            rows.append({**summary, "wall_s": 0.0, "note": "skipped"})
+            console.print(f"{name}: finished earlier with the same config, skipped")
+            rows.append({**summary, "stage": name, "wall_s": 0.0, "note": "skipped"})
             continue
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "recipes", stage, *args], cwd=REPO_ROOT, env=os.environ.copy())
+        proc = subprocess.run([sys.executable, "-m", "recipes", entry.stage, *args], cwd=REPO_ROOT, env=os.environ.copy())
         wall = time.monotonic() - start
         if proc.returncode != 0:
-            rows.append({"stage": stage, "metric": "failed", "value": None, "wall_s": wall, "out": str(cfg.out)})
+            rows.append({"stage": name, "metric": "failed", "value": None, "wall_s": wall, "out": str(cfg.out)})
             print_table(rows, console)
-            raise UserError(f"stage {stage} failed (exit {proc.returncode}); later stages not run. "
+            raise UserError(f"stage {name} failed (exit {proc.returncode}); later stages not run. "
                             f"Rerun the same command to resume from its last checkpoint.")
         summary = json.loads((Path(cfg.out) / "summary.json").read_text())
-        rows.append({**summary, "wall_s": wall})
+        rows.append({**summary, "stage": name, "wall_s": wall})
     print_table(rows, console)
     return rows
 
@@ -112,29 +120,31 @@ def print_table(rows: list[dict], console) -> None:
     console.print(table)
 
 
-def main(args: list[str], preset: str = "default") -> int:
-    stages, dry_run = stage_args(preset, args)
-    cfgs = {stage: compose(stage, a + (["dry_run=true"] if dry_run else [])) for stage, a in stages.items()}
+def main(args: list[str], preset: str = DEFAULT_PRESET) -> int:
+    chain, entry_args, dry_run = stage_args(preset, args)
+    cfgs = {name: compose(e.stage, entry_args[name] + (["dry_run=true"] if dry_run else [])) for name, e in chain.items()}
     executor = {c.executor for c in cfgs.values()}
     if executor == {"slurm"}:
         from recipes.slurm import submit_pipeline
 
-        submit_pipeline(cfgs, stages, dry_run=dry_run)
+        submit_pipeline(cfgs, {name: list(e.needs) for name, e in chain.items()}, dry_run=dry_run)
         return 0
     if executor != {"local"}:
         raise UserError(f"executor must be the same for every stage, got {sorted(executor)}")
     if dry_run:
-        for stage, cfg in cfgs.items():
-            print(f"# {stage}: python -m recipes {stage} {' '.join(stages[stage])}\n{to_yaml(cfg)}")
+        for name, cfg in cfgs.items():
+            needs = f" (after {', '.join(chain[name].needs)})" if chain[name].needs else ""
+            print(f"# {name}: python -m recipes {chain[name].stage} {' '.join(entry_args[name])}{needs}\n{to_yaml(cfg)}")
         return 0
-    run_local(stages)
+    run_local(chain, entry_args)
     return 0
 
 
 def smoke_main(args: list[str]) -> int:
     """The whole pipeline on the tiny model and the bundled sample rows, from a clean runs/smoke."""
-    stages, _ = stage_args("smoke", args)
-    run_dir = Path(compose("data", stages["data"]).run_dir).resolve()
+    chain, entry_args, _ = stage_args("smoke", args)
+    first = next(iter(chain))
+    run_dir = Path(compose(chain[first].stage, entry_args[first]).run_dir).resolve()
     if run_dir.exists():
         if "smoke" not in run_dir.name:  # never wipe a directory the user named for something else
             raise UserError(f"run_dir={run_dir}: the smoke pipeline only clears a run_dir named *smoke*")

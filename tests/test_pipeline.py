@@ -2,25 +2,80 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
-from recipes.pipeline import PIPELINE_STAGES, load_preset, split_args
+from recipes import config, stages
+
+from recipes.pipeline import split_args, stage_args
+from recipes.stages import load_preset
 
 from .conftest import run_cli
 
+PIPELINE_STAGES = ("data", "sft", "rm", "rl", "eval")
+
 
 def smoke_args(run_dir) -> list[str]:
-    """The smoke preset's settings as command-line args of `./launch.sh pipeline` (STAGE:key=value)."""
-    common, per_stage = load_preset("smoke")
+    """The smoke preset's settings as command-line args of `./launch.sh pipeline` (NAME:key=value)."""
+    common, chain = load_preset("smoke")
     args = [a for a in common if not a.startswith("run_dir=")] + [f"run_dir={run_dir}"]
-    return args + [f"{stage}:{arg}" for stage in PIPELINE_STAGES for arg in per_stage[stage]]
+    return args + [f"{name}:{arg}" for name, entry in chain.items() for arg in entry.args]
 
 
 def test_stage_args_split_by_prefix():
-    common, per_stage, dry_run = split_args(["model=tiny", "sft:train.lr=0.5", "rl:rl.k=2", "--dry-run"])
-    assert common == ["model=tiny"] and dry_run
+    common, per_stage, dry_run, preset = split_args(["model=tiny", "sft:train.lr=0.5", "rl:rl.k=2", "--dry-run"],
+                                                    PIPELINE_STAGES)
+    assert common == ["model=tiny"] and dry_run and preset is None
     assert per_stage["sft"] == ["train.lr=0.5"] and per_stage["rl"] == ["rl.k=2"] and per_stage["rm"] == []
+
+
+def test_default_chain_comes_from_the_preset_file(tmp_path, monkeypatch):
+    """The stage list and the afterok graph are the preset's: a preset with one more entry (a second
+    convert) runs it, in its own dir, with its own args, after the entries it needs."""
+    chain, args, _ = stage_args("default", ["run_dir=" + str(tmp_path)])
+    assert list(chain) == list(PIPELINE_STAGES)
+    assert {n: e.needs for n, e in chain.items()} == {"data": (), "sft": ("data",), "rm": ("sft",),
+                                                        "rl": ("sft", "rm"), "eval": ("rl",)}
+    conf = tmp_path / "conf"
+    (conf / "pipeline").mkdir(parents=True)
+    (conf / "pipeline" / "two.yaml").write_text(
+        "args: [model=tiny]\nchain:\n  data: {}\n  sft: {needs: [data]}\n"
+        "  sft_export: {stage: convert, needs: [sft], args: [megatron.convert_direction=megatron_to_hf]}\n")
+    monkeypatch.setattr(stages, "CONF_DIR", conf)
+    chain, args, _ = stage_args("two", [f"run_dir={tmp_path}", "sft_export:init=/ckpt"])
+    assert chain["sft_export"].stage == "convert" and chain["sft_export"].needs == ("sft",)
+    cfg = config.compose("convert", args["sft_export"])
+    assert cfg.name == "sft_export" and cfg.out == f"{tmp_path}/sft_export" and cfg.init == "/ckpt"
+    assert cfg.megatron.convert_direction == "megatron_to_hf"
+    assert config.compose("sft", args["sft"]).out == f"{tmp_path}/sft"
+
+
+@pytest.mark.parametrize("body, message", [
+    ("chain:\n  sft: {needs: [data]}\n", "chain.sft needs 'data', which is not an earlier entry of the chain"),
+    ("chain:\n  x: {stage: sfft}\n", "chain.x: unknown stage 'sfft'"),
+    ("stages: {}\n", "unknown key(s) stages"),
+])
+def test_bad_preset_is_one_line_error(tmp_path, monkeypatch, body, message):
+    (tmp_path / "pipeline").mkdir()
+    (tmp_path / "pipeline" / "bad.yaml").write_text(body)
+    monkeypatch.setattr(stages, "CONF_DIR", tmp_path)
+    with pytest.raises(config.ConfigError, match=re.escape(message)):
+        load_preset("bad")
+
+
+def test_engine_megatron_selects_the_megatron_chain():
+    chain, args, _ = stage_args("default", ["engine=megatron"])
+    assert list(chain)[:2] == ["data", "import"] and "sft_export" in chain and "rl_export" in chain
+    chain, _, _ = stage_args("default", ["engine=megatron", "preset=default"])
+    assert list(chain) == list(PIPELINE_STAGES)
+
+
+def test_slurm_does_not_import_the_pipeline():
+    """The launcher depends on the stage graph, not the reverse (recipes/slurm.py -> recipes/stages.py)."""
+    source = (Path(config.REPO_ROOT) / "recipes" / "slurm.py").read_text()
+    assert "recipes.pipeline" not in source and "from recipes.stages import" in source
 
 
 def test_unknown_stage_prefix_is_one_line_error():

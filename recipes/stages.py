@@ -1,0 +1,78 @@
+"""The pipeline's job graph, read from a preset (conf/pipeline/NAME.yaml), and `is_finished`.
+
+Neutral ground: recipes.pipeline (runs the chain here) and recipes.slurm (submits it with afterok)
+both import this module; neither imports the other.
+
+A preset:
+    args: [key=value, ...]              # every entry of the chain
+    chain:                              # ordered: an entry runs after the entries it needs
+      NAME: {stage: STAGE, needs: [NAME, ...], args: [key=value, ...]}
+`stage` defaults to NAME. An entry whose NAME is not its stage writes run_dir/NAME (so two `convert`
+entries, e.g. sft_export and rl_export, can coexist) and names its SLURM files NAME.*.
+On the command line, `key=value` applies to every entry and `NAME:key=value` to one.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from recipes.config import CONF_DIR, STAGES, ConfigError, to_yaml
+
+
+@dataclass(frozen=True)
+class Entry:
+    name: str
+    stage: str
+    needs: tuple[str, ...] = ()
+    args: tuple[str, ...] = field(default_factory=tuple)
+
+    def config_args(self) -> list[str]:
+        """The args that place this entry: its name and, when that is not its stage, its own dir."""
+        if self.name == self.stage:
+            return []
+        return [f"name={self.name}", f"out=${{run_dir}}/{self.name}"]
+
+
+def preset_names() -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / "pipeline").glob("*.yaml"))
+
+
+def load_preset(name: str) -> tuple[list[str], dict[str, Entry]]:
+    """(args for every entry, the chain NAME -> Entry in order), checked: known stages, needs that
+    name earlier entries."""
+    path = CONF_DIR / "pipeline" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"pipeline preset {name!r}: no such file {path} (presets: {', '.join(preset_names())})")
+    try:
+        preset = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception as exc:
+        raise ConfigError(f"cannot read {path}: {str(exc).splitlines()[0]}") from None
+    unknown = set(preset) - {"args", "chain"}
+    if unknown:
+        raise ConfigError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} (a preset has `args` and `chain`)")
+    chain: dict[str, Entry] = {}
+    for entry_name, spec in (preset.get("chain") or {}).items():
+        spec = spec or {}
+        bad = set(spec) - {"stage", "needs", "args"}
+        if bad:
+            raise ConfigError(f"{path}: chain.{entry_name}: unknown key(s) {', '.join(sorted(bad))} (stage, needs, args)")
+        stage = spec.get("stage") or entry_name
+        if stage not in STAGES:
+            raise ConfigError(f"{path}: chain.{entry_name}: unknown stage {stage!r} (stages: {', '.join(STAGES)})")
+        needs = tuple(spec.get("needs") or ())
+        for need in needs:
+            if need not in chain:
+                raise ConfigError(f"{path}: chain.{entry_name} needs {need!r}, which is not an earlier entry of the chain")
+        chain[entry_name] = Entry(entry_name, stage, needs, tuple(str(a) for a in spec.get("args") or ()))
+    if not chain:
+        raise ConfigError(f"{path}: the preset has no `chain`")
+    return [str(a) for a in preset.get("args") or ()], chain
+
+
+def is_finished(cfg) -> bool:
+    """A stage is finished when it wrote summary.json under the very same config."""
+    out = Path(cfg.out)
+    config_file = out / "config.yaml"
+    return (out / "summary.json").is_file() and config_file.is_file() and config_file.read_text() == to_yaml(cfg)
