@@ -221,8 +221,12 @@ class MegatronConfig:
     nemo_rl_container: str = ""
     nemo_rl_version: str = ""
     nemo_rl_commit: str = ""
-    # convert stage: hf_to_megatron (before sft) or megatron_to_hf (after any stage); source = init.
+    # convert stage: hf_to_megatron (before sft), megatron_to_hf (a Megatron-Bridge checkpoint dir) or
+    # nemo_rl_to_hf (a NeMo-RL checkpoints dir: its best/latest step); source = init.
     convert_direction: str = "hf_to_megatron"
+    # The directory the conversion writes (must be empty; None = OUT/converted). The convert stage's
+    # own files (config.yaml, command.sh, summary.json) stay in OUT, beside it.
+    convert_dest: Optional[str] = None
     convert_device: str = "cpu"  # Megatron-Bridge convert.sh backend: cpu (one process) or gpu
     # Nodes given to NeMo-RL's reward-model environment during rl (out of cluster.nodes).
     reward_model_nodes: int = 1
@@ -259,6 +263,8 @@ class RunConfig:
     engine: str = "hf"
     executor: str = "local"
     run_dir: str = "runs/default"
+    # A pipeline entry's name (conf/pipeline/*.yaml `chain`): names its SLURM files; = stage on its own.
+    name: str = "${stage}"
     out: str = "${run_dir}/${stage}"
     data_dir: str = "${run_dir}/data"
     # Checkpoint the stage starts from; None = model.path (rl defaults to the sft output).

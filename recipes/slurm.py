@@ -38,10 +38,8 @@ from omegaconf import OmegaConf
 from recipes import preemption
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
 from recipes.io import UserError, atomic_write_json, atomic_write_text
-from recipes.pipeline import is_finished
+from recipes.stages import is_finished
 
-# Which stage waits for which (afterok): sft and rm both only need the data, so they run side by side.
-PIPELINE_NEEDS = {"data": [], "sft": ["data"], "rm": ["data"], "rl": ["sft", "rm"], "eval": ["rl"]}
 NEMO_RL_STAGES = ("rm", "rl", "dpo")  # on engine=megatron: NeMo-RL, driven through Ray
 RAY_PORT = 6379
 
@@ -59,8 +57,8 @@ def launch_kind(cfg) -> str:
 
 def job_files(cfg) -> dict[str, Path]:
     base = Path(cfg.run_dir).resolve() / "slurm"
-    return {"script": base / f"{cfg.stage}.sbatch", "config": base / f"{cfg.stage}.yaml",
-            "log": base / f"{cfg.stage}-%j.log"}
+    name = cfg.get("name") or cfg.stage  # a pipeline entry's name (two convert entries, one run dir)
+    return {"script": base / f"{name}.sbatch", "config": base / f"{name}.yaml", "log": base / f"{name}-%j.log"}
 
 
 def job_config(cfg):
@@ -373,16 +371,17 @@ def submit_stage(cfg) -> dict:
     return {"stage": cfg.stage, "metric": "job", "value": int(job_id) if job_id.isdigit() else None, "out": str(cfg.out)}
 
 
-def submit_pipeline(cfgs: dict, stages: dict, dry_run: bool = False) -> dict[str, str]:
-    """Submit every stage as its own job, each waiting (afterok) for the stages it needs;
-    --kill-on-invalid-dep=yes cancels the dependents of a stage that fails."""
+def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = False) -> dict[str, str]:
+    """Submit every entry of the chain (name -> config, in order) as its own job, each waiting (afterok)
+    for the entries it needs (the preset's graph, recipes/stages.py); --kill-on-invalid-dep=yes cancels
+    the dependents of a stage that fails."""
     run_dirs = {str(Path(c.run_dir).resolve()) for c in cfgs.values()}
     if len(run_dirs) != 1:
         raise ConfigError(f"every pipeline stage needs the same run_dir, got {sorted(run_dirs)}")
     job_ids: dict[str, str] = {}
     entries: dict[str, dict] = {}
     for stage, cfg in cfgs.items():
-        after = [job_ids[s] for s in PIPELINE_NEEDS.get(stage, []) if s in job_ids]
+        after = [job_ids[s] for s in needs.get(stage, []) if s in job_ids]
         if is_finished(job_config(cfg)):
             print(f"{stage}: finished earlier with the same config ({cfg.out}), not submitted")
             continue

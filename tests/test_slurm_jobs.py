@@ -20,6 +20,7 @@ import pytest
 
 from recipes.config import REPO_ROOT, compose
 from recipes.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch
+from recipes.stages import load_preset
 from tests.conftest import SAMPLE_DIR, run_cli
 
 pytestmark = pytest.mark.slurm
@@ -166,7 +167,7 @@ def test_failed_stage_cancels_its_dependents(slurm, tmp_path):
     stages = {s: [f"run_dir={tmp_path}", *ON_SLURM] for s in ("data", "sft", "rm", "rl", "eval")}
     stages["data"].append(f"prep.source={tmp_path}/no-such-dir")
     cfgs = {s: compose(s, a) for s, a in stages.items()}
-    job_ids = submit_pipeline(cfgs, stages)
+    job_ids = submit_pipeline(cfgs, {name: list(e.needs) for name, e in load_preset("default")[1].items()})
     infos = wait_for(job_ids.values(), timeout=120)  # none may stay PENDING (DependencyNeverSatisfied)
     states = {stage: infos[j]["JobState"] for stage, j in job_ids.items()}
     assert states == {"data": "FAILED", "sft": "CANCELLED", "rm": "CANCELLED", "rl": "CANCELLED", "eval": "CANCELLED"}

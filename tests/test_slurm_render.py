@@ -120,7 +120,7 @@ def test_pipeline_dry_run_chains_the_stages(tmp_path):
     out = dry_run("pipeline", "executor=slurm", "cluster=example", f"run_dir={tmp_path}", "gbs=16", "mbs=2")
     chain = re.findall(r"^# ---- (\w+): sbatch --parsable(?: --dependency=afterok:(\S+))? (\S+)$", out, re.M)
     assert [(stage, after) for stage, after, _ in chain] == [
-        ("data", ""), ("sft", "$DATA_JOB"), ("rm", "$DATA_JOB"), ("rl", "$SFT_JOB:$RM_JOB"), ("eval", "$RL_JOB")]
+        ("data", ""), ("sft", "$DATA_JOB"), ("rm", "$SFT_JOB"), ("rl", "$SFT_JOB:$RM_JOB"), ("eval", "$RL_JOB")]
     assert not (tmp_path / "jobs.json").exists()  # a dry run submits and records nothing
     # the data job is one CPU task even on a GPU cluster
     data_script = out.split("# ---- sft:")[0]
