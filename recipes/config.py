@@ -131,6 +131,9 @@ class RMConfig:
     # Keep the checkpoint with the lowest validation loss (the paper's choice).
     keep_best: bool = True
     center_rewards_coefficient: Optional[float] = None
+    # Share of edit_quality/train rows (both pairs of a row) held out, seeded by `seed`, to select the
+    # best checkpoint on; edit_quality/validation is then only reported.
+    selection_fraction: float = 0.05
 
 
 @dataclass
@@ -141,6 +144,8 @@ class RLConfig:
     temperature: float = 1.0
     top_p: float = 1.0
     prompts_per_step: int = 2
+    # Completions cut at max_new_tokens: out of the loss, the baseline and the reward (TRL's option).
+    mask_truncated_completions: bool = True
 
 
 @dataclass
@@ -153,7 +158,7 @@ class DPOConfig:
 class EvalConfig:
     split: str = "validation"
     max_rows: int = -1  # -1: all rows
-    max_new_tokens: int = 256
+    max_new_tokens: int = 4096  # the Edit model card's generation limit
     batch_size: int = 8
     temperature: float = 0.0  # 0 = greedy
     top_p: float = 1.0
@@ -170,6 +175,16 @@ class EvalConfig:
     max_retries: int = 5  # HTTP retries with exponential backoff (429, 5xx, connection errors)
     # Length-normalised log-likelihood of good vs bad edits (in-process models only).
     policy_likelihood: bool = True
+    # Gold scoring, independent of training (eval/reward_scorers.py): a reward model dir, builtin:tiny-gold
+    # or a /pooling endpoint; its kind (seqcls | first_logit; None = from config.json's architectures);
+    # its input: "context" (the context turns + the edit as the assistant's response, the input format of
+    # Nemotron-70B-Select/-Reward) or "edit_request" (the whole edit prompt + the edit, like the training rm).
+    gold_rm: Optional[str] = None
+    gold_rm_kind: Optional[str] = None
+    gold_rm_input: str = "context"
+    # Prompts longer than this many tokens are shortened by eval/prompts.py's rule before generation;
+    # None = the local model's context (max_position_embeddings) minus max_new_tokens, no limit for an endpoint.
+    max_prompt_tokens: Optional[int] = None
 
 
 @dataclass
@@ -435,8 +450,18 @@ def validate(cfg: DictConfig) -> None:
             f"train.global_batch={t.global_batch} is not divisible by train.micro_batch={t.micro_batch}"
             f" x data-parallel size={dp} (= {per_step})"
         )
+    if cfg.stage == "eval" and cfg.eval.gold_rm_kind not in (None, "seqcls", "first_logit"):
+        raise ConfigError(f"eval.gold_rm_kind={cfg.eval.gold_rm_kind}: expected seqcls, first_logit or null (auto)")
+    if cfg.stage == "eval" and cfg.eval.gold_rm_input not in ("context", "edit_request"):
+        raise ConfigError(f"eval.gold_rm_input={cfg.eval.gold_rm_input}: expected context or edit_request")
     if cfg.stage == "rl" and cfg.rl.k < 2:
         raise ConfigError(f"rl.k={cfg.rl.k}: RLOO needs at least 2 rollouts per prompt (leave-one-out baseline)")
+    if cfg.stage == "rl" and cfg.rl.max_new_tokens >= t.seq_len:
+        raise ConfigError(f"rl.max_new_tokens={cfg.rl.max_new_tokens} leaves no room for a prompt in train.seq_len={t.seq_len}")
+    if cfg.stage == "rm" and not 0 <= cfg.rm.selection_fraction < 1:
+        raise ConfigError(f"rm.selection_fraction={cfg.rm.selection_fraction} must be in [0, 1)")
+    if cfg.stage == "rm" and cfg.rm.keep_best and cfg.rm.selection_fraction == 0:
+        raise ConfigError("rm.keep_best=true needs rm.selection_fraction > 0 (the held-out slice of edit_quality/train it selects on)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

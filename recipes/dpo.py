@@ -10,6 +10,10 @@ The reference model is the starting policy: without LoRA TRL loads a frozen copy
 peft.enabled it uses the same model with its adapter disabled (no second copy). The summary's metric is
 the validation reward accuracy: the share of pairs where the implicit reward
 beta * log(pi/pi_ref) of the chosen edit exceeds that of the rejected one.
+
+Length: a pair whose prompt + chosen or prompt + rejected is longer than train.seq_len is skipped
+(DPOTrainer would keep the start and cut the edits), counted in summary.json (`skipped_too_long`) and
+logged; the validation pairs for the reward accuracy likewise (counted apart).
 """
 from __future__ import annotations
 
@@ -18,10 +22,13 @@ import time
 from recipes import training
 
 
-def load_split(path):
+def load_split(path, cfg, tokenizer, name: str):
+    """The pairs, without those over train.seq_len; returns (dataset, number skipped)."""
     from datasets import load_dataset
 
-    return load_dataset("json", data_files=str(path), split="train")
+    dataset = load_dataset("json", data_files=str(path), split="train")
+    lengths = training.pair_lengths(tokenizer, dataset)
+    return training.skip_too_long(cfg, dataset, lengths, cfg.train.seq_len, f"pairs/{name}")
 
 
 def build_trainer(cfg):
@@ -38,17 +45,21 @@ def build_trainer(cfg):
         max_length=cfg.train.seq_len,
     )
     tokenizer = training.load_tokenizer(cfg)
+    train_dataset, skipped_train = load_split(train_file, cfg, tokenizer, "train")
+    eval_dataset, skipped_eval = load_split(validation_file, cfg, tokenizer, "validation")
     model = training.load_model(cfg, AutoModelForCausalLM)
-    return DPOTrainer(
+    trainer = DPOTrainer(
         model=model,
         ref_model=None,  # TRL: a frozen copy of the start, or the adapter-disabled model with LoRA
         args=args,
-        train_dataset=load_split(train_file),
-        eval_dataset=load_split(validation_file),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=training.lora_config(cfg, "CAUSAL_LM"),
         callbacks=training.callbacks(cfg),
     )
+    trainer.skipped_too_long = {"train": skipped_train, "validation": skipped_eval}
+    return trainer
 
 
 def run(cfg) -> dict:
@@ -68,4 +79,5 @@ def run(cfg) -> dict:
     return training.write_summary(
         cfg, "reward_accuracy", metrics["eval_rewards/accuracies"], start,
         eval_loss=metrics["eval_loss"], reward_margin=metrics["eval_rewards/margins"],
+        seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long,
     )

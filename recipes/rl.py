@@ -13,24 +13,57 @@ product). A completion's reward is the reward model's score of (prompt, completi
 its summed log-ratio to the reference; its advantage is that reward minus the mean reward of the other
 k-1 completions of the same prompt (RLOO's leave-one-out baseline, computed inside RLOOTrainer).
 With peft.enabled the reference is the policy with its adapter disabled (no second model copy).
-Logged: mean reward, KL, and the copy rate (share of completions equal to the original response after
-whitespace normalisation; SFT alone copies ~30% of the time on the paper's data).
+
+The reward goes through recipes.reward.score_conversations, the function rm training and the eval
+use: the decoded completion is put back into the chat template, so a finished completion ends in the
+end-of-turn token, and a completion cut at rl.max_new_tokens does not get one.
+
+Truncated completions (rl.mask_truncated_completions, default true): TRL masks them out of the loss
+(RLOOConfig.mask_truncated_completions), and their reward is reported as missing (None -> NaN), which
+RLOOTrainer leaves out of the leave-one-out baseline of the other completions and turns into a zero
+advantage: an unfinished edit neither earns nor costs anything, and never pulls its siblings'
+baseline (as NeMo-Aligner's RLOO also leaves unfinished responses out of the baseline). With false,
+they are trained on and scored as they stand, without an end-of-turn token.
+
+Length: prompts longer than train.seq_len - rl.max_new_tokens tokens (with the generation prompt) are
+skipped, counted in summary.json (`skipped_too_long`) and logged.
+Logged: mean reward, KL, the copy rate (share of completions equal to the original response after
+whitespace normalisation; SFT alone copies ~30% of the time on the paper's data) and the truncated rate.
 """
 from __future__ import annotations
 
 import time
 
 from data_prep import is_copy
-from recipes import training
+from recipes import reward, training
 from recipes.config import ConfigError
 
 
-def copy_indicator(prompts, completions, original_response, **kwargs) -> list[float]:
-    """1.0 where the completion is the original response (whitespace-normalised), else 0.0. Passed to
-    RLOOTrainer as a reward function with weight 0: it never changes the reward, and its logged mean
-    (`rewards/copy_indicator/mean`) is the copy rate."""
-    texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-    return [float(is_copy(t, o)) for t, o in zip(texts, original_response)]
+class EditReward:
+    """RLOOTrainer's reward function: the reward model's score (recipes.reward), None for a truncated
+    completion when masking is on; logs `copy_rate` and `truncated_rate`. `end_ids`: the token ids that
+    end a completion (set from the trainer: its eos ids and pad, as its own truncation test)."""
+
+    __name__ = "reward_model"
+
+    def __init__(self, model, tokenizer, max_len: int, mask_truncated: bool, batch_size: int = 8):
+        self.model, self.tokenizer, self.max_len = model, tokenizer, max_len
+        self.mask_truncated, self.batch_size = mask_truncated, batch_size
+        self.end_ids: set[int] = set()
+        self.device = None
+
+    def __call__(self, prompts, completions, completion_ids, original_response, log_metric=None, **kwargs):
+        finished = [bool(ids) and ids[-1] in self.end_ids for ids in completion_ids]
+        conversations = [list(p) + list(c) for p, c in zip(prompts, completions, strict=True)]
+        scores = reward.score_conversations(self.model, self.tokenizer, conversations, self.max_len, self.batch_size,
+                                            finished=finished, device=self.device)
+        if log_metric is not None:
+            texts = [c[-1]["content"] for c in completions]
+            log_metric("copy_rate", sum(is_copy(t, o) for t, o in zip(texts, original_response)) / len(texts))
+            log_metric("truncated_rate", finished.count(False) / len(finished))
+        if self.mask_truncated:
+            return [s if done else None for s, done in zip(scores, finished)]
+        return scores
 
 
 def check_batch(cfg) -> None:
@@ -42,6 +75,11 @@ def check_batch(cfg) -> None:
             f"train.global_batch={cfg.train.global_batch} must equal rl.prompts_per_step={cfg.rl.prompts_per_step}"
             f" x rl.k={cfg.rl.k} (= {prompts_x_k}) completions per step"
         )
+
+
+def prompt_limit(cfg) -> int:
+    """The longest prompt (tokens, with the generation prompt) that leaves room for a full completion."""
+    return cfg.train.seq_len - cfg.rl.max_new_tokens
 
 
 def build_trainer(cfg):
@@ -60,24 +98,43 @@ def build_trainer(cfg):
         temperature=cfg.rl.temperature,
         top_p=cfg.rl.top_p,
         beta=cfg.rl.kl_coef,
-        reward_weights=[1.0, 0.0],  # the reward model; the copy indicator is only logged
+        mask_truncated_completions=cfg.rl.mask_truncated_completions,  # trl/trainer/rloo_config.py: RLOOConfig field
         generation_batch_size=cfg.train.global_batch,  # one generation round per optimizer step
         ds3_gather_for_generation=cfg.hf.gather_weights_for_generation,
     )
     tokenizer = training.load_tokenizer(cfg)
+    prompts = load_dataset("json", data_files=str(prompts_file), split="train")
+    lengths = training.token_lengths(tokenizer, list(prompts["prompt"]), add_generation_prompt=True)
+    prompts, skipped = training.skip_too_long(cfg, prompts, lengths, prompt_limit(cfg), "prompts/train")
+    if len(prompts) == 0:
+        raise ConfigError(f"rl: every prompt is longer than train.seq_len - rl.max_new_tokens = {prompt_limit(cfg)} tokens")
     policy = training.load_model(cfg, AutoModelForCausalLM)
     reward_model = training.load_model(cfg, AutoModelForSequenceClassification, source=reward_path, num_labels=1)
     reward_tokenizer = training.load_tokenizer(cfg, reward_path)
-    return RLOOTrainer(
+    edit_reward = EditReward(reward_model, reward_tokenizer, cfg.train.seq_len, cfg.rl.mask_truncated_completions,
+                             cfg.train.micro_batch)
+    trainer = RLOOTrainer(
         model=policy,
-        reward_funcs=[reward_model, copy_indicator],
-        reward_processing_classes=[reward_tokenizer, None],
+        reward_funcs=[edit_reward],
         args=args,
-        train_dataset=load_dataset("json", data_files=str(prompts_file), split="train"),
+        train_dataset=prompts,
         processing_class=tokenizer,
         peft_config=training.lora_config(cfg, "CAUSAL_LM"),
         callbacks=training.callbacks(cfg),
     )
+    # The reward model is ours to place (TRL places only reward models it is given as modules); as TRL
+    # does for those (trl/trainer/rloo_trainer.py:840-848): DeepSpeed-wrapped, or on the device for inference.
+    if trainer.is_deepspeed_enabled:
+        from trl.models import prepare_deepspeed
+
+        edit_reward.model = prepare_deepspeed(reward_model, trainer.accelerator)
+    else:
+        edit_reward.model = trainer.accelerator.prepare_model(reward_model, evaluation_mode=True, device_placement=True)
+    edit_reward.device = trainer.accelerator.device
+    # TRL's own truncation test (rloo_trainer.py, mask_truncated_completions): the last id is no eos and no pad.
+    edit_reward.end_ids = {*trainer.eos_token_ids, tokenizer.pad_token_id}
+    trainer.skipped_too_long = {"train": skipped}
+    return trainer
 
 
 def run(cfg) -> dict:
@@ -95,7 +152,9 @@ def run(cfg) -> dict:
     training.write_training_record(final, cfg, training.STAGE_SPLITS["rl"])
     return training.write_summary(
         cfg, "mean_reward", training.mean_logged(trainer, "reward"), start,
-        copy_rate=training.mean_logged(trainer, "rewards/copy_indicator/mean"),
+        copy_rate=training.mean_logged(trainer, "copy_rate"),
+        truncated_rate=training.mean_logged(trainer, "truncated_rate"),
         kl=training.mean_logged(trainer, "kl"),
         last_reward=training.last_logged(trainer, "reward"),
+        seq_len=cfg.train.seq_len, prompt_limit=prompt_limit(cfg), skipped_too_long=trainer.skipped_too_long,
     )

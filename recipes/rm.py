@@ -6,18 +6,33 @@ Reads  DATA/pairs/{train,validation}.jsonl   {"id", "prompt", "chosen", "rejecte
                                               conversational preference format; both kinds mixed
                                               (good_vs_bad: good edit > bad edit; good_vs_original:
                                               good edit > the unedited original response).
+       cfg.init                               default RUN_DIR/sft/final: the Edit RM starts from the Edit
+                                              SFT model (conf/stage/rm.yaml says the source)
 Writes OUT/checkpoint-N/, OUT/final/ (sequence classification, one output, + tokenizer: the checkpoint
-       with the lowest validation loss when rm.keep_best), OUT/final/hs3_training.json, OUT/summary.json.
+       with the lowest selection loss when rm.keep_best), OUT/final/hs3_training.json, OUT/summary.json.
 
-The model starts from cfg.init or the base model with a new one-output head (AutoModelForSequenceClassification,
-num_labels=1); the loss is -log sigmoid(r(chosen) - r(rejected)). Validation accuracy (r(chosen) > r(rejected))
-is reported overall and per kind.
+The model starts from cfg.init with a new one-output head (AutoModelForSequenceClassification,
+num_labels=1); the loss is -log sigmoid(r(chosen) - r(rejected)).
+
+Selection: rm.selection_fraction of the edit_quality/train prompts (all pairs of a prompt, drawn with
+`seed`) are held out of training; the trainer's eval loss on them picks the best checkpoint
+(rm.keep_best). edit_quality/validation is only reported: accuracy (r(chosen) > r(rejected)) overall
+and per kind, never used to choose.
+
+Every score goes through recipes.reward (the RL reward and the eval use the same function): training
+pairs are tokenized with reward_input_ids, so a finished edit ends in the end-of-turn token and the
+pad is not that token. Train and selection pairs longer than train.seq_len are skipped and counted
+(RewardTrainer would drop them without a word); validation pairs are all scored, longer ones cut by
+the shared truncation rule and counted.
 """
 from __future__ import annotations
 
+import json
+import math
+import random
 import time
 
-from recipes import training
+from recipes import reward, training
 from recipes.config import ConfigError
 
 
@@ -27,25 +42,15 @@ def load_split(path):
     return load_dataset("json", data_files=str(path), split="train")
 
 
-def score_conversations(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[float]:
-    """The reward of each whole conversation, tokenized as RewardTrainer and RLOOTrainer do (chat template)."""
-    import torch
-
-    rewards: list[float] = []
-    model.eval()
-    for start in range(0, len(conversations), batch_size):
-        texts = [tokenizer.apply_chat_template(c, tokenize=False) for c in conversations[start:start + batch_size]]
-        batch = tokenizer(texts, return_tensors="pt", padding=True, padding_side="right", add_special_tokens=False)
-        with torch.inference_mode():
-            logits = model(**batch.to(model.device)).logits[:, 0]
-        rewards += logits.float().tolist()
-    return rewards
+def score_conversations(model, tokenizer, conversations: list[list[dict]], max_len: int, batch_size: int = 8) -> list[float]:
+    """The reward of each whole conversation: recipes.reward.score_conversations."""
+    return reward.score_conversations(model, tokenizer, conversations, max_len, batch_size)
 
 
-def pair_accuracy(model, tokenizer, pairs, batch_size: int = 8) -> dict[str, float]:
+def pair_accuracy(model, tokenizer, pairs, max_len: int, batch_size: int = 8) -> dict[str, float]:
     """Share of pairs with r(prompt + chosen) > r(prompt + rejected): overall ("all") and per kind."""
-    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], batch_size)
-    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], batch_size)
+    chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_len, batch_size)
+    rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_len, batch_size)
     wins: dict[str, list[bool]] = {"all": []}
     for pair, good, bad in zip(pairs, chosen, rejected):
         wins["all"].append(good > bad)
@@ -60,34 +65,69 @@ def check_keep_best(cfg) -> None:
         )
 
 
+def selection_split(dataset, fraction: float, seed: int):
+    """(train, selection, counts): `fraction` of the distinct prompts, with all their pairs (both kinds
+    of an edit_quality row, and rows repeating a prompt, stay on one side), drawn with `seed`; at least
+    one prompt when fraction > 0."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(dataset["prompt"]):
+        groups.setdefault(json.dumps(prompt, sort_keys=True, ensure_ascii=False), []).append(i)
+    keys = sorted(groups)
+    n = min(len(keys) - 1, max(1, math.ceil(fraction * len(keys)))) if fraction > 0 else 0
+    if fraction > 0 and n < 1:
+        raise ConfigError(f"rm.selection_fraction={fraction}: pairs/train.jsonl has {len(keys)} prompt(s), too few to hold one out")
+    held = set(random.Random(seed).sample(keys, n))
+    selection = sorted(i for key in held for i in groups[key])
+    train = sorted(i for key in keys if key not in held for i in groups[key])
+    return dataset.select(train), dataset.select(selection), {"prompts": n, "pairs": len(selection)}
+
+
+def tokenize_pairs(dataset, tokenizer):
+    """RewardTrainer's processed form (chosen_ids, rejected_ids): reward_input_ids of each side."""
+    def ids(row):
+        return {"chosen_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["chosen"]),
+                "rejected_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["rejected"])}
+
+    return dataset.map(ids, remove_columns=dataset.column_names)
+
+
 def build_trainer(cfg):
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
     train_file = training.data_file(cfg, "pairs/train.jsonl")
-    validation_file = training.data_file(cfg, "pairs/validation.jsonl")
+    training.data_file(cfg, "pairs/validation.jsonl")
     training.model_dir(cfg, "init")
     check_keep_best(cfg)
+    tokenizer = training.load_tokenizer(cfg)
+    pairs = load_split(train_file)
+    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len, "pairs/train")
+    train_pairs, selection_pairs, held_out = selection_split(pairs, cfg.rm.selection_fraction, cfg.seed)
+    evaluate = len(selection_pairs) > 0
     args = training.common_args(
-        cfg, RewardConfig,
-        max_length=cfg.train.seq_len,
+        cfg, RewardConfig, evaluate=evaluate,
+        # No length filter inside TRL (trl/trainer/reward_trainer.py:730-739 drops longer pairs silently):
+        # the pairs over train.seq_len were skipped and counted above.
+        max_length=None,
         center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
-        load_best_model_at_end=cfg.rm.keep_best,  # the paper keeps the checkpoint with the lowest validation loss
+        load_best_model_at_end=cfg.rm.keep_best,  # the paper keeps the checkpoint with the lowest held-out loss
         metric_for_best_model="eval_loss",
         greater_is_better=False,
     )
-    tokenizer = training.load_tokenizer(cfg)
     model = training.load_model(cfg, AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token
-    return RewardTrainer(
+    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token: <|eot_id|>
+    trainer = RewardTrainer(
         model=model,
         args=args,
-        train_dataset=load_split(train_file),
-        eval_dataset=load_split(validation_file),
+        train_dataset=tokenize_pairs(train_pairs, tokenizer),
+        eval_dataset=tokenize_pairs(selection_pairs, tokenizer) if evaluate else None,
         processing_class=tokenizer,
         peft_config=training.lora_config(cfg, "SEQ_CLS"),
         callbacks=training.callbacks(cfg),
     )
+    trainer.skipped_too_long = {"train": skipped}
+    trainer.selection = {"split": "edit_quality/train", "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
+    return trainer
 
 
 def run(cfg) -> dict:
@@ -102,14 +142,19 @@ def run(cfg) -> dict:
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     final = training.save_final(trainer, cfg, AutoModelForSequenceClassification)  # the best checkpoint's weights
-    training.write_training_record(final, cfg, training.STAGE_SPLITS["rm"])
+    training.write_training_record(final, cfg, training.STAGE_SPLITS["rm"], rm_selection=trainer.selection)
 
-    # Accuracy of the saved model, exact per pair (not averaged over batches).
+    # Accuracy of the saved model on edit_quality/validation, exact per pair; reported, not selected on.
     model = AutoModelForSequenceClassification.from_pretrained(str(final))
-    accuracy = pair_accuracy(model, trainer.processing_class, list(load_split(training.data_file(cfg, "pairs/validation.jsonl"))),
-                             cfg.train.micro_batch)
+    tokenizer = trainer.processing_class
+    validation_set = load_split(training.data_file(cfg, "pairs/validation.jsonl"))
+    validation = list(validation_set)
+    over = sum(n > cfg.train.seq_len for n in training.pair_lengths(tokenizer, validation_set)) if validation else 0
+    accuracy = pair_accuracy(model, tokenizer, validation, cfg.train.seq_len, cfg.train.micro_batch)
     return training.write_summary(
         cfg, "val_accuracy", accuracy.pop("all"), start,
         **{f"val_accuracy_{kind}": value for kind, value in sorted(accuracy.items())},
         best_checkpoint=trainer.state.best_model_checkpoint, steps=trainer.state.global_step,
+        selection=trainer.selection, seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long,
+        validation_pairs_truncated=over,
     )

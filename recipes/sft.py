@@ -11,6 +11,11 @@ split into TRL's prompt-completion form, prompt = messages[:-1], completion = me
 SFTTrainer masks the prompt (labels -100). `train.packing=true` packs rows with best-fit decreasing into
 padding-free batches carrying position_ids; transformers then builds a block-diagonal causal mask
 (sdpa, eager, flash-attention), so packed neighbours never attend to each other.
+
+Length: a row whose whole conversation (chat template) is longer than train.seq_len is not trained on
+(SFTTrainer would keep its start and cut the edit, <|eot_id|> included); such rows are skipped, counted
+in summary.json (`skipped_too_long`) and logged. Built with prep.max_seq_len = train.seq_len, the data
+step has already rejected them and nothing is skipped here.
 """
 from __future__ import annotations
 
@@ -24,11 +29,17 @@ def to_prompt_completion(row: dict) -> dict:
     return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
-def load_split(path):
+def load_split(path, cfg=None, tokenizer=None, name: str = "train"):
+    """The split as prompt-completion rows; with cfg and tokenizer, rows over train.seq_len left out.
+    Returns (dataset, number skipped)."""
     from datasets import load_dataset
 
     dataset = load_dataset("json", data_files=str(path), split="train")
-    return dataset.map(to_prompt_completion, remove_columns=dataset.column_names)
+    skipped = 0
+    if cfg is not None:
+        lengths = training.token_lengths(tokenizer, list(dataset["messages"]))
+        dataset, skipped = training.skip_too_long(cfg, dataset, lengths, cfg.train.seq_len, f"sft/{name}")
+    return dataset.map(to_prompt_completion, remove_columns=dataset.column_names), skipped
 
 
 def build_trainer(cfg):
@@ -48,16 +59,22 @@ def build_trainer(cfg):
         eval_packing=False,
     )
     tokenizer = training.load_tokenizer(cfg)
+    train_dataset, skipped_train = load_split(train_file, cfg, tokenizer, "train")
+    # The eval loss is only monitored here; its rows over the limit are left out too (counted), so that
+    # it is never a loss on cut targets. The held-out split itself is scored whole by the eval.
+    eval_dataset, skipped_eval = load_split(validation_file, cfg, tokenizer, "validation")
     model = training.load_model(cfg, AutoModelForCausalLM)
-    return SFTTrainer(
+    trainer = SFTTrainer(
         model=model,
         args=args,
-        train_dataset=load_split(train_file),
-        eval_dataset=load_split(validation_file),
+        train_dataset=train_dataset,
+        eval_dataset=eval_dataset,
         processing_class=tokenizer,
         peft_config=training.lora_config(cfg, "CAUSAL_LM"),
         callbacks=training.callbacks(cfg),
     )
+    trainer.skipped_too_long = {"train": skipped_train, "validation": skipped_eval}
+    return trainer
 
 
 def run(cfg) -> dict:
@@ -74,4 +91,5 @@ def run(cfg) -> dict:
 
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)
     training.write_training_record(final, cfg, training.STAGE_SPLITS["sft"])
-    return training.write_summary(cfg, "eval_loss", eval_loss, start, steps=trainer.state.global_step)
+    return training.write_summary(cfg, "eval_loss", eval_loss, start, steps=trainer.state.global_step,
+                                  seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long)

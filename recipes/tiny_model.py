@@ -37,6 +37,16 @@ CHAT_TEMPLATE = (
 
 SAMPLE_DIR = Path(__file__).resolve().parent.parent / "data_prep" / "sample"
 
+# Llama-3's special tokens as its tokenizer names them (ids 128000.. there; here after the BPE merges),
+# and its pre-tokenizer regex. For tests that need Llama-3's exact token layout (build_llama3_tokenizer).
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>", "<|start_header_id|>", "<|end_header_id|>",
+    "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+LLAMA3_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+                  r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
+
 
 def _corpus() -> list[str]:
     """Fixed training text for the tokenizer: the bundled sample rows, in a fixed order."""
@@ -68,6 +78,35 @@ def build_tokenizer(vocab_size: int):
         chat_template=CHAT_TEMPLATE,
         model_max_length=1 << 16,
     )
+
+
+def llama3_chat_template() -> str:
+    """Llama-3.1's chat template (Llama-3.3-70B-Instruct ships the same one), as TRL bundles it
+    (trl/chat_templates/llama3_1.jinja): BOS, a system header with the knowledge cutoff and date, then
+    each turn; content is trimmed."""
+    import trl
+
+    return (Path(trl.__file__).parent / "chat_templates" / "llama3_1.jinja").read_text(encoding="utf-8")
+
+
+def build_llama3_tokenizer(vocab_size: int = 1024):
+    """A small byte-level BPE with Llama-3's pre-tokenizer, its special tokens, its chat template and
+    its special-token settings (bos <|begin_of_text|>, eos <|eot_id|>, no pad token set): the token
+    layout of Llama-3.3-70B-Instruct on a vocabulary that trains in a second."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(LLAMA3_PATTERN), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(_corpus(), trainer=trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=LLAMA3_SPECIAL_TOKENS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+                                   chat_template=llama3_chat_template(), model_max_length=1 << 17)
 
 
 def build_tiny_model(model_cfg, out_dir: str | os.PathLike, seed: int = 0) -> Path:

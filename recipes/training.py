@@ -163,7 +163,47 @@ def load_tokenizer(cfg, source: Optional[str] = None):
     tokenizer = load(cfg.model, str(path) if path else None)
     if tokenizer.chat_template is None:
         raise ConfigError(f"model {path or cfg.model.path}: its tokenizer has no chat template")
+    # The pad must not be the end-of-turn token (Llama-3: <|finetune_right_pad_id|>, not <|eot_id|>): a
+    # reward model reads its score at the last non-pad token (recipes/reward.py). Required by rm and rl.
+    from recipes.reward import ensure_distinct_pad
+
+    try:
+        ensure_distinct_pad(tokenizer)
+    except ValueError as exc:
+        if cfg.stage in ("rm", "rl"):
+            raise ConfigError(str(exc)) from None
     return tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# One length policy: a train row longer than train.seq_len is never trained on cut
+# ---------------------------------------------------------------------------------------------
+def token_lengths(tokenizer, conversations: list, add_generation_prompt: bool = False) -> list[int]:
+    """len(apply_chat_template(conversation)) of each conversation (data_prep's exact fast counter)."""
+    from data_prep.tokens import TokenCounter
+
+    return TokenCounter(tokenizer).count(conversations, add_generation_prompt=add_generation_prompt) if conversations else []
+
+
+def pair_lengths(tokenizer, dataset) -> list[int]:
+    """Per preference pair: the longer of prompt + chosen and prompt + rejected (both must fit)."""
+    prompts, chosen, rejected = dataset["prompt"], dataset["chosen"], dataset["rejected"]
+    both = token_lengths(tokenizer, [p + c for p, c in zip(prompts, chosen)] + [p + r for p, r in zip(prompts, rejected)])
+    return [max(a, b) for a, b in zip(both[:len(prompts)], both[len(prompts):])]
+
+
+def skip_too_long(cfg, dataset, lengths: list[int], limit: int, name: str):
+    """`dataset` without the rows whose sequence is over `limit` tokens, and how many were left out.
+    TRL would otherwise cut them (SFT/DPO keep the start: the edit loses its end and its end-of-turn
+    token) or drop them silently (RewardTrainer); here they are counted, logged and put in summary.json."""
+    over = [i for i, n in enumerate(lengths) if n > limit]
+    if over:
+        if is_main_process():
+            print(f"{cfg.stage}: skipping {len(over)} of {len(lengths)} {name} rows longer than {limit} tokens "
+                  f"(longest {max(lengths)}); build the data with prep.max_seq_len={limit} to reject them there",
+                  file=sys.stderr, flush=True)
+        dataset = dataset.select([i for i, n in enumerate(lengths) if n <= limit])
+    return dataset, len(over)
 
 
 def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
@@ -274,8 +314,9 @@ def save_final(trainer, cfg, auto_class) -> Path:
     return final
 
 
-def write_training_record(final_dir, cfg, trained_on: list[str]) -> dict:
-    """final/hs3_training.json: this stage's splits added to what its init model was trained on."""
+def write_training_record(final_dir, cfg, trained_on: list[str], **extra) -> dict:
+    """final/hs3_training.json: this stage's splits added to what its init model was trained on
+    (and `extra` keys, e.g. the rm's selection slice)."""
     lineage: list[str] = []
     for parent in (cfg.init, cfg.reward_model if cfg.stage == "rl" else None):
         record = Path(parent) / "hs3_training.json" if parent else None
@@ -287,6 +328,7 @@ def write_training_record(final_dir, cfg, trained_on: list[str]) -> dict:
         "trained_on": list(dict.fromkeys(lineage + list(trained_on))),  # ordered, no repeats
         "data_manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
         "init": str(cfg.init) if cfg.init else str(cfg.model.path),
+        **extra,
     }
     if is_main_process():
         atomic_write_json(Path(final_dir) / "hs3_training.json", record)

@@ -6,6 +6,7 @@ import torch
 
 from recipes import rl
 from recipes.config import compose
+from recipes.io import read_jsonl
 
 
 @pytest.fixture(scope="module")
@@ -28,6 +29,7 @@ def test_rloo_advantage_is_reward_minus_mean_of_the_other_rollouts(edit_data_dir
     k = 4
     cfg = compose("rl", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
                          f"rm={random_reward_model}", f"rl.k={k}", "rl.max_new_tokens=8",
+                         "rl.mask_truncated_completions=false",  # every completion scored (all are cut at 8 here)
                          "rl.kl_coef=0.0"])  # no KL term: the reward is exactly the reward model's score
     trainer = rl.build_trainer(cfg)
     prompts = [trainer.train_dataset[i] for i in range(cfg.rl.prompts_per_step)]
@@ -41,15 +43,105 @@ def test_rloo_advantage_is_reward_minus_mean_of_the_other_rollouts(edit_data_dir
     assert rewards.std() > 0, "rewards must differ for the baseline to be tested"
     others_mean = (rewards.sum(dim=1, keepdim=True) - rewards) / (k - 1)
     torch.testing.assert_close(scored["advantages"], (rewards - others_mean).view(-1))
-    # the copy indicator has weight 0: it is logged, never part of the reward
-    assert list(trainer._logs["rewards"]["copy_indicator"]) == [0.0] * len(batch)
+    assert trainer._metrics["train"]["copy_rate"] == [0.0]  # logged by the reward function, not part of the reward
 
 
-def test_copy_indicator_ignores_whitespace_only():
-    completions = [[{"role": "assistant", "content": "Hello  world.\n"}],
-                   [{"role": "assistant", "content": "Hello world!"}]]
-    originals = ["Hello world.", "Hello world."]
-    assert rl.copy_indicator(prompts=[None, None], completions=completions, original_response=originals) == [1.0, 0.0]
+def with_some_finished(trainer, finished_rows):
+    """Wrap the trainer's real generation so that the completions of `finished_rows` end with <|eot_id|>
+    (the last generated token replaced): a known mix of finished and cut completions."""
+    generate = trainer._generate_single_turn
+    eot = trainer.processing_class.convert_tokens_to_ids("<|eot_id|>")
+
+    def wrapped(*args, **kwargs):
+        ids = generate(*args, **kwargs)
+        return [row[:-1] + [eot] if i in finished_rows else row for i, row in enumerate(ids)]
+
+    trainer._generate_single_turn = wrapped
+
+
+def test_truncated_completions_are_out_of_loss_baseline_and_reward(edit_data_dir, tmp_path, tiny_model_dir,
+                                                                   random_reward_model):
+    """rl.mask_truncated_completions (default true): a completion cut at max_new_tokens gets no reward
+    (NaN), no advantage, no loss mask, and is not in its siblings' leave-one-out baseline; a finished one
+    is scored by recipes.reward on its re-templated conversation, which ends in <|eot_id|>. Before, all
+    were scored as complete (the re-templated text got an <|eot_id|> it never generated)."""
+    from recipes import reward
+
+    k = 4
+    cfg = compose("rl", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         f"rm={random_reward_model}", f"rl.k={k}", "rl.max_new_tokens=8", "rl.kl_coef=0.0"])
+    assert cfg.rl.mask_truncated_completions is True
+    trainer = rl.build_trainer(cfg)
+    assert trainer.args.mask_truncated_completions is True  # TRL's own option (trl/trainer/rloo_config.py:542)
+    finished_rows = {0, 1, 2, 5, 6}  # prompt 0: 3 finished + 1 cut; prompt 1: 2 finished + 2 cut
+    with_some_finished(trainer, finished_rows)
+    batch = [trainer.train_dataset[i] for i in range(cfg.rl.prompts_per_step) for _ in range(k)]
+    trainer.model.train()
+    scored = trainer._generate_and_score_completions(batch)
+
+    rewards = torch.tensor(trainer._logs["rewards"]["reward_model"])
+    finished = torch.tensor([i in finished_rows for i in range(len(batch))])
+    assert rewards[~finished].isnan().all() and not rewards[finished].isnan().any()
+    assert (scored["completion_mask"][~finished] == 0).all() and (scored["completion_mask"][finished].sum(1) > 0).all()
+    # Leave-one-out over the finished siblings only; cut completions get advantage 0.
+    expected = torch.zeros(len(batch))
+    for group in range(cfg.rl.prompts_per_step):
+        members = [i for i in range(group * k, (group + 1) * k) if i in finished_rows]
+        for i in members:
+            others = [rewards[j] for j in members if j != i]
+            expected[i] = rewards[i] - sum(others) / len(others)
+    torch.testing.assert_close(scored["advantages"], expected)
+    assert trainer._metrics["train"]["truncated_rate"] == [3 / 8]
+
+    # A finished completion's reward is the shared scorer's score of the conversation ending in <|eot_id|>.
+    completion_text = trainer.processing_class.decode(scored["completion_ids"][0], skip_special_tokens=True)
+    conversation = [*batch[0]["prompt"], {"role": "assistant", "content": completion_text}]
+    edit_reward = trainer.reward_funcs[0]
+    ids = reward.reward_input_ids(edit_reward.tokenizer, conversation, cfg.train.seq_len)
+    assert ids[-1] == edit_reward.tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    [expected_score] = reward.score_conversations(edit_reward.model, edit_reward.tokenizer, [conversation], cfg.train.seq_len)
+    assert abs(rewards[0].item() - expected_score) < 1e-5
+
+
+def test_unmasked_truncated_completions_are_scored_without_an_end_of_turn(tmp_path, tiny_model_dir, random_reward_model):
+    """rl.mask_truncated_completions=false: a cut completion is scored as it stands, no <|eot_id|> appended."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from recipes import reward
+
+    tokenizer = AutoTokenizer.from_pretrained(random_reward_model)
+    model = AutoModelForSequenceClassification.from_pretrained(random_reward_model)
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    scorer = rl.EditReward(model, tokenizer, 1024, mask_truncated=False)
+    scorer.end_ids = {eot, tokenizer.pad_token_id}
+    prompt = [{"role": "user", "content": "Tell me about rain."}]
+    completion = [{"role": "assistant", "content": "Rain is water that"}]
+    cut, done = scorer([prompt, prompt], [completion, completion], [[5, 6], [5, eot]], ["x", "y"])
+    open_ids = reward.reward_input_ids(tokenizer, prompt + completion, finished=False)
+    assert eot not in open_ids[-3:] and tokenizer.decode(open_ids).endswith("Rain is water that")
+    assert cut == pytest.approx(reward.score_conversations(model, tokenizer, [prompt + completion], 1024, finished=[False])[0], abs=1e-5)
+    assert done == pytest.approx(reward.score_conversations(model, tokenizer, [prompt + completion], 1024)[0], abs=1e-5)
+    assert abs(done - cut) > 1e-4
+
+
+def test_rl_skips_and_counts_prompts_without_room_for_a_completion(edit_data_dir, tmp_path, tiny_model_dir,
+                                                                   random_reward_model):
+    from recipes import training
+
+    cfg = compose("rl", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         f"rm={random_reward_model}", "rl.max_new_tokens=8"])
+    tokenizer = training.load_tokenizer(cfg)
+    prompts = [r["prompt"] for r in read_jsonl(edit_data_dir / "prompts" / "train.jsonl")]
+    lengths = [len(tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=False))
+               for p in prompts]
+    limit = sorted(lengths)[len(lengths) // 2]  # half of the prompts are longer
+    seq_len = limit + 8
+    cfg = compose("rl", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         f"rm={random_reward_model}", "rl.max_new_tokens=8", f"train.seq_len={seq_len}"])
+    trainer = rl.build_trainer(cfg)
+    over = sum(n > limit for n in lengths)
+    assert 0 < over < len(prompts)
+    assert trainer.skipped_too_long == {"train": over} and len(trainer.train_dataset) == len(prompts) - over
 
 
 def test_with_lora_the_reference_is_the_adapter_disabled_policy(edit_data_dir, tmp_path, tiny_model_dir,

@@ -3,18 +3,20 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from recipes import rm
 from recipes.config import compose
 from recipes.io import read_jsonl
 
 
-def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path):
+def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path, tiny_model_dir):
     """The hand-made pairs prefer a detailed edit over a bad edit and over the short original; a few
     steps of Bradley-Terry learn it, and the accuracy is measured per kind on held-out pairs."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    cfg = compose("rm", [f"run_dir={tmp_path}", f"data={edit_data_dir}", "train.save_steps=2",
-                         "train.eval_steps=2", "train.save_total_limit=1"])
+    cfg = compose("rm", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}", "train.save_steps=2",
+                         "train.eval_steps=2", "train.save_total_limit=1", "rm.selection_fraction=0.25"])
     summary = rm.run(cfg)
 
     assert summary["metric"] == "val_accuracy" and summary["value"] == 1.0
@@ -23,7 +25,7 @@ def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path):
     config = AutoConfig.from_pretrained(final)
     assert config.num_labels == 1 and config.architectures == ["LlamaForSequenceClassification"]
 
-    # The best checkpoint (lowest validation loss) is the one kept and saved as final/.
+    # The best checkpoint (lowest loss on the held-out slice of the train pairs) is kept as final/.
     state = json.loads((tmp_path / "rm" / f"checkpoint-{summary['steps']}" / "trainer_state.json").read_text())
     evals = [(e["eval_loss"], e["step"]) for e in state["log_history"] if "eval_loss" in e]
     assert summary["best_checkpoint"].endswith(f"checkpoint-{min(evals)[1]}")
@@ -32,10 +34,44 @@ def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path):
     model = AutoModelForSequenceClassification.from_pretrained(final)
     swapped = [{**p, "chosen": p["rejected"], "rejected": p["chosen"]}
                for p in read_jsonl(edit_data_dir / "pairs" / "validation.jsonl")]
-    accuracy = rm.pair_accuracy(model, rm.training.load_tokenizer(cfg, str(final)), swapped)
+    accuracy = rm.pair_accuracy(model, rm.training.load_tokenizer(cfg, str(final)), swapped, cfg.train.seq_len)
     assert accuracy == {"all": 0.0, "good_vs_bad": 0.0, "good_vs_original": 0.0}
     record = json.loads((final / "hs3_training.json").read_text())
     assert record["stage"] == "rm" and record["trained_on"] == ["edit_quality/train"]
+    # Selection ran on 2 of the 8 distinct train prompts (4 pairs each), recorded in both places.
+    selection = {"split": "edit_quality/train", "fraction": 0.25, "seed": cfg.seed, "prompts": 2, "pairs": 8}
+    assert summary["selection"] == record["rm_selection"] == selection
+    assert summary["skipped_too_long"] == {"train": 0} and summary["validation_pairs_truncated"] == 0
+
+
+def test_selection_slice_is_held_out_of_training_and_seeded(edit_data_dir, tmp_path, tiny_model_dir):
+    """keep_best selects on train pairs the model never trains on; pairs/validation is not in the
+    trainer at all (it failed before: the trainer evaluated, and selected, on pairs/validation)."""
+    pairs = rm.load_split(edit_data_dir / "pairs" / "train.jsonl")
+    train, selection, counts = rm.selection_split(pairs, 0.25, 1)
+    assert counts == {"prompts": 2, "pairs": 8} and len(train) + len(selection) == len(pairs)
+    assert all(i.startswith("train-") for i in selection["id"]) and not set(train["id"]) & set(selection["id"])
+    prompts = lambda ds: {json.dumps(p) for p in ds["prompt"]}  # noqa: E731
+    assert not prompts(train) & prompts(selection)  # a prompt's pairs stay on one side
+    assert rm.selection_split(pairs, 0.25, 1)[1]["id"] == selection["id"]  # seeded
+    assert any(rm.selection_split(pairs, 0.25, seed)[1]["id"] != selection["id"] for seed in range(2, 6))
+
+    cfg = compose("rm", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}", "seed=1",
+                         "rm.selection_fraction=0.25"])
+    trainer = rm.build_trainer(cfg)
+    expected = rm.tokenize_pairs(selection, trainer.processing_class)
+    assert trainer.eval_dataset["chosen_ids"] == expected["chosen_ids"]
+    assert trainer.eval_dataset["rejected_ids"] == expected["rejected_ids"]
+    assert len(trainer.train_dataset) == len(train)
+
+
+def test_rm_defaults_to_the_sft_model_and_keep_best_needs_a_selection_slice(tmp_path):
+    from recipes.config import ConfigError
+
+    assert compose("rm", [f"run_dir={tmp_path}"]).init == f"{tmp_path}/sft/final"
+    with pytest.raises(ConfigError, match="rm.selection_fraction > 0"):
+        compose("rm", [f"run_dir={tmp_path}", "rm.selection_fraction=0"])
+    assert compose("rm", [f"run_dir={tmp_path}", "rm.selection_fraction=0", "rm.keep_best=false"]).rm.selection_fraction == 0
 
 
 def test_the_new_score_head_is_the_same_for_the_same_seed(tmp_path):
@@ -46,7 +82,7 @@ def test_the_new_score_head_is_the_same_for_the_same_seed(tmp_path):
 
     from recipes import training
 
-    heads = [training.load_model(compose("rm", [f"run_dir={tmp_path}", f"seed={seed}"]),
+    heads = [training.load_model(compose("rm", [f"run_dir={tmp_path}", f"seed={seed}", "init=null"]),
                                  AutoModelForSequenceClassification, num_labels=1).score.weight.detach().clone()
              for seed in (7, 7, 8)]
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
