@@ -48,7 +48,18 @@ def parser() -> argparse.ArgumentParser:
                    help="all (default, as in the paper): one SFT conversation per permutation of a row's feedback "
                         "items (6 for 3 items); given: the order in the data; K: K distinct permutations per row, "
                         "chosen with --seed")
-    p.add_argument("--seed", type=int, default=1234, help="seed for --feedback-orders K (default %(default)s)")
+    p.add_argument("--seed", type=int, default=1234,
+                   help="seed for --feedback-orders K and --feedback-targets one (default %(default)s)")
+    p.add_argument("--subsets", default="edit,edit_quality", metavar="LIST",
+                   help="HelpSteer3 subsets to build, comma-separated, from edit, edit_quality, feedback, preference "
+                        "(default %(default)s). feedback -> feedback/ (Feedback-model SFT); preference -> select/ "
+                        "(Select-model pairs weighted by |overall_preference|; ties rejected as `tie`)")
+    p.add_argument("--feedback-targets", default="one", choices=("one", "all"),
+                   help="feedback subset: one (default) feedback text per response as the SFT target, drawn with "
+                        "--seed (2 per row, the sources' count); all: every text (up to 6 per row)")
+    p.add_argument("--feedback-instruction", metavar="TEXT",
+                   help="feedback subset: the evaluation instruction of the Feedback model's request (default: "
+                        "data_prep.feedback_prompt.FEEDBACK_INSTRUCTION, our reconstruction)")
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="count each conversation's tokens with this tokenizer's chat template; length percentiles "
                         "go to the manifest")
@@ -74,7 +85,9 @@ def main(argv: list[str]) -> int:
     from data_prep.build import Options, build, summary_line
 
     options = Options(feedback_orders=args.feedback_orders, seed=args.seed, tokenizer=args.tokenizer,
-                      max_seq_len=args.max_seq_len, strict=args.strict, keep_leaked=args.keep_leaked)
+                      max_seq_len=args.max_seq_len, strict=args.strict, keep_leaked=args.keep_leaked,
+                      subsets=args.subsets, feedback_targets=args.feedback_targets,
+                      feedback_instruction=args.feedback_instruction)
     manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress,
                      workers=args.workers)
     print(summary_line(manifest, args.out))

@@ -28,14 +28,38 @@ from typing import Any
 from data_prep import build_edit_conversation, is_copy
 from data_prep.feedback import selected_indices
 from data_prep.schema import (EQUAL_PAIRS, LEAKED, SPLITS, SUBSETS, TOO_LONG, check_row, extra_fields)
-from data_prep.sources import open_source
+from data_prep.sources import ALL_SUBSETS, open_source
+from data_prep import feedback_data, select_data
 from recipes.io import UserError, dumps_json
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation rows over --max-seq-len are kept and flagged (1 rejected them)
 OUTPUT_KINDS = ("sft", "pairs", "prompts")
 PAIR_KINDS = ("good_vs_bad", "good_vs_original")
 LEAK_RULE = ("a train row (edit or edit_quality) whose context and original_response equal those of "
              "a validation row (edit or edit_quality)")
+# With the feedback or preference subset: a row's (context, response) pairs are its original_response
+# (edit, edit_quality) or each of response1/response2 (feedback, preference).
+LEAK_RULE_ALL = ("a train row of any subset with a (context, response) equal to a (context, response) of a "
+                 "validation row of any subset (response: original_response, or response1 and response2)")
+# What each subset emits (--subsets); kinds in file order.
+SUBSET_OUTPUTS = {"edit": ("sft", "prompts"), "edit_quality": ("pairs",), "feedback": ("feedback",),
+                  "preference": ("select",)}
+DEFAULT_SUBSETS = SUBSETS
+
+
+def output_kinds(subsets) -> tuple[str, ...]:
+    """The output kinds of the selected subsets, in a fixed order (sft, pairs, prompts, feedback, select)."""
+    wanted = {kind for subset in subsets for kind in SUBSET_OUTPUTS[subset]}
+    return tuple(kind for kind in OUTPUT_KINDS + ("feedback", "select") if kind in wanted)
+
+
+def parse_subsets(value) -> tuple[str, ...]:
+    """'edit,feedback' (or a list) -> the subsets in HelpSteer3's order; unknown names are a UserError."""
+    names = [n.strip() for n in (value.split(",") if isinstance(value, str) else value) if str(n).strip()]
+    unknown = [n for n in names if n not in ALL_SUBSETS]
+    if unknown or not names:
+        raise UserError(f"--subsets {value}: expected a comma-separated list of {', '.join(ALL_SUBSETS)}")
+    return tuple(n for n in ALL_SUBSETS if n in names)
 TOKEN_BATCH_ROWS = 64
 
 
@@ -44,12 +68,18 @@ class Options:
     feedback_orders: str = "all"  # all | given | K (an integer: K distinct permutations chosen with seed)
     seed: int = 1234
     tokenizer: str | None = None  # name or path; counts tokens of every conversation
-    max_seq_len: int | None = None  # drop rows with a longer conversation (needs tokenizer)
+    max_seq_len: int | None = None  # reject train rows with a longer sequence; flag validation rows (needs tokenizer)
     strict: bool = False  # any rejected row fails the run
     keep_leaked: bool = False  # keep train rows that leak a validation row
+    subsets: Any = DEFAULT_SUBSETS  # HelpSteer3 subsets to read (a tuple, or "edit,feedback,...")
+    feedback_targets: str = "one"  # feedback subset: one (seeded) | all feedback texts per response
+    feedback_instruction: str | None = None  # feedback subset: None = data_prep.feedback_prompt.FEEDBACK_INSTRUCTION
 
     def validate(self) -> None:
         parse_feedback_orders(self.feedback_orders)
+        self.subsets = parse_subsets(self.subsets)
+        if self.feedback_targets not in feedback_data.FEEDBACK_TARGETS:
+            raise UserError(f"--feedback-targets {self.feedback_targets}: expected one or all")
         if self.max_seq_len is not None:
             if self.max_seq_len < 1:
                 raise UserError(f"--max-seq-len {self.max_seq_len}: must be >= 1")
@@ -59,9 +89,19 @@ class Options:
     def recorded(self) -> dict:
         """The options as the manifest records them (the seed only where it chooses something)."""
         options = asdict(self)
-        if not isinstance(parse_feedback_orders(self.feedback_orders), int):
+        subsets = parse_subsets(self.subsets)
+        if not isinstance(parse_feedback_orders(self.feedback_orders), int) and "feedback" not in subsets:
             options["seed"] = None
         options["feedback_orders"] = str(self.feedback_orders)
+        # The default build's options read as before these keys existed (its manifest stays the same).
+        del options["subsets"], options["feedback_targets"], options["feedback_instruction"]
+        if subsets != DEFAULT_SUBSETS:
+            options["subsets"] = list(subsets)
+        if "feedback" in subsets:
+            from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION
+
+            options["feedback_targets"] = self.feedback_targets
+            options["feedback_instruction"] = self.feedback_instruction or FEEDBACK_INSTRUCTION
         return options
 
 
@@ -118,6 +158,32 @@ class Row:
 def leak_key(record: dict) -> str:
     return json.dumps([[t["role"], t["content"]] for t in record["context"]] + [record["original_response"]],
                       ensure_ascii=False)
+
+
+def leak_keys(subset: str, record: dict) -> list[str]:
+    """A row's (context, response) keys: original_response (edit, edit_quality), response1 and response2."""
+    return feedback_data.leak_keys(record) if subset in ("feedback", "preference") else [leak_key(record)]
+
+
+def check_any_row(subset: str, record) -> tuple[str, str] | None:
+    if subset == "feedback":
+        return feedback_data.check_feedback_row(record)
+    if subset == "preference":
+        return select_data.check_preference_row(record)
+    return check_row(subset, record)
+
+
+def emit(row: Row, orders, options: Options) -> None:
+    """The row's output lines, by subset."""
+    if row.subset == "edit":
+        emit_edit(row, orders, options.seed)
+    elif row.subset == "edit_quality":
+        emit_edit_quality(row)
+    elif row.subset == "feedback":
+        feedback_data.emit_feedback(row, options.feedback_targets, options.seed, options.feedback_instruction,
+                                    feedback_data.extra_fields(row.record))
+    else:
+        select_data.emit_select(row, select_data.extra_fields(row.record))
 
 
 def metadata(subset: str, record: dict) -> dict:
@@ -191,10 +257,13 @@ def _conversations(batch: list[Row]) -> tuple[list, list, list, list]:
                 variants.append((lines[0]["messages"], len(lines[0]["messages"]) - 2,
                                  [line["messages"][-2]["content"] for line in lines]))
                 variant_owners += [(r_index, kind, i) for i in range(len(lines))]
-            elif kind == "pairs":
+            elif kind in ("pairs", "select"):
                 for i, line in enumerate(lines):
                     full += [line["prompt"] + line["chosen"], line["prompt"] + line["rejected"]]
                     full_owners += [(r_index, kind, i)] * 2
+            elif kind == "feedback":
+                full += [line["messages"] for line in lines]
+                full_owners += [(r_index, kind, i) for i in range(len(lines))]
             else:
                 prompts += [line["prompt"] for line in lines]
                 prompt_owners += [(r_index, kind, i) for i in range(len(lines))]
@@ -215,7 +284,8 @@ def _flat(counts: tuple[list, list, list]) -> list[int]:
 
 def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bool, workers: int = 1) -> None:
     """Token counts of every output line (SFT: the whole conversation; pair: prompt + the longer
-    side; prompt: with the generation prompt); rows with a sequence over max_seq_len are rejected.
+    side; prompt: with the generation prompt); train rows with a sequence over max_seq_len are
+    rejected (too_long), validation rows are kept and their longer lines flagged (over_max_seq_len).
     With workers > 1 the batches are counted in forked processes (same counts, same order)."""
     global _WORKER_COUNTER
     import multiprocessing
@@ -256,7 +326,10 @@ def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bo
                                  for kind, lines in r.outputs.items()}
                     longest = max(max(v) for v in r.lengths.values())
                     if max_seq_len is not None and longest > max_seq_len:
-                        r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
+                        if r.split == "validation":  # held out: never dropped for a training limit
+                            flag_over_max_seq_len(r, max_seq_len)
+                        else:
+                            r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
                 bar.update(len(batch))
     finally:
         if pool is not None:
@@ -266,6 +339,22 @@ def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bo
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved_env
+
+
+def flag_over_max_seq_len(row: Row, max_seq_len: int) -> None:
+    """A validation row's output lines longer than max_seq_len get "over_max_seq_len": true (kept; the
+    manifest counts them per split; the eval shortens them by its documented rule)."""
+    for kind, lines in row.outputs.items():
+        for line, n in zip(lines, row.lengths[kind]):
+            if n > max_seq_len:
+                line["over_max_seq_len"] = True
+
+
+def over_max_seq_len_counts(used: list[Row]) -> dict:
+    """Validation rows (and their lines, per output kind) flagged over --max-seq-len."""
+    lines = Counter(kind for r in used for kind, out in r.outputs.items() for line in out if line.get("over_max_seq_len"))
+    rows = sum(1 for r in used if any(line.get("over_max_seq_len") for out in r.outputs.values() for line in out))
+    return {"rows": rows, "lines": dict(sorted(lines.items()))}
 
 
 def percentiles(values: list[int]) -> dict:
@@ -393,8 +482,9 @@ def write_outputs(tmp: Path, all_rows: list[Row], manifest: dict, progress: bool
     from tqdm import tqdm
 
     with ThreadPoolExecutor(max_workers=1) as thread:  # one thread, so each file's chunks stay in order
+        kinds = output_kinds(manifest["options"].get("subsets", DEFAULT_SUBSETS))
         writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl", thread)
-                   for kind in OUTPUT_KINDS for split in SPLITS}
+                   for kind in kinds for split in SPLITS}
         rejected_writer = _Writer(tmp / "rejected.jsonl", thread)
         for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
             for kind, lines in row.outputs.items():
@@ -453,7 +543,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
 
         tokenizer = tokenizer if tokenizer is not None else load_tokenizer(options.tokenizer)
         counter = TokenCounter(tokenizer)
-    src = open_source(source, revision)
+    subsets = options.subsets
+    src = open_source(source, revision, subsets)
     manifest: dict[str, Any] = {
         "tool": "data_prep", "format_version": FORMAT_VERSION, "source": src.describe(),
         "options": options.recorded(),
@@ -475,13 +566,13 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
 
     # Read and check every row.
     rows: dict[tuple[str, str], list[Row]] = {}
-    for subset in SUBSETS:
+    for subset in subsets:
         for split in SPLITS:
             rows[subset, split] = []
             for raw in tqdm(src.read(subset, split), desc=f"read {subset}/{split}", unit="row", disable=None if progress else True):
                 row = Row(subset, split, raw.row, raw.record, raw.text, raw.reason, raw.detail)
                 if row.reason is None:
-                    problem = check_row(subset, row.record)
+                    problem = check_any_row(subset, row.record)
                     if problem:
                         row.reason, row.detail = problem
                 rows[subset, split].append(row)
@@ -489,23 +580,28 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
     phase("read")
     # Held-out hygiene: train rows that repeat a validation row's (context, original_response).
     held_out: dict[str, list[str]] = {}
-    for subset in SUBSETS:
+    # Ties and equal pairs still hold (context, response) pairs that are held out: they count too.
+    for subset in subsets:
         for row in rows[subset, "validation"]:
-            if row.reason is None:
-                held_out.setdefault(leak_key(row.record), []).append(row.key)
+            if row.reason is None or row.reason in (select_data.TIE, EQUAL_PAIRS):
+                for key in dict.fromkeys(leak_keys(subset, row.record)):
+                    held_out.setdefault(key, []).append(row.key)
     leaks = []
-    for subset in SUBSETS:
+    for subset in subsets:
         for row in rows[subset, "train"]:
-            if row.reason is None and (matches := held_out.get(leak_key(row.record))):
+            if row.reason is None and (matches := [m for key in leak_keys(subset, row.record)
+                                                   for m in held_out.get(key, [])]):
+                matches = list(dict.fromkeys(matches))
                 row.leak_matches = matches
                 leaks.append({"row": row.key, "matches": matches})
                 if not options.keep_leaked:
-                    row.reject(LEAKED, f"same context and original_response as {', '.join(matches)}")
+                    what = "original_response" if subset in SUBSETS else "response"
+                    row.reject(LEAKED, f"same context and {what} as {', '.join(matches)}")
 
-    all_rows = [row for subset in SUBSETS for split in SPLITS for row in rows[subset, split]]
+    all_rows = [row for subset in subsets for split in SPLITS for row in rows[subset, split]]
     for row in all_rows:
         if row.reason is None:
-            emit_edit(row, orders, options.seed) if row.subset == "edit" else emit_edit_quality(row)
+            emit(row, orders, options)
     phase("emit")
     if counter is not None:
         count_tokens(all_rows, counter, options.max_seq_len, progress, workers or os.cpu_count() or 1)
@@ -529,6 +625,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
                 emitted[kind] += len(lines)
                 if kind == "pairs":
                     emitted.update(line["kind"] for line in lines)
+                if kind == "select":
+                    emitted.update(f"weight_{line['weight']}" for line in lines)
                 token_lengths.setdefault(f"{kind}/{split}", []).extend(r.lengths.get(kind, []))
         counts = {"read": len(split_rows), "used": len(used), "rejected": sum(by_reason.values()),
                   "rejected_by_reason": dict(sorted(by_reason.items())), "emitted": dict(sorted(emitted.items()))}
@@ -538,21 +636,26 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
         if subset == "edit":
             counts["feedback_items"] = dict(sorted(Counter(
                 str(len(r.record["feedback"])) for r in split_rows if r.reason is None or r.reason == LEAKED).items()))
+        if split == "validation" and options.max_seq_len is not None:
+            counts["over_max_seq_len"] = over_max_seq_len_counts(used)
         assert counts["read"] == counts["used"] + counts["rejected"], (subset, split, counts)
         manifest["counts"][f"{subset}/{split}"] = counts
     manifest["leakage"] = {
-        "rule": LEAK_RULE, "action": "kept (--keep-leaked)" if options.keep_leaked else "removed from training",
+        "rule": LEAK_RULE if subsets == DEFAULT_SUBSETS else LEAK_RULE_ALL,
+        "action": "kept (--keep-leaked)" if options.keep_leaked else "removed from training",
         "leaked_rows": {f"{subset}/train": sum(1 for leak in leaks if leak["row"].startswith(f"{subset}/"))
-                        for subset in SUBSETS},
+                        for subset in subsets},
         "rows": leaks,
     }
     if counter is not None:
         manifest["token_lengths"] = {
             "counted_as": "apply_chat_template tokens: sft = whole conversation; pairs = prompt + the longer side; "
-                          "prompts = prompt + generation prompt",
+                          "prompts = prompt + generation prompt"
+                          + ("" if subsets == DEFAULT_SUBSETS else
+                             "; feedback = whole conversation; select = prompt + the longer side"),
             "max_seq_len": options.max_seq_len,
             **{name: percentiles(token_lengths.get(name, [])) for name in
-               (f"{kind}/{split}" for kind in OUTPUT_KINDS for split in SPLITS)},
+               (f"{kind}/{split}" for kind in output_kinds(subsets) for split in SPLITS)},
         }
 
     # Write everything into a temp dir beside OUT; rename it to OUT at the very end.
@@ -578,10 +681,10 @@ def summary_line(manifest: dict, out: str | os.PathLike) -> str:
     for c in counts:
         reasons.update(c["rejected_by_reason"])
     emitted = {kind: "+".join(str(manifest["outputs"][f"{kind}/{split}.jsonl"]["lines"]) for split in SPLITS)
-               for kind in OUTPUT_KINDS}
+               for kind in output_kinds(manifest["options"].get("subsets", DEFAULT_SUBSETS))}
     leaked = sum(manifest["leakage"]["leaked_rows"].values())
     state = "up to date, nothing rewritten: " if manifest.get("up_to_date") else ""
     why = f" ({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))})" if reasons else ""
     return (f"data_prep: {state}{read} rows read, {used} used, {rejected} rejected{why}; "
-            f"sft {emitted['sft']}, pairs {emitted['pairs']}, prompts {emitted['prompts']} (train+validation); "
+            f"{', '.join(f'{kind} {lines}' for kind, lines in emitted.items())} (train+validation); "
             f"{leaked} leaked train rows {'kept' if manifest['options']['keep_leaked'] else 'removed'} -> {out}")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from data_prep.schema import INVALID_UTF8, MALFORMED_JSON, SPLITS, SUBSETS
+
+ALL_SUBSETS = SUBSETS + ("feedback", "preference")  # HelpSteer3's subsets the data step reads (--subsets)
 from recipes.io import UserError, sha256_file
 
 HUB_DATASET = "nvidia/HelpSteer3"
@@ -53,13 +55,13 @@ def parse_line(row: int, raw: bytes) -> RawRow:
 class DirSource:
     """A local copy laid out as the dataset repo (see LAYOUT). An empty file is a split with 0 rows."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, subsets: tuple[str, ...] = SUBSETS):
         self.path = Path(path)
         if not self.path.exists():
             raise UserError(f"--source {path}: no such directory (expected a local copy of {HUB_DATASET}: {LAYOUT})")
         if not self.path.is_dir():
             raise UserError(f"--source {path}: not a directory (expected {LAYOUT})")
-        self.files = {(subset, split): self._find(subset, split) for subset in SUBSETS for split in SPLITS}
+        self.files = {(subset, split): self._find(subset, split) for subset in subsets for split in SPLITS}
 
     def _find(self, subset: str, split: str) -> Path:
         gz, plain = (self.path / subset / f"{split}.jsonl{ext}" for ext in (".gz", ""))
@@ -68,9 +70,10 @@ class DirSource:
         if gz.is_file() or plain.is_file():
             return gz if gz.is_file() else plain
         hint = ""
-        if (self.path.parent / subset).is_dir() or self.path.name in SUBSETS:
+        if (self.path.parent / subset).is_dir() or self.path.name in ALL_SUBSETS:
             hint = f" (pass the directory above {self.path.name}/)"
-        raise UserError(f"--source {self.path}: {subset}/{split}.jsonl.gz (or .jsonl) not found; expected {LAYOUT}{hint}")
+        layout = LAYOUT if subset in SUBSETS else f"SUBSET/{{train,validation}}.jsonl.gz (or .jsonl) for each of --subsets"
+        raise UserError(f"--source {self.path}: {subset}/{split}.jsonl.gz (or .jsonl) not found; expected {layout}{hint}")
 
     def describe(self) -> dict:
         return {"type": "dir", "path": str(self.path),
@@ -90,9 +93,9 @@ class DirSource:
 class HubSource:
     """nvidia/HelpSteer3 through datasets.load_dataset, at a pinned revision."""
 
-    def __init__(self, revision: str):
+    def __init__(self, revision: str, subsets: tuple[str, ...] = SUBSETS):
         self.revision = revision
-        self.datasets = {subset: self._load(subset) for subset in SUBSETS}
+        self.datasets = {subset: self._load(subset) for subset in subsets}
 
     def _load(self, subset: str):
         import datasets
@@ -113,12 +116,12 @@ class HubSource:
     def describe(self) -> dict:
         return {"type": "hf", "dataset": HUB_DATASET, "revision": self.revision,
                 "fingerprints": {f"{subset}/{split}": self.datasets[subset][split]._fingerprint
-                                 for subset in SUBSETS for split in SPLITS}}
+                                 for subset in self.datasets for split in SPLITS}}
 
     def read(self, subset: str, split: str) -> list[RawRow]:
         return [RawRow(i, record=record) for i, record in enumerate(self.datasets[subset][split])]
 
 
-def open_source(source: str, revision: str) -> DirSource | HubSource:
-    return HubSource(revision) if source == "hf" else DirSource(source)
+def open_source(source: str, revision: str, subsets: tuple[str, ...] = SUBSETS) -> DirSource | HubSource:
+    return HubSource(revision, subsets) if source == "hf" else DirSource(source, subsets)
 
