@@ -115,3 +115,38 @@ def test_workers_do_not_change_the_output(tmp_path, tiny_model_dir):
     assert one["outputs"] == two["outputs"] and one["counts"] == two["counts"]
     assert 0 < one["counts"]["edit/train"]["rejected_by_reason"]["too_long"] < 200
     assert json.loads((tmp_path / "two-cut/manifest.json").read_text())["token_lengths"] == one["token_lengths"]
+
+
+def test_max_seq_len_rejects_train_rows_and_keeps_every_validation_row(tmp_path, tiny_model_dir):
+    """--max-seq-len is a training limit: train rows over it are rejected (too_long); validation rows are
+    all kept, their longer lines flagged "over_max_seq_len" and counted per split. Before, validation
+    rows were rejected too (with 200, every edit/validation row of the sample was dropped)."""
+    from recipes.io import read_jsonl
+    from tests.conftest import SAMPLE_DIR
+
+    counted = build(str(SAMPLE_DIR), tmp_path / "all", options=Options(tokenizer=str(tiny_model_dir)), progress=False)
+    limit = 200
+    cut = build(str(SAMPLE_DIR), tmp_path / "cut", options=Options(tokenizer=str(tiny_model_dir), max_seq_len=limit),
+                progress=False)
+    assert cut["counts"]["edit/train"]["rejected_by_reason"].get("too_long", 0) > 0
+    for subset, kinds in (("edit", ("sft", "prompts")), ("edit_quality", ("pairs",))):
+        validation = cut["counts"][f"{subset}/validation"]
+        assert validation["rejected"] == counted["counts"][f"{subset}/validation"]["rejected"] == 0
+        assert validation["used"] == validation["read"] > 0
+        flagged_rows = set()
+        for kind in kinds:
+            kept = read_jsonl(tmp_path / "cut" / kind / "validation.jsonl")
+            before = read_jsonl(tmp_path / "all" / kind / "validation.jsonl")
+            assert [{k: v for k, v in line.items() if k != "over_max_seq_len"} for line in kept] == before
+            flagged = [line for line in kept if line.get("over_max_seq_len")]
+            assert all(line["over_max_seq_len"] is True for line in flagged)
+            assert len(flagged) == validation["over_max_seq_len"]["lines"].get(kind, 0)
+            flagged_rows |= {line["source"]["row"] for line in flagged}
+        assert validation["over_max_seq_len"]["rows"] == len(flagged_rows)
+    assert cut["counts"]["edit/validation"]["over_max_seq_len"]["rows"] > 0  # the limit bites on validation too
+    # Which lines are flagged: exactly those longer than the limit, counted with apply_chat_template.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for line in read_jsonl(tmp_path / "cut" / "sft" / "validation.jsonl"):
+        assert bool(line.get("over_max_seq_len")) == (plain(tokenizer, line["messages"]) > limit)
