@@ -140,3 +140,14 @@ def test_truncation_keeps_bos_system_header_and_the_final_turns(llama3_policy_di
     assert reward.reward_input_ids(tokenizer, conversation, len(full)) == full  # nothing cut when it fits
     with pytest.raises(ValueError, match="no room"):
         reward.reward_input_ids(tokenizer, conversation, head)
+
+
+def test_70b_data_is_built_at_the_training_sequence_length(tmp_path):
+    """The 70B model files build their data with the model's tokenizer and max_seq_len = the stages'
+    train.seq_len, so sft/rm/dpo never skip a row the data step did not reject (and report)."""
+    for model in ("llama33_70b", "llama33_70b_lora"):
+        data = compose("data", [f"model={model}", f"run_dir={tmp_path}"])
+        assert data.prep.tokenizer is None  # the model's own tokenizer
+        for stage in ("sft", "rm", "dpo", "rl"):
+            assert data.prep.max_seq_len == compose(stage, [f"model={model}", f"run_dir={tmp_path}"]).train.seq_len == 4096
+    assert compose("rl", [f"run_dir={tmp_path}"]).rl.mask_truncated_completions is True
