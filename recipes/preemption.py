@@ -14,12 +14,13 @@ How a stage is stopped early (SLURM sends USR1 `cluster.signal_seconds` before t
      job; the restarted job resumes from the latest checkpoint-N (resume=auto).
 
 The output-dir lock (`OutputLock`, OUT/LOCK_FILE) keeps two jobs or processes from writing one
-output dir. It holds the SLURM job id (inside a job) or the host and PID. A lock whose job is no
-longer queued or running, or whose local PID is dead, is stale and taken over. A requeued job
-(same job id) and the child processes of the holder (they inherit LOCK_ENV) hold it already.
+output dir: an OS lock (flock) on the open file, held for the whole run and released by the kernel
+when the holder exits or dies. The file names the holder (SLURM job id, or host and PID) for
+messages; the child processes of the holder (they inherit LOCK_ENV) join its lock.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -166,68 +167,100 @@ def _pid_alive(pid: int) -> bool:
         return True
 
 
-def _holder_alive(owner: dict) -> bool:
-    if owner.get("job_id"):
-        state = slurm_job_state(owner["job_id"])
-        return state in LIVE_JOB_STATES
-    if owner.get("host") == socket.gethostname():
-        return _pid_alive(int(owner.get("pid", 0)))
-    return True  # a PID on another host cannot be checked from here: assume it is alive
-
-
 class OutputLock:
     """`with OutputLock(cfg.out):` around a stage run. A one-line UserError if another live job or
-    process holds the dir."""
+    process holds the dir.
+
+    The lock is an OS lock, `fcntl.flock(LOCK_EX)` on the open file OUT/LOCK_FILE, held for the whole
+    run: the kernel (or the file system's lock manager) decides who wins, so two processes that start
+    at once can never both hold it, and a holder that dies (even by kill -9) releases it. The owner
+    (SLURM job id, host, PID) is written inside only for messages and for children: a process that
+    inherited LOCK_ENV from the holder (an accelerate rank) joins the holder's lock. A release
+    deletes the file while still holding it; an acquirer checks that the file it locked is still the
+    one at the path (else it retries), so a deleted lock can never be held by two processes.
+    See docs/architecture.md for what this relies on on NFS and Lustre.
+    """
 
     def __init__(self, out: str | os.PathLike):
         self.path = Path(out) / LOCK_FILE
         self.created = False
+        self._fd: int | None = None
 
     def _describe(self, owner: dict) -> str:
         if owner.get("job_id"):
             return f"SLURM job {owner['job_id']}"
-        return f"process {owner.get('pid')} on {owner.get('host')}"
+        if owner.get("pid"):
+            return f"process {owner.get('pid')} on {owner.get('host')}"
+        return "another process"
+
+    def _read_owner(self, fd: int) -> dict:
+        try:
+            owner = json.loads(os.pread(fd, 4096, 0) or b"{}")
+        except (OSError, ValueError):
+            return {}
+        return owner if isinstance(owner, dict) else {}
+
+    def _other_live_job(self, owner: dict) -> bool:
+        """A lock whose flock is free but whose owner is another live SLURM job: that job holds it on
+        another node whose file system keeps flock node-local (Lustre `localflock`)."""
+        job = owner.get("job_id")
+        return bool(job) and job != os.environ.get("SLURM_JOB_ID") and slurm_job_state(job) in LIVE_JOB_STATES
 
     def holder(self) -> str | None:
-        """Who holds the lock, when that is another live job or process (None: free, stale or ours)."""
+        """Who holds the lock, when that is another live job or process (None: free or ours)."""
         try:
-            owner = json.loads(self.path.read_text())
-        except (OSError, ValueError):
+            fd = os.open(self.path, os.O_RDONLY)
+        except OSError:
             return None
-        if not owner or _token(owner) in (_token(_my_identity()), os.environ.get(LOCK_ENV)):
-            return None
-        return self._describe(owner) if _holder_alive(owner) else None
+        try:
+            owner = self._read_owner(fd)
+            if owner and _token(owner) in (_token(_my_identity()), os.environ.get(LOCK_ENV)):
+                return None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return self._describe(self._read_owner(fd))
+            except OSError:
+                return None
+            return self._describe(owner) if self._other_live_job(owner) else None
+        finally:
+            os.close(fd)  # closing drops our shared lock, if we took it
 
     def acquire(self) -> "OutputLock":
         self.path.parent.mkdir(parents=True, exist_ok=True)
         me = _my_identity()
-        inherited = os.environ.get(LOCK_ENV)
-        try:
-            owner = json.loads(self.path.read_text())
-        except FileNotFoundError:
-            owner = None
-        except (OSError, ValueError):
-            owner = {}  # unreadable or half-written: treat as stale
-        if owner:
-            token = _token(owner)
-            if token == inherited:
-                return self  # a child process of the holder
-            if token == _token(me):  # our own job, requeued
-                os.environ[LOCK_ENV] = token
-                self.created = True
-                return self
-            if _holder_alive(owner):
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = self._read_owner(fd)
+                os.close(fd)
+                if owner and _token(owner) in (os.environ.get(LOCK_ENV), _token(me)):
+                    return self  # a child process of the holder (or our own job's earlier step)
                 raise UserError(f"{self.path.parent} is being written by {self._describe(owner)} "
-                                f"(lock {self.path}; delete it if that is wrong)")
-        if owner is not None:
-            atomic_write_json(self.path, me)  # take over the stale lock
-        else:
-            try:  # O_EXCL: of two processes starting at once, exactly one creates the lock
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except FileExistsError:
-                return self.acquire()
-            with os.fdopen(fd, "w") as f:
-                json.dump(me, f)
+                                f"(lock {self.path}; delete it if that is wrong)") from None
+            except OSError as exc:
+                os.close(fd)
+                raise UserError(f"cannot lock {self.path}: {exc.strerror} (the file system must support "
+                                "flock; see docs/architecture.md)") from None
+            try:
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)  # we locked a file its holder deleted on release: try the new one
+        owner = self._read_owner(fd)
+        if owner and _token(owner) != _token(me) and self._other_live_job(owner):
+            os.close(fd)
+            raise UserError(f"{self.path.parent} is being written by {self._describe(owner)} "
+                            f"(lock {self.path}; delete it if that is wrong)")
+        data = json.dumps(me).encode()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, data, 0)
+        os.fsync(fd)
+        self._fd = fd
         os.environ[LOCK_ENV] = _token(me)
         self.created = True
         return self
@@ -235,11 +268,10 @@ class OutputLock:
     def release(self) -> None:
         if not self.created:
             return
-        try:
-            if _token(json.loads(self.path.read_text())) == _token(_my_identity()):
-                self.path.unlink()
-        except (OSError, ValueError):
-            pass
+        if self._fd is not None:
+            self.path.unlink(missing_ok=True)  # still holding the lock: nobody can take this file now
+            os.close(self._fd)
+            self._fd = None
         if os.environ.get(LOCK_ENV) == _token(_my_identity()):
             del os.environ[LOCK_ENV]
         self.created = False

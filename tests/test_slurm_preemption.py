@@ -64,9 +64,12 @@ def clean_lock_env(monkeypatch):
 
 
 def test_lock_refuses_a_second_live_process_and_takes_over_a_dead_one(tmp_path, clean_lock_env):
-    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    # the sleeper holds the lock (flock on OUT/.lock) and is then killed by -9: no release runs
+    sleeper = subprocess.Popen([sys.executable, "-c", "import sys, time; from recipes.preemption import OutputLock; "
+                                "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                               stdout=subprocess.PIPE, text=True, env={k: v for k, v in os.environ.items() if k != LOCK_ENV})
     try:
-        (tmp_path / LOCK_FILE).write_text(json.dumps({"job_id": None, "host": socket.gethostname(), "pid": sleeper.pid}))
+        assert sleeper.stdout.readline().strip() == "held"
         with pytest.raises(UserError, match=f"process {sleeper.pid} on"):
             OutputLock(tmp_path).acquire()
     finally:

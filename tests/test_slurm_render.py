@@ -159,10 +159,11 @@ def test_submit_refuses_an_output_dir_that_another_process_writes(tmp_path):
     import socket
     import sys
 
-    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    writer = subprocess.Popen([sys.executable, "-c", "import sys, time; from recipes.preemption import OutputLock; "
+                               "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)",
+                               str(tmp_path / "sft")], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:
-        (tmp_path / "sft").mkdir()
-        (tmp_path / "sft" / ".lock").write_text(json.dumps({"job_id": None, "host": socket.gethostname(), "pid": writer.pid}))
+        assert writer.stdout.readline().strip() == "held"  # it holds the lock (flock on sft/.lock)
         proc = run_cli("-m", "recipes", "sft", "executor=slurm", f"run_dir={tmp_path}")
     finally:
         writer.kill()

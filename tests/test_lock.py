@@ -1,0 +1,110 @@
+"""The output-dir lock under a real race: many processes start at one instant, exactly one holds the dir.
+
+Each round, 8 processes wait for one "go" file (a barrier), then all call OutputLock(dir).acquire()
+at once. Even rounds start on a stale lock file left by a killed holder (a dead PID), so taking
+over a stale lock is raced too. A winner keeps the lock until every process has tried, so a late loser cannot take it
+legitimately after a release; the test then counts the winners.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from recipes.preemption import LOCK_ENV, LOCK_FILE, OutputLock
+
+ROOT = Path(__file__).resolve().parents[1]
+PROCESSES = 8
+ROUNDS = 10
+
+WORKER = textwrap.dedent("""
+    import json, os, sys, time
+    from pathlib import Path
+    from recipes.io import UserError
+    from recipes.preemption import OutputLock
+
+    base, me, n, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+    for r in range(rounds):
+        go = base / f"go-{r}"
+        (base / f"ready-{r}-{me}").touch()
+        while not os.path.exists(go):  # spin: all start within microseconds of each other
+            pass
+        lock = OutputLock(base / f"out-{r}")
+        try:
+            lock.acquire()
+            won = True
+        except UserError as exc:
+            won = False
+            assert "is being written by" in str(exc), exc
+        (base / f"tried-{r}-{me}").write_text(json.dumps({"won": won, "pid": os.getpid()}))
+        if won:  # hold until everyone has tried, then release
+            deadline = time.monotonic() + 60
+            while len(list(base.glob(f"tried-{r}-*"))) < n and time.monotonic() < deadline:
+                time.sleep(0.002)
+            lock.release()
+""")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    monkeypatch.delenv(LOCK_ENV, raising=False)
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+
+
+def test_exactly_one_of_many_simultaneous_starters_holds_the_dir(tmp_path, clean_env):
+    env = {k: v for k, v in os.environ.items() if k not in (LOCK_ENV, "SLURM_JOB_ID")}
+    env["PYTHONPATH"] = str(ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(tmp_path), str(i), str(PROCESSES), str(ROUNDS)],
+                              env=env, cwd=ROOT, stderr=subprocess.PIPE, text=True) for i in range(PROCESSES)]
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    for r in range(0, ROUNDS, 2):  # the lock file of a holder killed by -9
+        (tmp_path / f"out-{r}").mkdir()
+        (tmp_path / f"out-{r}" / LOCK_FILE).write_text(json.dumps({"job_id": None, "host": os.uname().nodename,
+                                                                   "pid": int(dead.stdout)}))
+    try:
+        for r in range(ROUNDS):
+            deadline = time.monotonic() + 60
+            while len(list(tmp_path.glob(f"ready-{r}-*"))) < PROCESSES:  # all are spinning on the barrier
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs)
+                time.sleep(0.005)
+            (tmp_path / f"go-{r}").touch()
+            while len(list(tmp_path.glob(f"tried-{r}-*"))) < PROCESSES:
+                assert time.monotonic() < deadline and all(p.poll() in (None, 0) for p in procs), \
+                    [p.stderr.read() for p in procs if p.poll()]
+                time.sleep(0.005)
+            won = [json.loads(p.read_text())["won"] for p in tmp_path.glob(f"tried-{r}-*")]
+            assert won.count(True) == 1, f"round {r}: {won.count(True)} of {PROCESSES} processes hold the dir"
+        for p in procs:
+            assert p.wait(timeout=60) == 0, p.stderr.read()
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    for r in range(ROUNDS):  # every winner released: no lock file is left behind
+        assert not (tmp_path / f"out-{r}" / LOCK_FILE).exists()
+
+
+def test_a_killed_holder_releases_the_lock_and_the_next_start_takes_it(tmp_path, clean_env):
+    env = {k: v for k, v in os.environ.items() if k not in (LOCK_ENV, "SLURM_JOB_ID")}
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from recipes.preemption import OutputLock; "
+                               "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)", str(tmp_path)],
+                              env=env, cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        assert OutputLock(tmp_path).holder() == f"process {holder.pid} on {os.uname().nodename}"
+        with pytest.raises(Exception, match=f"is being written by process {holder.pid}"):
+            OutputLock(tmp_path).acquire()
+    finally:
+        holder.kill()  # kill -9: no release ran, the file still names the dead holder
+        holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid
+    assert OutputLock(tmp_path).holder() is None
+    with OutputLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
