@@ -31,3 +31,26 @@ def test_lora_dpo_writes_a_merged_plain_model(edit_data_dir, tmp_path, tiny_mode
     record = json.loads((final / "hs3_training.json").read_text())
     assert record == {"stage": "dpo", "trained_on": ["edit_quality/train"], "init": str(tiny_model_dir),
                       "data_manifest_sha256": sha256_file(edit_data_dir / "manifest.json")}
+
+
+def test_dpo_skips_and_counts_pairs_over_seq_len(edit_data_dir, tmp_path, tiny_model_dir):
+    """A pair whose prompt + chosen or prompt + rejected is over train.seq_len is skipped and counted;
+    none is cut (before, DPOTrainer kept the start: trl/trainer/dpo_trainer.py:141-160, keep_start)."""
+    from recipes import training
+    from recipes.io import read_jsonl
+
+    pairs = read_jsonl(edit_data_dir / "pairs" / "train.jsonl")
+    tokenizer = training.load_tokenizer(compose("dpo", [f"run_dir={tmp_path}", f"init={tiny_model_dir}"]))
+    n = lambda conv: len(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))  # noqa: E731
+    lengths = [max(n(p["prompt"] + p["chosen"]), n(p["prompt"] + p["rejected"])) for p in pairs]
+    seq_len = sorted(lengths)[len(lengths) // 2]
+    over = sum(length > seq_len for length in lengths)
+    assert 0 < over < len(pairs)
+    cfg = compose("dpo", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                          f"train.seq_len={seq_len}"])
+    trainer = dpo.build_trainer(cfg)
+    assert trainer.skipped_too_long["train"] == over and len(trainer.train_dataset) == len(pairs) - over
+    eot = tokenizer.convert_tokens_to_ids("<|eot_id|>")
+    for row in trainer.train_dataset:
+        for side in ("chosen_ids", "rejected_ids"):
+            assert len(row["prompt_ids"]) + len(row[side]) <= seq_len and row[side][-1] == eot
