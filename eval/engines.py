@@ -34,8 +34,9 @@ class Sampling:
 @dataclass
 class Generation:
     text: str
-    finish_reason: str  # "stop" (end of turn) or "length" (hit max_new_tokens)
+    finish_reason: str  # "stop" (end of turn), "length" (hit max_new_tokens) or "error" (request failed)
     completion_tokens: int
+    error: Optional[str] = None  # why an endpoint request failed after its retries (never cached)
 
 
 def is_endpoint(path: str) -> bool:
@@ -134,7 +135,9 @@ class HFEngine:
 class HTTPEngine:
     """Chat completions against an OpenAI-compatible server, `concurrency` requests in flight.
     Retries with exponential backoff (429, 5xx, timeouts, refused connections) are the openai
-    client's own (`max_retries`)."""
+    client's own (`max_retries`). A request that still fails (or is refused, e.g. a prompt over the
+    server's context length) becomes that row's Generation with finish_reason "error" and its error
+    message: the other rows go on. Only when every request fails is it an error (the endpoint is unusable)."""
 
     def __init__(self, base_url: str, model: Optional[str] = None, concurrency: int = 16, max_retries: int = 5,
                  timeout_s: float = 600.0, api_key_env: str = "OPENAI_API_KEY"):
@@ -171,27 +174,32 @@ class HTTPEngine:
         return Generation(choice.message.content or "", "length" if choice.finish_reason == "length" else "stop",
                           usage.completion_tokens if usage else 0)
 
-    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
+    def complete_or_error(self, messages: Messages, sampling: Sampling) -> Generation:
         import openai
 
-        results: list[Optional[Generation]] = [None] * len(conversations)
         try:
-            with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
-                futures = {pool.submit(self.complete, m, sampling): i for i, m in enumerate(conversations)}
-                try:
-                    for future in as_completed(futures):
-                        i = futures[future]
-                        results[i] = future.result()
-                        if on_result:
-                            on_result(i, results[i])
-                except BaseException:
-                    for future in futures:  # do not wait for requests never started
-                        future.cancel()
-                    raise
-            return results  # type: ignore[return-value]
+            return self.complete(messages, sampling)
         except openai.APIError as exc:
-            raise UserError(f"endpoint {self.base_url}: {type(exc).__name__} after retries: "
-                            f"{str(exc).splitlines()[0] if str(exc) else ''}") from None
+            message = str(exc).splitlines()[0] if str(exc) else ""
+            return Generation("", "error", 0, error=f"{type(exc).__name__}: {message}"[:500])
+
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
+        results: list[Optional[Generation]] = [None] * len(conversations)
+        with ThreadPoolExecutor(max_workers=self.concurrency) as pool:
+            futures = {pool.submit(self.complete_or_error, m, sampling): i for i, m in enumerate(conversations)}
+            try:
+                for future in as_completed(futures):
+                    i = futures[future]
+                    results[i] = future.result()
+                    if on_result:
+                        on_result(i, results[i])
+            except BaseException:
+                for future in futures:  # do not wait for requests never started
+                    future.cancel()
+                raise
+        if results and all(r.error is not None for r in results):  # type: ignore[union-attr]
+            raise UserError(f"endpoint {self.base_url}: every request failed after retries ({results[0].error})")
+        return results  # type: ignore[return-value]
 
 
 # --- the cache in front of both -------------------------------------------------------------------
@@ -230,7 +238,8 @@ class GenerationCache:
 def generate_cached(engine, conversations: Sequence[Messages], sampling: Sampling, cache: GenerationCache,
                     progress: Optional[Callable[[int], None]] = None) -> list[Generation]:
     """Generations for every conversation: cached ones read back, the rest generated (each cached
-    the moment it arrives). `progress(n)` is told how many rows finished each time."""
+    the moment it arrives; a failed request is returned with its error but not cached, so a rerun
+    retries it). `progress(n)` is told how many rows finished each time."""
     keys = [GenerationCache.key(engine.model_id, list(m), sampling) for m in conversations]
     rows_of: dict[str, list[int]] = {}
     for row, key in enumerate(keys):
@@ -239,11 +248,16 @@ def generate_cached(engine, conversations: Sequence[Messages], sampling: Samplin
     if progress:
         progress(len(keys) - sum(len(rows_of[k]) for k in todo))
 
+    failed: dict[str, Generation] = {}
+
     def arrived(index: int, generation: Generation) -> None:
-        cache.add([(todo[index], generation)])
+        if generation.error is None:
+            cache.add([(todo[index], generation)])
+        else:
+            failed[todo[index]] = generation
         if progress:
             progress(len(rows_of[todo[index]]))
 
     if todo:
         engine.generate([conversations[rows_of[k][0]] for k in todo], sampling, on_result=arrived)
-    return [cache.entries[k] for k in keys]
+    return [cache.entries[k] if k in cache.entries else failed[k] for k in keys]

@@ -8,13 +8,12 @@ from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS
 from recipes.io import atomic_path
 
 # Shown as percentages; chrF is already 0-100; ROUGE-L and length ratio as plain numbers.
-PERCENT = {"reward_win_rate", "reward_win_rate_vs_reference", "copy_rate", "near_copy_rate", "empty_rate",
-           "truncated_rate", "judge_win_rate", "rm_accuracy", "rm_accuracy_good_vs_bad",
-           "rm_accuracy_good_vs_original", "policy_pref_accuracy"}
+NUMBERS = {"chrf", "chrf_sentence_mean", "rouge_l", "length_ratio"}
+PERCENT = {k for k, _, _ in GENERATION_METRICS + LIKELIHOOD_METRICS} - NUMBERS
 LABELS = {key: label for key, label, _ in GENERATION_METRICS + LIKELIHOOD_METRICS}
 # The columns of the per-domain / per-language tables (the full set is in report.json).
-GROUP_COLUMNS = ("reward_win_rate", "copy_rate", "near_copy_rate", "chrf", "rouge_l", "length_ratio", "rm_accuracy",
-                 "policy_pref_accuracy")
+GROUP_COLUMNS = ("copy_rate", "gold_reward_win_rate", "gold_judge_win_rate", "chrf", "rouge_l", "proxy_reward_win_rate",
+                 "near_copy_rate", "length_ratio", "gold_rm_accuracy", "rm_accuracy", "policy_pref_accuracy")
 
 
 def fmt(key: str, value: Optional[float]) -> str:
@@ -22,7 +21,7 @@ def fmt(key: str, value: Optional[float]) -> str:
         return "n/a"
     if key in PERCENT:
         return f"{100 * value:.1f}%"
-    return f"{value:.1f}" if key == "chrf" else f"{value:.3f}"
+    return f"{value:.1f}" if key.startswith("chrf") else f"{value:.3f}"
 
 
 def fmt_ci(key: str, summary: Optional[dict]) -> str:
@@ -62,6 +61,17 @@ def group_table(groups: dict, name: str) -> str:
     return md_table([name, "rows", "pairs"] + [LABELS[c] for c in columns], rows)
 
 
+def describe_gold(gold: dict) -> str:
+    parts = []
+    if gold.get("reward_model"):
+        parts.append(f"reward model `{gold['reward_model']}` ({gold.get('reward_model_kind') or 'kind from its config'}, "
+                     f"input: {gold.get('reward_model_input')})")
+    if gold.get("judge_endpoint"):
+        parts.append(f"LLM judge `{gold.get('judge_model') or 'first model'}` at `{gold['judge_endpoint']}` "
+                     f"(pairwise, both orders, ties half)")
+    return "; ".join(parts) or "none (set eval.gold_rm and/or eval.judge_endpoint)"
+
+
 def render_markdown(report: dict) -> str:
     meta = report["meta"]
     counts = report["counts"]
@@ -69,9 +79,14 @@ def render_markdown(report: dict) -> str:
         f"# Eval: {meta['model']}",
         "",
         f"- data: `{meta['data_dir']}` split `{meta['split']}` ({counts['rows']} edit rows, {counts['pairs']} edit_quality pairs)",
-        f"- reward model: `{meta['reward_model'] or 'none (reward metrics skipped)'}`",
+        f"- gold scorers (independent of training): {describe_gold(meta.get('gold') or {})}",
+        f"- training RM (optimised against; its figures are the proxy): "
+        f"`{meta['reward_model'] or 'none (proxy metrics skipped)'}`",
         f"- generation: {describe_sampling(meta['sampling'])}",
-        f"- outputs: {counts['empty']} empty, {counts['truncated']} truncated, {counts['copies']} exact copies",
+        f"- outputs: {counts['empty']} empty, {counts['truncated']} truncated, {counts['copies']} exact copies, "
+        f"{counts.get('errors', 0)} failed requests (left out of the metrics)",
+        f"- long prompts: {counts.get('flagged_too_long', 0)} flagged too long for training by the data step, "
+        f"{counts.get('prompts_shortened', 0)} shortened before generation (eval/prompts.py)",
         f"- 95% confidence intervals: percentile bootstrap, {meta['bootstrap_samples']} resamples",
         "",
         "## Overall",

@@ -6,6 +6,16 @@ Which model is scored: `model=` when it names a checkpoint directory or an http(
 otherwise `init` (the pipeline's ${run_dir}/rl/final, from conf/stage/eval.yaml); with init=null,
 the configured model itself (a hub id, builtin:tiny, pkg:...).
 
+Scorers: the training reward model (rm=, the proxy the policy was optimised against: proxy_* keys,
+"training RM (optimised against)" in report.md), and the gold scorers, independent of training:
+eval.gold_rm (a reward model of either kind, local or an endpoint: eval/reward_scorers.py) and the LLM
+judge (eval.judge_endpoint: eval/judge.py). Their win rates are the gold_* keys.
+
+Failures and lengths: an endpoint request that still fails after its retries is recorded on its row
+(`error`) and counted (counts.errors); the row is left out of the metrics and the eval goes on. Prompts
+longer than eval.max_prompt_tokens are shortened by eval/prompts.py's rule (counts.prompts_shortened);
+rows the data step flagged too long for training (`too_long`) are counted (counts.flagged_too_long).
+
 Writes into cfg.out: generations.jsonl (one line per edit/SPLIT row, with its generation and
 metrics), likelihood.jsonl (one line per edit_quality pair, with its scores), report.json, report.md, metrics.png, copy_rate.png, length_ratio.png, summary.json,
 config.yaml, and cache/ (generations so far: a rerun after a crash resumes from it).
@@ -24,6 +34,14 @@ from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_
 from eval import metrics as M
 from eval.data import check_held_out, load_edit_rows, load_pairs, manifest_notes, training_record
 from eval.engines import GenerationCache, HFEngine, HTTPEngine, Sampling, generate_cached, is_endpoint
+from eval.prompts import shorten_messages
+from eval.reward_scorers import TINY_GOLD, load_scorer
+
+# Summary metric of the stage: the first of these the report has (gold before anything the policy saw).
+SUMMARY_METRICS = ("gold_reward_win_rate", "gold_judge_win_rate", "copy_rate")
+HEADLINE = ("copy_rate", "gold_reward_win_rate", "gold_reward_win_rate_vs_reference", "gold_judge_win_rate",
+            "gold_judge_win_rate_vs_reference", "chrf", "rouge_l", "proxy_reward_win_rate",
+            "proxy_reward_win_rate_vs_reference", "gold_rm_accuracy", "rm_accuracy")
 
 
 def model_under_test(cfg, check: bool = True) -> Optional[str]:
@@ -68,6 +86,45 @@ def _progress(total: int, desc: str):
     return tqdm(total=total, desc=desc, unit="row", dynamic_ncols=True, leave=False)
 
 
+def prompt_budget(cfg, engine) -> Optional[int]:
+    """Most prompt tokens a row may have (eval.max_prompt_tokens; by default the local model's context
+    minus max_new_tokens; no limit for an endpoint unless set)."""
+    if cfg.eval.max_prompt_tokens:
+        return int(cfg.eval.max_prompt_tokens)
+    if isinstance(engine, HFEngine):
+        context = getattr(engine.model.config, "max_position_embeddings", None)
+        return max(1, context - cfg.eval.max_new_tokens) if context else None
+    return None
+
+
+def shorten_prompts(cfg, engine, rows: list[dict], notes: list[str]) -> list[list[dict]]:
+    """Each row's prompt, shortened by eval/prompts.py's rule when over the budget (row["prompt_shortened"])."""
+    budget = prompt_budget(cfg, engine)
+    tokenizer = getattr(engine, "tokenizer", None)
+    if budget and tokenizer is None:
+        if cfg.model.tokenizer:
+            from recipes.models import load_tokenizer
+
+            tokenizer = load_tokenizer(cfg.model, str(cfg.model.tokenizer))
+        else:
+            notes.append(f"eval.max_prompt_tokens={budget}: no tokenizer for the endpoint's model (set "
+                         f"model.tokenizer=DIR): prompts sent whole")
+            budget = None
+    from jinja2 import TemplateError
+
+    prompts = []
+    for row in rows:
+        prompt, shortened = row["prompt"], False
+        if budget:
+            try:
+                prompt, shortened = shorten_messages(tokenizer, row["prompt"], budget, keep_last=2)
+            except (TemplateError, TypeError, ValueError) as exc:  # the model's side will refuse it: recorded there
+                notes.append(f"row {row['id']}: its prompt cannot be templated here ({type(exc).__name__}): sent as is")
+        row["prompt_shortened"] = shortened
+        prompts.append(prompt)
+    return prompts
+
+
 def run(cfg) -> dict:
     start = time.monotonic()
     e = cfg.eval
@@ -75,7 +132,8 @@ def run(cfg) -> dict:
     if cfg.dry_run:  # print what would run; load and check nothing
         print(to_yaml(cfg))
         print(f"eval: dry run, would score {model_under_test(cfg, check=False) or cfg.model.path} on "
-              f"{cfg.data_dir} ({e.split}; reward model: {cfg.reward_model}) -> {out}/report.json")
+              f"{cfg.data_dir} ({e.split}; training reward model: {cfg.reward_model}; gold reward model: "
+              f"{e.gold_rm}; judge: {e.judge_endpoint}) -> {out}/report.json")
         return {"stage": "eval", "metric": "dry_run", "value": None, "wall_s": 0.0, "out": str(out)}
     target = model_under_test(cfg)
     model_name = target or str(cfg.model.path)
@@ -103,19 +161,27 @@ def run(cfg) -> dict:
         engine = HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
     else:
         engine = HFEngine.load(cfg.model, target, e.batch_size)
+    prompts = shorten_prompts(cfg, engine, rows, notes)
     cache = GenerationCache(out / "cache" / "generations.jsonl")
     with _progress(len(rows), "generating edits") as bar:
-        generations = generate_cached(engine, [r["prompt"] for r in rows], sampling, cache, progress=bar.update)
+        generations = generate_cached(engine, prompts, sampling, cache, progress=bar.update)
     records = []
     for row, generation in zip(rows, generations):
         original = row["original_response"]
-        records.append({
-            "id": row["id"], "domain": row["domain"], "language": row["language"],
-            "generated": generation.text, "finish_reason": generation.finish_reason,
-            "completion_tokens": generation.completion_tokens,
-            "metrics": M.row_metrics(generation.text, original, row["reference_edit"], generation.finish_reason,
-                                     e.near_copy_chrf),
-        })
+        record = {"id": row["id"], "domain": row["domain"], "language": row["language"],
+                  "generated": generation.text, "finish_reason": generation.finish_reason,
+                  "completion_tokens": generation.completion_tokens,
+                  "prompt_shortened": row["prompt_shortened"], "flagged_too_long": bool(row.get("too_long")),
+                  "error": generation.error, "metrics": {}}
+        if generation.error is None:
+            record["metrics"] = M.row_metrics(generation.text, original, row["reference_edit"],
+                                              generation.finish_reason, e.near_copy_chrf)
+        records.append(record)
+    failed = [r for r in records if r["error"] is not None]
+    if failed:
+        notes.append(f"{len(failed)} of {len(records)} rows failed after retries (first: {failed[0]['id']}: "
+                     f"{failed[0]['error']}): recorded in generations.jsonl, left out of the metrics")
+        print(notes[-1])
 
     # 2. The policy's preference between good and bad edits (needs the model's logits).
     pair_records = [{"id": p["id"], "kind": p["kind"], "domain": p.get("domain", "unknown"),
@@ -127,29 +193,44 @@ def run(cfg) -> dict:
     del engine
     free_memory()
 
-    # 3. Reward model: generated edit vs original and vs human edit; accuracy on the pairs.
+    # 3. Reward models: generated edit vs original and vs human edit; accuracy on the pairs. The
+    #    training rm is the proxy (the policy was optimised against it); the gold rm is independent.
+    failures = {"proxy_scorer": 0, "gold_scorer": 0, "judge": 0}
+    gold_kind = None
     if rm_path:
-        reward_model_metrics(rm_path, cfg, rows, records, pairs, pair_records)
+        failures["proxy_scorer"] = reward_model_metrics(proxy_scorer(rm_path, cfg), "proxy", "edit_request", rows,
+                                                        records, pairs, pair_records)
+        free_memory()
+    if e.gold_rm:
+        gold = load_scorer(e.gold_rm, e.gold_rm_kind, dtype=cfg.model.dtype, batch_size=e.batch_size,
+                           concurrency=e.concurrency, max_retries=e.max_retries, timeout_s=e.request_timeout_s,
+                           api_key_env=e.api_key_env, keep_last=1 if e.gold_rm_input == "context" else 3)
+        failures["gold_scorer"] = reward_model_metrics(gold, "gold", e.gold_rm_input, rows, records, pairs, pair_records)
+        gold_kind = gold.kind
+        if e.gold_rm == TINY_GOLD:
+            notes.append(f"gold reward model {TINY_GOLD}: a tiny random causal LM (first_logit, seed 7), independent "
+                         f"of training but knowing nothing: its figures show the format only")
+        del gold
         free_memory()
 
-    # 4. Optional LLM judge against the human edit, both orders.
+    # 4. LLM judge (gold): the edit against the original and against the human edit, both orders.
     if e.judge_endpoint:
-        from eval.judge import judge_against_reference
+        from eval.judge import judge_edits
 
-        verdicts = judge_against_reference(rows, records, e, cfg.seed, out / "cache" / "judge.jsonl")
-        for record, verdict in zip(records, verdicts):
-            record["metrics"]["judge_win"] = verdict
+        wins, failures["judge"] = judge_edits(rows, records, e, cfg.seed, out / "cache" / "judge.jsonl")
+        for record, row_wins in zip(records, wins):
+            record["metrics"].update(row_wins)
 
-    report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes)
+    report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes, failures, gold_kind)
     write_outputs(out, records, pair_records, report)
-    metric = "reward_win_rate" if report.get("reward_win_rate") is not None else "copy_rate"
+    metric = next((k for k in SUMMARY_METRICS if report.get(k) is not None), "copy_rate")
     summary = {"stage": "eval", "metric": metric, "value": report[metric], "out": str(out),
                "wall_s": round(time.monotonic() - start, 1)}
     atomic_write_json(out / "summary.json", summary)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
-    headline = ", ".join(f"{k}={report[k]:.3g}" for k in ("copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy")
-                         if report.get(k) is not None)
-    print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs: {headline} -> {out}/report.md")
+    headline = ", ".join(f"{k}={report[k]:.3g}" for k in HEADLINE if report.get(k) is not None)
+    errors = f", {report['counts']['errors']} rows failed" if report["counts"]["errors"] else ""
+    print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs{errors}: {headline} -> {out}/report.md")
     return summary
 
 
@@ -166,29 +247,50 @@ def policy_preference(engine: HFEngine, pairs: list[dict], pair_records: list[di
         pair_records[i]["metrics"].update({"logprob_chosen": lp_good, "logprob_rejected": lp_bad, "policy_correct": correct})
 
 
-def reward_model_metrics(rm_path: str, cfg, rows: list[dict], records: list[dict], pairs: list[dict],
-                         pair_records: list[dict]) -> None:
-    """Scores each row's generated, original and human edit, and each pair's two sides; the
-    wins and accuracies go into the records' metrics."""
-    from eval.scoring import RewardScorer
+def proxy_scorer(rm_path: str, cfg):
+    """The training reward model, scoring as the rm stage trained it (edit prompt + edit, at most
+    train.seq_len tokens). The one place the proxy scorer is made: switch it to the shared reward
+    function here."""
+    return load_scorer(rm_path, "seqcls", dtype=cfg.model.dtype, batch_size=cfg.eval.batch_size,
+                       max_length=cfg.train.seq_len, keep_last=3)
 
-    scorer = RewardScorer(rm_path, cfg.model.dtype, cfg.eval.batch_size, cfg.train.seq_len)
-    triples = [(r["generated"], row["original_response"], row["reference_edit"]) for r, row in zip(records, rows)]
-    conversations = [[*row["prompt"], {"role": "assistant", "content": text}]
-                     for row, triple in zip(rows, triples) for text in triple]
-    conversations += [[*p["prompt"], *side] for p in pairs for side in (p["chosen"], p["rejected"])]
-    with _progress(len(conversations), "reward model") as bar:
+
+def scored_conversation(prompt: list[dict], text: str, input_format: str) -> list[dict]:
+    """What a reward model reads: the whole edit prompt + the edit (edit_request, like the training rm),
+    or the context turns + the edit as the assistant's response (context: Select/Reward's format)."""
+    turns = prompt if input_format == "edit_request" else prompt[:-2]
+    return [*turns, {"role": "assistant", "content": text}]
+
+
+def reward_model_metrics(scorer, prefix: str, input_format: str, rows: list[dict], records: list[dict],
+                         pairs: list[dict], pair_records: list[dict]) -> int:
+    """Scores each row's generated, original and human edit, and each pair's two sides; the wins
+    (`{prefix}_win_vs_*`) and accuracies go into the records' metrics. Rows whose generation failed are
+    not scored. Returns how many scorer requests failed."""
+    scored = [i for i, r in enumerate(records) if r["error"] is None]
+    conversations = [scored_conversation(rows[i]["prompt"], text, input_format) for i in scored
+                     for text in (records[i]["generated"], rows[i]["original_response"], rows[i]["reference_edit"])]
+    conversations += [scored_conversation(p["prompt"], side[-1]["content"], input_format)
+                      for p in pairs for side in (p["chosen"], p["rejected"])]
+    with _progress(len(conversations), f"{prefix} reward model") as bar:
         scores = scorer.score(conversations, bar.update)
-    for i, (record, (generated, original, reference)) in enumerate(zip(records, triples)):
-        s_gen, s_orig, s_ref = scores[3 * i:3 * i + 3]
-        record["metrics"].update({"reward_generated": s_gen, "reward_original": s_orig, "reward_reference": s_ref})
-        record["metrics"].update(M.reward_wins(generated, original, reference, s_gen, s_orig, s_ref))
-    pair_scores = scores[3 * len(triples):]
+    for n, i in enumerate(scored):
+        s_gen, s_orig, s_ref = scores[3 * n:3 * n + 3]
+        row, metrics = rows[i], records[i]["metrics"]
+        metrics.update({f"{prefix}_reward_generated": s_gen, f"{prefix}_reward_original": s_orig,
+                        f"{prefix}_reward_reference": s_ref})
+        metrics.update(M.reward_wins(records[i]["generated"], row["original_response"], row["reference_edit"],
+                                     s_gen, s_orig, s_ref, prefix=f"{prefix}_"))
+    pair_scores = scores[3 * len(scored):]
+    field = "rm" if prefix == "proxy" else f"{prefix}_rm"
     for record, s_chosen, s_rejected in zip(pair_records, pair_scores[0::2], pair_scores[1::2]):
-        record["metrics"].update(M.rm_pair_metrics(record["kind"], s_chosen, s_rejected))
+        if s_chosen is not None and s_rejected is not None:
+            record["metrics"].update(M.rm_pair_metrics(record["kind"], s_chosen, s_rejected, field))
+    return sum(s is None for s in scores)
 
 
-def build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes) -> dict:
+def build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes, failures=None,
+                 gold_kind=None) -> dict:
     """Headline values at the top level; each metric with its CI overall, per domain and per language
     (generation metrics over the edit rows, likelihood metrics over the pairs)."""
     samples, seed = cfg.eval.bootstrap_samples, cfg.seed
@@ -198,13 +300,22 @@ def build_report(cfg, model_name, rm_path, records, pair_records, sampling, note
                 for key, _, _ in M.GENERATION_METRICS + M.LIKELIHOOD_METRICS}
     return {
         **headline,
-        "meta": {"model": model_name, "reward_model": rm_path, "data_dir": str(cfg.data_dir), "split": cfg.eval.split,
-                 "sampling": asdict(sampling), "bootstrap_samples": samples, "seed": seed, "notes": notes},
+        "meta": {"model": model_name, "reward_model": rm_path, "proxy_reward_model": rm_path,
+                 "gold": {"reward_model": cfg.eval.gold_rm, "reward_model_kind": gold_kind or cfg.eval.gold_rm_kind,
+                          "reward_model_input": cfg.eval.gold_rm_input, "judge_endpoint": cfg.eval.judge_endpoint,
+                          "judge_model": cfg.eval.judge_model},
+                 "data_dir": str(cfg.data_dir), "split": cfg.eval.split,
+                 "sampling": asdict(sampling), "max_prompt_tokens": cfg.eval.max_prompt_tokens,
+                 "bootstrap_samples": samples, "seed": seed, "notes": notes},
         "counts": {"rows": len(records), "pairs": len(pair_records),
-                   "empty": int(sum(r["metrics"]["empty"] for r in records)),
-                   "truncated": int(sum(r["metrics"]["truncated"] for r in records)),
-                   "copies": int(sum(r["metrics"]["copy_exact"] for r in records)),
-                   "near_copies": int(sum(r["metrics"]["near_copy"] for r in records))},
+                   "errors": sum(r["error"] is not None for r in records),
+                   "empty": int(sum(r["metrics"].get("empty", 0) for r in records)),
+                   "truncated": int(sum(r["metrics"].get("truncated", 0) for r in records)),
+                   "copies": int(sum(r["metrics"].get("copy_exact", 0) for r in records)),
+                   "near_copies": int(sum(r["metrics"].get("near_copy", 0) for r in records)),
+                   "flagged_too_long": sum(r["flagged_too_long"] for r in records),
+                   "prompts_shortened": sum(r["prompt_shortened"] for r in records),
+                   **{f"{k}_failures": v for k, v in (failures or {}).items()}},
         "overall": overall,
         "by_domain": M.summarize_groups(scored, "domain", samples, seed),
         "by_language": M.summarize_groups(scored, "language", samples, seed),
@@ -220,4 +331,5 @@ def write_outputs(out: Path, records: list[dict], pair_records: list[dict], repo
     atomic_write_text(out / "report.md", render_markdown(report))
     plot_metrics({report["meta"]["model"]: report}, out / "metrics.png", f"eval: {Path(report['meta']['model']).name}")
     plot_copy_rate(report, out / "copy_rate.png")
-    plot_length_ratio([r["metrics"]["length_ratio"] for r in records], out / "length_ratio.png")
+    plot_length_ratio([r["metrics"]["length_ratio"] for r in records if "length_ratio" in r["metrics"]],
+                      out / "length_ratio.png")

@@ -1,5 +1,5 @@
-"""Forward passes without generation: the reward model's score of a conversation, and the
-policy's length-normalised log-likelihood of a response."""
+"""Forward passes without generation: the policy's length-normalised log-likelihood of a response
+(reward models score in eval/reward_scorers.py)."""
 from __future__ import annotations
 
 from typing import Callable, Optional, Sequence
@@ -12,46 +12,6 @@ def _by_length(lengths: Sequence[int], batch_size: int):
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     for start in range(0, len(order), batch_size):
         yield order[start:start + batch_size]
-
-
-class RewardScorer:
-    """A sequence-classification model with one output (the rm stage's final/), scoring
-    prompt + response formatted with its chat template, as TRL's RewardTrainer formats them."""
-
-    def __init__(self, path: str, dtype: str = "float32", batch_size: int = 8, max_length: int = 4096):
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-        from eval.engines import gpu_device_map
-        from recipes.models import load_pretrained, torch_dtype
-
-        self.model = load_pretrained(
-            AutoModelForSequenceClassification, path, dtype=torch_dtype(dtype), device_map=gpu_device_map()).eval()
-        self.tokenizer = load_pretrained(AutoTokenizer, path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
-        if self.model.config.pad_token_id is None:
-            self.model.config.pad_token_id = self.tokenizer.pad_token_id
-        self.tokenizer.padding_side = "right"
-        self.tokenizer.truncation_side = "left"  # keep the response when a conversation is too long
-        self.batch_size = batch_size
-        self.max_length = max_length
-
-    def score(self, conversations: Sequence[Messages], progress: Optional[Callable[[int], None]] = None) -> list[float]:
-        import torch
-
-        texts = [self.tokenizer.apply_chat_template(list(m), tokenize=False) for m in conversations]
-        ids = [self.tokenizer(t, add_special_tokens=False, truncation=True, max_length=self.max_length)["input_ids"]
-               for t in texts]
-        scores: list[float] = [0.0] * len(ids)
-        for batch in _by_length([len(x) for x in ids], self.batch_size):
-            inputs = self.tokenizer.pad({"input_ids": [ids[i] for i in batch]}, return_tensors="pt").to(self.model.device)
-            with torch.inference_mode():
-                logits = self.model(**inputs).logits[:, 0].float().tolist()
-            for i, value in zip(batch, logits):
-                scores[i] = value
-            if progress:
-                progress(len(batch))
-        return scores
 
 
 def mean_logprobs(model, tokenizer, prompts: Sequence[Messages], responses: Sequence[str], batch_size: int = 8,

@@ -28,7 +28,8 @@ def eval_dir(tiny_model_dir, tiny_rm_dir, tmp_path_factory) -> Path:
     data = write_eval_data(tmp_path_factory.mktemp("leaky_data"), leakage={"edit": {"train_leaked": 3, "removed": 3}})
     out = tmp_path_factory.mktemp("runs") / "sft_eval"
     checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final", ["edit/train"])
-    args = ["-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}", *FAST]
+    args = ["-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}",
+            "eval.gold_rm=builtin:tiny-gold", *FAST]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out.parent / "stdout.txt").write_text(proc.stdout)
@@ -41,8 +42,13 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
                  "metrics.png", "copy_rate.png", "length_ratio.png"):
         assert (eval_dir / name).is_file(), name
     report = json.loads((eval_dir / "report.json").read_text())
-    for key in ("copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy", "policy_pref_accuracy"):
+    for key in ("copy_rate", "gold_reward_win_rate", "gold_reward_win_rate_vs_reference", "proxy_reward_win_rate",
+                "proxy_reward_win_rate_vs_reference", "chrf", "chrf_sentence_mean", "rouge_l", "gold_rm_accuracy",
+                "rm_accuracy", "policy_pref_accuracy"):
         assert isinstance(report[key], float), key
+    # the self-referential figure is only there as the proxy; the gold scorer is named in the report
+    assert "reward_win_rate" not in report and report["meta"]["gold"]["reward_model"] == "builtin:tiny-gold"
+    assert report["meta"]["proxy_reward_model"] == report["meta"]["reward_model"]
     prompts = [json.loads(l) for l in (eval_data_dir / "prompts" / "validation.jsonl").read_text().splitlines()]
     lines = [json.loads(l) for l in (eval_dir / "generations.jsonl").read_text().splitlines()]
     assert [l["id"] for l in lines] == [p["id"] for p in prompts]
@@ -51,11 +57,20 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert {l["language"] for l in lines} <= set(report["by_language"]) and "unknown" not in report["by_language"]
     assert set(report["by_domain"]) == {"code", "general", "multilingual", "stem"}
     # every row carries all its metrics, and the report's means are the rows' means
-    for key in ("copy_exact", "near_copy", "chrf", "rouge_l", "length_ratio", "empty", "truncated",
-                "win_vs_original", "win_vs_reference", "reward_generated"):
+    for key in ("copy_exact", "near_copy", "chrf", "chrf_stats", "rouge_l", "length_ratio", "empty", "truncated",
+                "proxy_win_vs_original", "proxy_win_vs_reference", "proxy_reward_generated", "gold_win_vs_original",
+                "gold_win_vs_reference", "gold_reward_generated"):
         assert all(key in l["metrics"] for l in lines), key
+    # chrF++ at corpus level (sacrebleu's corpus_chrf over the rows), the sentence-level mean second
+    import sacrebleu
+
+    references = {p["id"]: p["reference_edit"] for p in prompts}
+    corpus = sacrebleu.corpus_chrf([l["generated"] for l in lines], [[references[l["id"]] for l in lines]], word_order=2)
+    assert report["chrf"] == pytest.approx(corpus.score)
     mean_chrf = sum(l["metrics"]["chrf"] for l in lines) / len(lines)
-    assert report["overall"]["chrf"]["value"] == pytest.approx(mean_chrf)
+    assert report["chrf_sentence_mean"] == pytest.approx(mean_chrf)
+    # the gold and proxy scorers are different models: their scores differ
+    assert [l["metrics"]["gold_reward_generated"] for l in lines] != [l["metrics"]["proxy_reward_generated"] for l in lines]
     low, high = report["overall"]["length_ratio"]["ci"]
     assert low <= report["length_ratio"] <= high
     assert report["counts"]["rows"] == 8 and report["counts"]["pairs"] == 16
@@ -69,12 +84,22 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert report["by_language"]["korean"]["rm_accuracy"]["value"] == pytest.approx(sum(korean) / len(korean))
     assert "copy_rate" not in report["by_language"]["korean"]  # no edit row in Korean
     assert report["rm_accuracy"] == pytest.approx(sum(p["metrics"]["rm_correct"] for p in pairs) / 16)
+    assert all("gold_rm_correct" in p["metrics"] for p in pairs)
     md = (eval_dir / "report.md").read_text()
     assert "## Per domain" in md and "## Per language" in md and "95% CI" in md
+    assert "training RM (optimised against)" in md and "gold RM win rate vs original" in md
+    # the headline table leads with the copy rate, then the gold win rates, corpus chrF++ and ROUGE-L
+    table = md[md.index("## Overall"):md.index("## Per domain")]
+    labels = [line.split("|")[1].strip() for line in table.splitlines() if line.startswith("| ") and "metric" not in line]
+    assert labels[:5] == ["copy rate (exact)", "gold RM win rate vs original", "gold RM win rate vs human edit",
+                          "chrF++ vs human edit (corpus)", "ROUGE-L vs human edit"], labels
+    assert "tiny random causal LM" in md  # the smoke's gold scorer says what it is
     summary = json.loads((eval_dir / "summary.json").read_text())
     assert summary["stage"] == "eval" and summary["value"] == report[summary["metric"]]
     stdout = (eval_dir.parent / "stdout.txt").read_text()
     assert "leakage flagged by the data manifest: edit.train_leaked=3, edit.removed=3" in stdout
+    assert "gold_reward_win_rate=" in stdout and "proxy_reward_win_rate=" in stdout
+    assert summary["metric"] == "gold_reward_win_rate"
     assert "trained on another data build" in stdout  # the record's manifest sha differs from this data's
     assert stdout.strip().splitlines()[-1].startswith("eval: ")
 
@@ -143,7 +168,8 @@ def test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped(tiny_
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"no reward model at {tmp_path}/rm/final: reward metrics skipped" in proc.stdout
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert report["reward_win_rate"] is None and report["rm_accuracy"] is None
+    assert report["proxy_reward_win_rate"] is None and report["rm_accuracy"] is None
+    assert report["gold_reward_win_rate"] is None  # no gold scorer configured
     assert report["counts"]["rows"] == 2 and isinstance(report["policy_pref_accuracy"], float)
     assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metric"] == "copy_rate"
 

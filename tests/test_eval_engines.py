@@ -166,19 +166,6 @@ def test_http_engine_errors_are_one_line_user_errors(server):
     assert time.monotonic() - start < 30
 
 
-def test_reward_scores_batched_equal_one_at_a_time(tiny_rm_dir):
-    from eval.scoring import RewardScorer
-
-    conversations = [[*c, {"role": "assistant", "content": "An edited answer " * (i + 1)}]
-                     for i, c in enumerate(CONVERSATIONS)]
-    scorer = RewardScorer(str(tiny_rm_dir), batch_size=6)
-    batched = scorer.score(conversations)
-    scorer.batch_size = 1
-    single = scorer.score(conversations)
-    assert batched == pytest.approx(single, abs=1e-5)
-    assert len(set(round(s, 6) for s in single)) > 1
-
-
 def test_mean_logprobs_match_a_direct_computation(engine):
     import torch
 
@@ -209,19 +196,59 @@ def test_sampling_is_seeded_and_differs_from_greedy(engine):
 
 
 def test_llm_judge_asks_both_orders_through_the_endpoint(server, tmp_path):
-    from eval.judge import judge_against_reference, judge_prompt
+    from eval.judge import judge_edits, judge_prompt
+    from eval.metrics import JUDGE_TEMPLATE
     from recipes.config import EvalConfig
 
     text = judge_prompt(CONVERSATIONS[1], "EDIT-ONE", "EDIT-TWO")[0]["content"]
     assert "[Edit A]\nEDIT-ONE" in text and "[Edit B]\nEDIT-TWO" in text
     assert "[Original response]\nA short answer." in text and "<None>" in text  # original and feedback
-    rows = [{"prompt": c, "reference_edit": f"human edit {i}"} for i, c in enumerate(CONVERSATIONS[:3])]
-    records = [{"generated": f"model edit {i}"} for i in range(3)]
+    assert "better applies the feedback to the original response" in JUDGE_TEMPLATE and "tie" in JUDGE_TEMPLATE
+    rows = [{"prompt": c, "original_response": "A short answer.", "reference_edit": f"human edit {i}"}
+            for i, c in enumerate(CONVERSATIONS[:3])]
+    records = [{"generated": f"model edit {i}", "error": None} for i in range(3)]
+    records[2]["error"] = "InternalServerError: generation failed"  # a failed row is not judged
     before = _completions(server)
-    verdicts = judge_against_reference(rows, records, EvalConfig(judge_endpoint=server, judge_model="tiny", concurrency=4),
-                                       seed=0, cache_path=tmp_path / "judge.jsonl")
-    assert _completions(server) - before == 2 * len(rows)  # each row judged in both orders
-    assert len(verdicts) == 3 and all(v in (None, 0.0, 0.5, 1.0) for v in verdicts)
+    wins, failed = judge_edits(rows, records, EvalConfig(judge_endpoint=server, judge_model="tiny", concurrency=4),
+                               seed=0, cache_path=tmp_path / "judge.jsonl")
+    # each judged row: against the original and against the human edit, both orders
+    assert _completions(server) - before == 4 * 2 and failed == 0
+    assert wins[2] == {} and all(set(w) == {"gold_judge_win_vs_original", "gold_judge_win_vs_reference"} for w in wins[:2])
+    assert all(v in (None, 0.0, 0.25, 0.5, 0.75, 1.0) for w in wins[:2] for v in w.values())
+
+
+def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(server, varied_model_dir, tmp_path):
+    """The eval against the real eval.serve process: one row makes the server fail (500: its chat template
+    cannot render list content); the openai client retries it, the row is recorded with its error and
+    counted, the other rows are scored, and the eval exits 0. A prompt over eval.max_prompt_tokens is
+    shortened (tokenizer from model.tokenizer for an endpoint) and the data step's too_long flag counted."""
+    from recipes.io import atomic_write_jsonl
+
+    from .conftest import run_cli
+
+    rows = [{"id": f"r{i}", "prompt": c, "original_response": "A short answer.", "reference_edit": "A better answer.",
+             "domain": "general", "language": "english"} for i, c in enumerate(CONVERSATIONS[:4])]
+    rows[1]["prompt"] = [{"role": "user", "content": [{"type": "text", "text": "parts"}]}, *CONVERSATIONS[1][1:]]
+    rows[3]["too_long"] = True
+    rows[3]["prompt"] = [{"role": "user", "content": "very long context " * 200}, *CONVERSATIONS[3][1:]]
+    atomic_write_jsonl(tmp_path / "data" / "prompts" / "validation.jsonl", rows)
+    out = tmp_path / "eval"
+    start = time.monotonic()
+    proc = run_cli("-m", "recipes", "eval", f"model={server}", f"data={tmp_path / 'data'}", "rm=null", f"out={out}",
+                   "eval.concurrency=1", "eval.max_retries=2", "eval.max_new_tokens=4", "eval.bootstrap_samples=50",
+                   "eval.max_prompt_tokens=300", f"model.tokenizer={varied_model_dir}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert time.monotonic() - start > 1.0  # two retries with backoff (0.5 s, 1 s) before giving up on the row
+    lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
+    assert [l["id"] for l in lines] == ["r0", "r1", "r2", "r3"]
+    assert lines[1]["finish_reason"] == "error" and "InternalServerError" in lines[1]["error"]
+    assert lines[1]["metrics"] == {} and all(l["error"] is None and l["metrics"] for l in lines[::2])
+    report = json.loads((out / "report.json").read_text())
+    assert report["counts"]["errors"] == 1 and report["overall"]["copy_rate"]["n"] == 3
+    assert report["counts"]["flagged_too_long"] == 1 and report["counts"]["prompts_shortened"] == 1
+    assert lines[3]["prompt_shortened"] and not lines[0]["prompt_shortened"]
+    assert "1 of 4 rows failed after retries (first: r1" in proc.stdout and ", 1 rows failed:" in proc.stdout
+    assert "1 failed requests" in (out / "report.md").read_text()
 
 
 def test_http_engine_retries_with_backoff_until_the_server_is_up(varied_model_dir):

@@ -65,7 +65,10 @@ def test_reward_win_counts_ties_half_and_copies_as_ties():
     # an exact copy of the original ties it whatever two forward passes happen to score
     wins = M.reward_wins("same text", "same  text", "better text", 0.2000001, 0.2, 1.0)
     assert wins == {"win_vs_original": 0.5, "win_vs_reference": 0.0}
-    assert M.reward_wins("new", "old", "ref", 2.0, 1.0, 3.0) == {"win_vs_original": 1.0, "win_vs_reference": 0.0}
+    assert M.reward_wins("new", "old", "ref", 2.0, 1.0, 3.0, prefix="gold_") == {
+        "gold_win_vs_original": 1.0, "gold_win_vs_reference": 0.0}
+    # a score a failed scorer request did not give: no win either way
+    assert M.reward_wins("new", "old", "ref", None, 1.0, 3.0) == {"win_vs_original": None, "win_vs_reference": None}
 
 
 def test_pair_accuracy_ties_are_failures():
@@ -105,22 +108,64 @@ def test_summaries_overall_and_per_group():
     ]
     overall = M.summarize_rows(rows, samples=100)
     assert overall["copy_rate"]["value"] == pytest.approx(1 / 3) and overall["copy_rate"]["n"] == 3
-    assert overall["chrf"]["value"] == pytest.approx(70.0)
-    assert "reward_win_rate" not in overall  # no row has it: left out, not reported as 0
+    assert overall["chrf_sentence_mean"]["value"] == pytest.approx(70.0)
+    assert "gold_reward_win_rate" not in overall  # no row has it: left out, not reported as 0
     by_domain = M.summarize_groups(rows, "domain", samples=100)
     assert list(by_domain) == ["code", "stem"]
-    assert by_domain["code"]["chrf"]["value"] == pytest.approx(60.0)
+    assert by_domain["code"]["chrf_sentence_mean"]["value"] == pytest.approx(60.0)
     assert by_domain["stem"]["copy_rate"]["ci"] == [0.0, 0.0]
     assert M.summarize([None, None]) is None
 
 
-def test_judge_verdicts_in_both_orders():
+def test_judge_verdicts_in_both_orders_with_ties():
     assert M.parse_judge_verdict("A") == "A"
     assert M.parse_judge_verdict("Answer: B.") == "B"
-    assert M.parse_judge_verdict("neither") is None
+    assert M.parse_judge_verdict("Tie.") == "tie" and M.parse_judge_verdict("tie") == "tie"
+    assert M.parse_judge_verdict("neither") is None and M.parse_judge_verdict("a") is None
     # the edit is A in the first order and B in the second
     assert M.judge_win("A", "B") == 1.0  # edit preferred both times
     assert M.judge_win("A", "A") == 0.5  # position bias: always the first slot
     assert M.judge_win("B", "A") == 0.0
+    assert M.judge_win("tie", "B") == 0.75 and M.judge_win("tie", "tie") == 0.5
     assert M.judge_win(None, "B") == 1.0
     assert M.judge_win(None, None) is None
+
+
+def test_chrf_is_corpus_level_as_sacrebleu_computes_it():
+    import sacrebleu
+
+    hyps = ["the cat sat on the mat", "a completely different sentence here", "x"]
+    refs = ["the cat sat on a mat", "an entirely different sentence", "a long reference text that x misses"]
+    rows = [{"metrics": M.row_metrics(h, "orig", r, "stop")} for h, r in zip(hyps, refs)]
+    overall = M.summarize_rows(rows, samples=200)
+    corpus = sacrebleu.corpus_chrf(hyps, [refs], word_order=2).score
+    sentence_mean = sum(sacrebleu.sentence_chrf(h, [r], word_order=2).score for h, r in zip(hyps, refs)) / 3
+    assert overall["chrf"]["value"] == pytest.approx(corpus)
+    assert overall["chrf_sentence_mean"]["value"] == pytest.approx(sentence_mean)
+    assert abs(corpus - sentence_mean) > 1  # two different figures on this data
+    low, high = overall["chrf"]["ci"]
+    assert low <= corpus <= high and high - low > 1
+
+
+def test_paired_bootstrap_difference_and_verdict():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    # same rows, a clear shift: the difference is outside the interval around 0
+    shifted = M.paired_difference(base + 0.1, base, samples=500, seed=1)
+    assert shifted["diff"] == pytest.approx(0.1) and shifted["verdict"] == "outside"
+    assert shifted["ci"] == pytest.approx([0.1, 0.1])  # paired: the per-row noise cancels exactly
+    # noise only: the interval contains 0
+    noisy = M.paired_difference(base + rng.normal(0, 0.05, 400), base, samples=500, seed=1)
+    assert noisy["ci"][0] <= 0 <= noisy["ci"][1] and noisy["verdict"] == "within"
+    # a small shift: the paired interval excludes 0 while the two unpaired intervals overlap widely
+    small = M.paired_difference(base + 0.01, base, samples=500, seed=1)
+    low_a, high_a = M.bootstrap_ci(base + 0.01, samples=500, seed=1)
+    low_b, high_b = M.bootstrap_ci(base, samples=500, seed=1)
+    assert small["verdict"] == "outside" and low_a < high_b and low_b < high_a
+    # corpus chrF++ paired on row statistics
+    stats_a = [M.chrf_stats("the cat sat", "the cat sat")] * 5
+    stats_b = [M.chrf_stats("a dog ran", "the cat sat")] * 5
+    chrf = M.paired_difference(stats_a, stats_b, samples=100, key="chrf")
+    assert chrf["a"] == pytest.approx(100.0) and chrf["diff"] > 50 and chrf["verdict"] == "outside"
+    with pytest.raises(ValueError, match="same rows"):
+        M.paired_difference([1.0, 2.0], [1.0], samples=10)

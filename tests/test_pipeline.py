@@ -102,5 +102,5 @@ def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     assert (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_weights  # not retrained
     assert json.loads((tmp_path / "rl" / "summary.json").read_text())["stage"] == "rl"
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
-    assert {"copy_rate", "reward_win_rate", "chrf", "rouge_l", "rm_accuracy"} <= set(report)
+    assert {"copy_rate", "proxy_reward_win_rate", "chrf", "rouge_l", "rm_accuracy"} <= set(report)
     assert "pipeline summary" in rerun.stderr and "(skipped)" in rerun.stderr
