@@ -17,6 +17,8 @@ STAGE_RUNNERS = {
     ("rm", "hf"): "recipes.rm:run",
     ("rl", "hf"): "recipes.rl:run",
     ("dpo", "hf"): "recipes.dpo:run",
+    ("feedback", "hf"): "recipes.feedback:run",
+    ("select", "hf"): "recipes.select:run",
     ("eval", "hf"): "eval.run:run",
     ("eval", "megatron"): "eval.run:run",
     ("sft", "megatron"): "recipes.megatron.bridge_sft:run",

@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("HS3_CONF_DIR", REPO_ROOT / "conf"))
 
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert")
+STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert", "feedback", "select")
 ENGINES = ("hf", "megatron")
 EXECUTORS = ("local", "slurm")
 
@@ -198,6 +198,11 @@ class PrepConfig:
     tokenizer: Optional[str] = None
     keep_leaked: bool = False
     strict: bool = False
+    # HelpSteer3 subsets to build (python -m data_prep --subsets): edit, edit_quality, feedback, preference.
+    subsets: str = "edit,edit_quality"
+    feedback_targets: str = "one"  # feedback subset: one (seeded) | all feedback texts per response
+    # The Feedback model's evaluation instruction; None = data_prep.feedback_prompt.FEEDBACK_INSTRUCTION.
+    feedback_instruction: Optional[str] = None
 
 
 @dataclass
@@ -458,9 +463,9 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rl.k={cfg.rl.k}: RLOO needs at least 2 rollouts per prompt (leave-one-out baseline)")
     if cfg.stage == "rl" and cfg.rl.max_new_tokens >= t.seq_len:
         raise ConfigError(f"rl.max_new_tokens={cfg.rl.max_new_tokens} leaves no room for a prompt in train.seq_len={t.seq_len}")
-    if cfg.stage == "rm" and not 0 <= cfg.rm.selection_fraction < 1:
+    if cfg.stage in ("rm", "select") and not 0 <= cfg.rm.selection_fraction < 1:
         raise ConfigError(f"rm.selection_fraction={cfg.rm.selection_fraction} must be in [0, 1)")
-    if cfg.stage == "rm" and cfg.rm.keep_best and cfg.rm.selection_fraction == 0:
+    if cfg.stage in ("rm", "select") and cfg.rm.keep_best and cfg.rm.selection_fraction == 0:
         raise ConfigError("rm.keep_best=true needs rm.selection_fraction > 0 (the held-out slice of edit_quality/train it selects on)")
 
 

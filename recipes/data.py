@@ -30,18 +30,21 @@ def run(cfg) -> dict:
         tokenizer_name = str(cfg.model.tokenizer or resolve_model_path(cfg.model))
         tokenizer = load_tokenizer(cfg.model)
     options = Options(feedback_orders=str(prep.feedback_orders), seed=cfg.seed, tokenizer=tokenizer_name,
-                      max_seq_len=prep.max_seq_len, strict=prep.strict, keep_leaked=prep.keep_leaked)
+                      max_seq_len=prep.max_seq_len, strict=prep.strict, keep_leaked=prep.keep_leaked,
+                      subsets=str(prep.subsets), feedback_targets=str(prep.feedback_targets),
+                      feedback_instruction=prep.feedback_instruction)
     if cfg.dry_run:
         print(f"data: would build {cfg.out} from {source} with {options}")
         return {"stage": "data", "metric": "dry_run", "value": None, "out": str(cfg.out)}
 
     start = time.monotonic()
     manifest = build(source, cfg.out, revision=str(prep.revision), options=options, tokenizer=tokenizer)
-    train_rows = manifest["outputs"]["sft/train.jsonl"]["lines"]
-    summary = {"stage": "data", "metric": "sft_train_rows", "value": train_rows,
+    train_rows = {name.split("/")[0]: file["lines"] for name, file in manifest["outputs"].items()
+                  if name.endswith("/train.jsonl")}  # the kinds of the built subsets
+    first = next(iter(train_rows))
+    summary = {"stage": "data", "metric": f"{first}_train_rows", "value": train_rows[first],
                "wall_s": round(time.monotonic() - start, 3), "out": str(cfg.out),
-               "pairs_train_rows": manifest["outputs"]["pairs/train.jsonl"]["lines"],
-               "prompts_train_rows": manifest["outputs"]["prompts/train.jsonl"]["lines"],
+               **{f"{kind}_train_rows": n for kind, n in train_rows.items() if kind != first},
                "rejected_rows": manifest["outputs"]["rejected.jsonl"]["lines"]}
     atomic_write_text(Path(cfg.out) / "config.yaml", to_yaml(cfg))
     atomic_write_json(Path(cfg.out) / "summary.json", summary)

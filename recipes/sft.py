@@ -42,13 +42,13 @@ def load_split(path, cfg=None, tokenizer=None, name: str = "train"):
     return dataset.map(to_prompt_completion, remove_columns=dataset.column_names), skipped
 
 
-def build_trainer(cfg):
+def build_trainer(cfg, split_dir: str = "sft"):
     """The SFTTrainer for cfg (datasets tokenized, model loaded); also used by the tests and the benchmark."""
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    train_file = training.data_file(cfg, "sft/train.jsonl")
-    validation_file = training.data_file(cfg, "sft/validation.jsonl")
+    train_file = training.data_file(cfg, f"{split_dir}/train.jsonl")
+    validation_file = training.data_file(cfg, f"{split_dir}/validation.jsonl")
     training.model_dir(cfg, "init")
     args = training.common_args(
         cfg, SFTConfig,
@@ -77,19 +77,20 @@ def build_trainer(cfg):
     return trainer
 
 
-def run(cfg) -> dict:
-    finished = training.preflight(cfg, "sft/train.jsonl", "sft/validation.jsonl")  # dry run; checks; or run under accelerate
+def run(cfg, split_dir: str = "sft", trained_on: list[str] | None = None) -> dict:
+    """Train on DATA/split_dir/ (sft: edit conversations; the feedback stage passes feedback/)."""
+    finished = training.preflight(cfg, f"{split_dir}/train.jsonl", f"{split_dir}/validation.jsonl")  # dry run; checks; or run under accelerate
     if finished:
         return finished
     start = time.monotonic()
     training.prepare_output_dir(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build_trainer(cfg, split_dir)
     from transformers import AutoModelForCausalLM
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     eval_loss = trainer.evaluate()["eval_loss"]
 
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)
-    training.write_training_record(final, cfg, training.STAGE_SPLITS["sft"])
+    training.write_training_record(final, cfg, trained_on or training.STAGE_SPLITS["sft"])
     return training.write_summary(cfg, "eval_loss", eval_loss, start, steps=trainer.state.global_step,
                                   seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long)

@@ -304,8 +304,8 @@ def save_final(trainer, cfg, auto_class) -> Path:
     if trainer.accelerator.is_main_process:
         from peft import PeftModel
 
-        base = load_model(cfg, auto_class, **({"num_labels": 1} if cfg.stage == "rm" else {}))
-        if cfg.stage == "rm":
+        base = load_model(cfg, auto_class, **({"num_labels": 1} if cfg.stage in ("rm", "select") else {}))
+        if cfg.stage in ("rm", "select"):
             base.config.pad_token_id = trainer.processing_class.pad_token_id
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         merged.save_pretrained(str(final))
