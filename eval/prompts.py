@@ -1,8 +1,9 @@
-"""The eval's length rule for a conversation longer than the model can take.
+"""The eval's length rule for a prompt longer than the eval's budget (eval.max_prompt_tokens; by default
+the data build's --max-seq-len, i.e. the length training rows were held to).
 
-Validation rows are never dropped for length (the data step only flags them, `too_long` on the
-prompts row). Before a prompt goes to the model, and before a conversation goes to a reward scorer,
-`shorten_messages` applies one rule:
+Validation rows are never dropped for length: the data step keeps them and flags their lines
+(`over_max_seq_len`). Before a prompt goes to the model (in process or to an endpoint, so the rule works
+on messages, not token ids), `shorten_messages` applies one rule:
 
     keep   BOS and the template's header (the chat template renders them: nothing is cut from the
            token sequence itself), every system turn, and the last `keep_last` turns whole (for an edit
@@ -13,6 +14,8 @@ prompts row). Before a prompt goes to the model, and before a conversation goes 
 
 If the kept turns alone are still too long, the conversation is returned as shortened as it gets
 (the model or endpoint then sees it whole; the eval counts it). The budget counts the template's tokens.
+Reward scorers cut conversations by recipes/reward.py's token-level rule instead (BOS + system header kept,
+then the last tokens), the one rule rm training and the RL reward use.
 """
 from __future__ import annotations
 

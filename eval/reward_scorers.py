@@ -33,9 +33,11 @@ model such as Select, which vLLM's pooling runners do not score this way, is ser
 trailing /v1. Each request is retried with backoff on connection errors, timeouts, 408/409/429 and 5xx
 (the openai client's own retry rules); a conversation that still fails scores None.
 
-Length: a conversation longer than max_length tokens is shortened by eval.prompts.shorten_messages (the
-middle of the earliest non-system turns is cut; BOS, system turns and the last `keep_last` turns are
-kept) before scoring, and `self.shortened` counts them.
+Length and format: one definition with rm training and the RL reward (recipes/reward.py): the whole
+conversation under the chat template, and a conversation over max_length tokens keeps BOS + the system
+header and its last tokens (that module's truncation rule); `self.shortened` counts those cut. A
+sequence classifier is scored by recipes.reward.score_conversations itself (pad distinct from the
+end-of-turn token); a first_logit model reads the same token ids.
 """
 from __future__ import annotations
 
@@ -81,7 +83,7 @@ def resolve_spec(spec: str) -> str:
 
 
 def load_scorer(spec: str, kind: Optional[str] = None, *, dtype: str = "float32", batch_size: int = 8,
-                max_length: Optional[int] = None, keep_last: int = 1, concurrency: int = 16, max_retries: int = 5,
+                max_length: Optional[int] = None, concurrency: int = 16, max_retries: int = 5,
                 timeout_s: float = 600.0, api_model: Optional[str] = None,
                 api_key_env: str = "OPENAI_API_KEY") -> "Scorer":
     """A scorer for a local dir, builtin:tiny-gold or an endpoint (see the module docstring)."""
@@ -93,7 +95,7 @@ def load_scorer(spec: str, kind: Optional[str] = None, *, dtype: str = "float32"
     path = resolve_spec(spec)
     if not Path(path).is_dir():
         raise UserError(f"reward model {spec}: no such directory (a local model dir, {TINY_GOLD}, or an http(s) endpoint)")
-    return LocalScorer(path, kind or detect_kind(path), dtype, batch_size, max_length, keep_last)
+    return LocalScorer(path, kind or detect_kind(path), dtype, batch_size, max_length)
 
 
 class Scorer:
@@ -108,18 +110,11 @@ class Scorer:
         raise NotImplementedError
 
 
-def _by_length(lengths: Sequence[int], batch_size: int):
-    """Index batches, longest first (less padding; an out-of-memory error shows up at once)."""
-    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
-    for start in range(0, len(order), batch_size):
-        yield order[start:start + batch_size]
-
-
 class LocalScorer(Scorer):
     """A model loaded in this process (spread over the GPUs when there are any)."""
 
     def __init__(self, path: str, kind: str, dtype: str = "float32", batch_size: int = 8,
-                 max_length: Optional[int] = None, keep_last: int = 1):
+                 max_length: Optional[int] = None):
         from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
         from eval.engines import gpu_device_map
@@ -129,49 +124,44 @@ class LocalScorer(Scorer):
         self.name, self.kind = path, kind
         self.model = load_pretrained(auto, path, dtype=torch_dtype(dtype), device_map=gpu_device_map()).eval()
         self.tokenizer = load_pretrained(AutoTokenizer, path)
-        if self.tokenizer.pad_token is None:
-            self.tokenizer.pad_token = self.tokenizer.eos_token
         self.batch_size = batch_size
         self.max_length = max_length or getattr(self.model.config, "max_position_embeddings", None)
-        self.keep_last = keep_last
         self.shortened = 0
 
-    def encode(self, conversation: Messages) -> list[int]:
-        """Token ids of the whole conversation under the chat template (no generation prompt)."""
-        from eval.prompts import shorten_messages
-
-        messages, shortened = shorten_messages(self.tokenizer, list(conversation), self.max_length, self.keep_last,
-                                               add_generation_prompt=False)
-        self.shortened += shortened
-        return self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=False,
-                                                  return_dict=False)
-
     def score(self, conversations: Sequence[Messages], progress: Progress = None) -> list[Optional[float]]:
+        from recipes.reward import conversation_length, score_conversations
+
+        if self.max_length:
+            self.shortened += sum(conversation_length(self.tokenizer, c) > self.max_length for c in conversations)
+        if self.kind == "seqcls":
+            try:
+                return score_conversations(self.model, self.tokenizer, conversations, self.max_length, self.batch_size,
+                                           progress=progress)
+            except ValueError as exc:  # no pad token distinct from the end-of-turn token
+                raise UserError(f"reward model {self.name}: {exc}") from None
+        return self._first_logits(conversations, progress)
+
+    def _first_logits(self, conversations: Sequence[Messages], progress: Progress) -> list[Optional[float]]:
+        """Logit of token id 0 after each conversation's last token (right padding, any pad id: a causal
+        LM's logits at a real position do not depend on the padding after it)."""
         import torch
 
-        ids = [self.encode(c) for c in conversations]
+        from recipes.reward import _by_length, reward_input_ids
+
+        ids = [reward_input_ids(self.tokenizer, list(c), self.max_length) for c in conversations]
         scores: list[Optional[float]] = [None] * len(ids)
         for batch in _by_length([len(x) for x in ids], self.batch_size):
             width = max(len(ids[i]) for i in batch)
-            # Padding with an id no row of the batch contains: a classifier pools at the rightmost
-            # token that is not the pad id, which is then each row's own last token, even when the
-            # tokenizer's pad token is the end-of-turn token the conversation ends with.
-            present = {t for i in batch for t in ids[i]}
-            pad = next(t for t in range(len(present) + 1) if t not in present)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            input_ids = torch.zeros((len(batch), width), dtype=torch.long)
             attention = torch.zeros((len(batch), width), dtype=torch.long)
-            for b, i in enumerate(batch):  # right padding: the last real token is at len - 1
+            for b, i in enumerate(batch):
                 input_ids[b, :len(ids[i])] = torch.tensor(ids[i])
                 attention[b, :len(ids[i])] = 1
-            last = torch.tensor([len(ids[i]) - 1 for i in batch])
             with torch.inference_mode():
-                inputs = {"input_ids": input_ids.to(self.model.device), "attention_mask": attention.to(self.model.device)}
-                if self.kind == "seqcls":
-                    self.model.config.pad_token_id = pad
-                    values = self.model(**inputs).logits[:, 0]
-                else:  # logits after the last template token, token id 0
-                    logits = self.model(**inputs).logits
-                    values = logits[torch.arange(len(batch), device=logits.device), last.to(logits.device), 0]
+                logits = self.model(input_ids=input_ids.to(self.model.device),
+                                    attention_mask=attention.to(self.model.device)).logits
+                last = torch.tensor([len(ids[i]) - 1 for i in batch], device=logits.device)
+                values = logits[torch.arange(len(batch), device=logits.device), last, 0]
             for i, value in zip(batch, values.float().tolist()):
                 scores[i] = value
             if progress:

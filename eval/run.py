@@ -14,7 +14,7 @@ judge (eval.judge_endpoint: eval/judge.py). Their win rates are the gold_* keys.
 Failures and lengths: an endpoint request that still fails after its retries is recorded on its row
 (`error`) and counted (counts.errors); the row is left out of the metrics and the eval goes on. Prompts
 longer than eval.max_prompt_tokens are shortened by eval/prompts.py's rule (counts.prompts_shortened);
-rows the data step flagged too long for training (`too_long`) are counted (counts.flagged_too_long).
+rows the data step flagged too long for training (`over_max_seq_len`) are counted (counts.flagged_too_long).
 
 Writes into cfg.out: generations.jsonl (one line per edit/SPLIT row, with its generation and
 metrics), likelihood.jsonl (one line per edit_quality pair, with its scores), report.json, report.md, metrics.png, copy_rate.png, length_ratio.png, summary.json,
@@ -23,6 +23,7 @@ config.yaml, and cache/ (generations so far: a rerun after a crash resumes from 
 from __future__ import annotations
 
 import gc
+import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -87,10 +88,18 @@ def _progress(total: int, desc: str):
 
 
 def prompt_budget(cfg, engine) -> Optional[int]:
-    """Most prompt tokens a row may have (eval.max_prompt_tokens; by default the local model's context
-    minus max_new_tokens; no limit for an endpoint unless set)."""
+    """Most prompt tokens a row may have: eval.max_prompt_tokens; else the data build's --max-seq-len
+    (manifest options: the length the training rows were held to; rows over it are the ones the data
+    step flagged); else the local model's context minus max_new_tokens; else (an endpoint) no limit."""
     if cfg.eval.max_prompt_tokens:
         return int(cfg.eval.max_prompt_tokens)
+    manifest = Path(cfg.data_dir) / "manifest.json"
+    try:
+        built_at = (json.loads(manifest.read_text(encoding="utf-8")).get("options") or {}).get("max_seq_len")
+    except (OSError, ValueError, AttributeError):
+        built_at = None
+    if built_at:
+        return int(built_at)
     if isinstance(engine, HFEngine):
         context = getattr(engine.model.config, "max_position_embeddings", None)
         return max(1, context - cfg.eval.max_new_tokens) if context else None
@@ -126,6 +135,13 @@ def shorten_prompts(cfg, engine, rows: list[dict], notes: list[str]) -> list[lis
 
 
 def run(cfg) -> dict:
+    from eval.feedback_eval import eval_task
+
+    task = eval_task(cfg)  # a Feedback or Select model has its own eval (eval.task; auto: its training record)
+    if task in ("feedback", "select"):
+        from importlib import import_module
+
+        return import_module(f"eval.{task}_eval").run(cfg)
     start = time.monotonic()
     e = cfg.eval
     out = Path(cfg.out)
@@ -171,7 +187,8 @@ def run(cfg) -> dict:
         record = {"id": row["id"], "domain": row["domain"], "language": row["language"],
                   "generated": generation.text, "finish_reason": generation.finish_reason,
                   "completion_tokens": generation.completion_tokens,
-                  "prompt_shortened": row["prompt_shortened"], "flagged_too_long": bool(row.get("too_long")),
+                  "prompt_shortened": row["prompt_shortened"],
+                  "flagged_too_long": bool(row.get("over_max_seq_len")),
                   "error": generation.error, "metrics": {}}
         if generation.error is None:
             record["metrics"] = M.row_metrics(generation.text, original, row["reference_edit"],
@@ -204,7 +221,7 @@ def run(cfg) -> dict:
     if e.gold_rm:
         gold = load_scorer(e.gold_rm, e.gold_rm_kind, dtype=cfg.model.dtype, batch_size=e.batch_size,
                            concurrency=e.concurrency, max_retries=e.max_retries, timeout_s=e.request_timeout_s,
-                           api_key_env=e.api_key_env, keep_last=1 if e.gold_rm_input == "context" else 3)
+                           api_key_env=e.api_key_env)
         failures["gold_scorer"] = reward_model_metrics(gold, "gold", e.gold_rm_input, rows, records, pairs, pair_records)
         gold_kind = gold.kind
         if e.gold_rm == TINY_GOLD:
@@ -248,11 +265,10 @@ def policy_preference(engine: HFEngine, pairs: list[dict], pair_records: list[di
 
 
 def proxy_scorer(rm_path: str, cfg):
-    """The training reward model, scoring as the rm stage trained it (edit prompt + edit, at most
-    train.seq_len tokens). The one place the proxy scorer is made: switch it to the shared reward
-    function here."""
+    """The training reward model, scoring exactly as rm training and the RL reward do (edit prompt +
+    edit, recipes.reward.score_conversations with its truncation rule at train.seq_len)."""
     return load_scorer(rm_path, "seqcls", dtype=cfg.model.dtype, batch_size=cfg.eval.batch_size,
-                       max_length=cfg.train.seq_len, keep_last=3)
+                       max_length=cfg.train.seq_len)
 
 
 def scored_conversation(prompt: list[dict], text: str, input_format: str) -> list[dict]:

@@ -156,3 +156,36 @@ def test_shorten_keeps_bos_system_and_the_edit_request_and_cuts_the_earliest_tur
     # a budget that needs more than the first turn: it becomes the marker alone, the next one is cut
     shorter, _ = shorten_messages(tok, messages, count_tokens(tok, messages, True) - 200)
     assert shorter[1]["content"] == MARKER and MARKER in shorter[2]["content"] and shorter[3:] == messages[3:]
+
+
+def test_the_proxy_scorer_is_the_shared_reward_function_with_its_truncation_rule(tiny_rm_dir):
+    """eval's training-RM scorer and recipes.reward.score_conversations (rm training, RL reward) give the same
+    numbers, also for a conversation over max_length (cut by that module's one rule, BOS kept)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eval.reward_scorers import load_scorer
+    from recipes.reward import conversation_length, score_conversations
+
+    long = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "context " * 300},
+            {"role": "assistant", "content": "The edit."}]
+    conversations = [*CONVERSATIONS, long]
+    scorer = load_scorer(str(tiny_rm_dir), "seqcls", max_length=128, batch_size=4)
+    ours = scorer.score(conversations)
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir)
+    shared = score_conversations(model, AutoTokenizer.from_pretrained(tiny_rm_dir), conversations, 128, batch_size=2)
+    assert ours == pytest.approx(shared, abs=1e-5)
+    assert conversation_length(scorer.tokenizer, long) > 128 and scorer.shortened == 1
+
+
+def test_the_prompt_budget_defaults_to_the_data_builds_max_seq_len(tmp_path):
+    import json
+
+    from eval.run import prompt_budget
+    from recipes.config import compose
+
+    (tmp_path / "manifest.json").write_text(json.dumps({"options": {"max_seq_len": 333}}))
+    cfg = compose("eval", ["model=tiny", f"data={tmp_path}"])
+    assert prompt_budget(cfg, engine=None) == 333
+    assert prompt_budget(compose("eval", ["model=tiny", f"data={tmp_path}", "eval.max_prompt_tokens=50"]), None) == 50
+    (tmp_path / "manifest.json").write_text(json.dumps({"options": {"max_seq_len": None}}))
+    assert prompt_budget(cfg, engine=None) is None  # an endpoint, no data limit: prompts sent whole
