@@ -74,7 +74,8 @@ def check_inputs(cfg, *data_files: str) -> None:
 
 
 def check_output_dir(cfg) -> None:
-    """Refuse to resume in (or overwrite) a dir that holds a run of another stage or model."""
+    """Refuse to resume in (or overwrite) a dir that holds a run of another stage or model, or one
+    trained (checkpoints or final/ exist) with settings that change the result (resume_conflicts)."""
     out = Path(cfg.out)
     previous = out / "config.yaml"
     if previous.is_file() and cfg.resume != "never":
@@ -85,6 +86,45 @@ def check_output_dir(cfg) -> None:
                 raise ConfigError(
                     f"out={out}: holds a run with {key}={was}, not {key}={now} (pick another out= or run_dir=, or resume=never)"
                 )
+        if latest_checkpoint(out) or (out / "final").is_dir():
+            conflicts = resume_conflicts(old, cfg)
+            sha_file, manifest = out / "data_manifest.sha256", Path(cfg.data_dir) / "manifest.json"
+            if sha_file.is_file():
+                was = sha_file.read_text().strip()
+                now = sha256_file(manifest) if manifest.is_file() else "none"
+                if was != now:
+                    conflicts.append(f"data (manifest sha256 {was[:12]} -> {now[:12]})")
+            if conflicts:
+                raise ConfigError(f"out={out}: was trained with other settings than this run's: {'; '.join(conflicts)} "
+                                  "(resume=never starts over; or pick another out= or run_dir=)")
+
+
+# Keys that may differ between a run and its resumption: they do not change what is trained (run
+# paths and bookkeeping, the cluster it runs on, logging and checkpoint cadence, other stages' keys).
+# Every other key does (compared by resume_conflicts); the data is compared by its manifest's sha256.
+RESULT_NEUTRAL_KEYS = (
+    "run_dir", "name", "out", "data_dir", "resume", "dry_run", "executor", "cluster", "eval", "prep",
+    "megatron", "parallel", "model.name", "train.logging_steps", "train.eval_steps", "train.save_steps",
+    "train.save_total_limit", "train.gradient_checkpointing", "hf.accelerate_config",
+    "hf.gather_weights_for_generation", "report_to",
+)
+
+
+def resume_conflicts(old, new) -> list[str]:
+    """`key: old -> new` for each result-changing key whose value differs between two resolved configs."""
+    def flat(node, prefix=""):
+        items = {}
+        for key, value in (node.items() if isinstance(node, dict) else ()):
+            path = f"{prefix}{key}"
+            if any(path == k or path.startswith(k + ".") for k in RESULT_NEUTRAL_KEYS):
+                continue
+            items.update(flat(value, path + ".") if isinstance(value, dict) else {path: value})
+        return items
+
+    was = flat(OmegaConf.to_container(old, resolve=True) if not isinstance(old, dict) else old)
+    now = flat(OmegaConf.to_container(new, resolve=True) if not isinstance(new, dict) else new)
+    # a key only one side has was added to (or removed from) the schema since: not a change of setting
+    return [f"{key}: {was[key]} -> {now[key]}" for key in sorted(set(was) & set(now)) if was[key] != now[key]]
 
 
 def prepare_output_dir(cfg) -> Path:

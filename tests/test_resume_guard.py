@@ -1,0 +1,59 @@
+"""resume=auto refuses an output dir trained with settings that change the result (issue 11, item 4):
+it names the differing keys and leaves the run's record untouched; keys that change nothing (logging
+cadence, checkpoint cadence) may differ; resume=never starts over."""
+from __future__ import annotations
+
+import json
+
+import pytest
+from omegaconf import OmegaConf
+
+from recipes.config import compose
+from recipes.training import RESULT_NEUTRAL_KEYS, resume_conflicts
+from tests.conftest import run_cli, write_edit_data
+
+
+def sft_args(data_dir, out, *extra):
+    return ["-m", "recipes", "sft", f"data={data_dir}", f"out={out}", "train.max_steps=2", "train.save_steps=1",
+            "train.eval_steps=1000", *extra]
+
+
+def test_resume_conflicts_lists_result_keys_only():
+    old = compose("sft", [])
+    new = compose("sft", ["train.lr=2e-5", "train.logging_steps=7", "peft.enabled=true", "run_dir=/elsewhere",
+                          "train.save_steps=9", "seed=5"])
+    assert resume_conflicts(old, new) == ["peft.enabled: False -> True", "seed: 1234 -> 5", f"train.lr: {old.train.lr} -> 2e-05"]
+    assert resume_conflicts(old, old) == []
+    assert "train.lr" not in RESULT_NEUTRAL_KEYS and "seed" not in RESULT_NEUTRAL_KEYS
+
+
+def test_resume_of_a_finished_stage_with_other_data_or_lr_is_refused(tmp_path, tiny_model_dir):
+    data = write_edit_data(tmp_path / "data")
+    other = write_edit_data(tmp_path / "other", n_train=12)
+    out = tmp_path / "sft"
+    first = run_cli(*sft_args(data, out), timeout=300)
+    assert first.returncode == 0, first.stderr[-2000:]
+    record = (out / "final" / "hs3_training.json").read_bytes()
+    config = (out / "config.yaml").read_bytes()
+
+    lr = compose("sft", []).train.lr
+    for extra, named in ((["train.lr=3e-4"], f"train.lr: {lr} -> 0.0003"),
+                         ([], "data (manifest sha256")):
+        data_dir = data if extra else other
+        proc = run_cli(*sft_args(data_dir, out, *extra), timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        line = proc.stderr.strip()
+        assert "\n" not in line and "Traceback" not in line
+        assert line.startswith(f"error: out={out}: was trained with other settings") and named in line, line
+        # nothing was rewritten: the record still says what was trained
+        assert (out / "final" / "hs3_training.json").read_bytes() == record
+        assert (out / "config.yaml").read_bytes() == config
+
+    # logging and checkpoint cadence do not change the result: the resume goes ahead
+    same = run_cli(*sft_args(data, out, "train.logging_steps=2", "train.save_steps=2"), timeout=300)
+    assert same.returncode == 0, same.stderr[-2000:]
+
+    # resume=never starts over with the new settings and records them
+    fresh = run_cli(*sft_args(other, out, "train.lr=3e-4", "resume=never"), timeout=300)
+    assert fresh.returncode == 0, fresh.stderr[-2000:]
+    assert OmegaConf.load(out / "config.yaml").train.lr == pytest.approx(3e-4)
