@@ -156,6 +156,9 @@ class DPOConfig:
 
 @dataclass
 class EvalConfig:
+    # What the model is: edit | feedback (eval/feedback_eval.py) | select (eval/select_eval.py);
+    # auto = the stage in the checkpoint's hs3_training.json (feedback, select), else edit.
+    task: str = "auto"
     split: str = "validation"
     max_rows: int = -1  # -1: all rows
     max_new_tokens: int = 4096  # the Edit model card's generation limit
@@ -459,6 +462,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"eval.gold_rm_kind={cfg.eval.gold_rm_kind}: expected seqcls, first_logit or null (auto)")
     if cfg.stage == "eval" and cfg.eval.gold_rm_input not in ("context", "edit_request"):
         raise ConfigError(f"eval.gold_rm_input={cfg.eval.gold_rm_input}: expected context or edit_request")
+    if cfg.stage == "eval" and cfg.eval.task not in ("auto", "edit", "feedback", "select"):
+        raise ConfigError(f"eval.task={cfg.eval.task}: expected auto, edit, feedback or select")
     if cfg.stage == "rl" and cfg.rl.k < 2:
         raise ConfigError(f"rl.k={cfg.rl.k}: RLOO needs at least 2 rollouts per prompt (leave-one-out baseline)")
     if cfg.stage == "rl" and cfg.rl.max_new_tokens >= t.seq_len:
