@@ -71,6 +71,9 @@ def parser() -> argparse.ArgumentParser:
                         "(default: remove them from training; reported in the manifest either way)")
     p.add_argument("--workers", type=int, metavar="N",
                    help="processes that count tokens (default: one per CPU); the output does not depend on it")
+    p.add_argument("--verify", action="store_true",
+                   help="when OUT already holds this build: check every file's sha256 against the manifest, not only "
+                        "its size, before calling it up to date")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     return p
 
@@ -89,7 +92,7 @@ def main(argv: list[str]) -> int:
                       subsets=args.subsets, feedback_targets=args.feedback_targets,
                       feedback_instruction=args.feedback_instruction)
     manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress,
-                     workers=args.workers)
+                     workers=args.workers, verify=args.verify)
     print(summary_line(manifest, args.out))
     return 0
 

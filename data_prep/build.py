@@ -361,6 +361,7 @@ class _Writer:
         self.file = open(path, "wb")
         self.sha = hashlib.sha256()
         self.lines = 0
+        self.bytes = 0
         self.thread = thread
         self.buffer: list[bytes] = []
         self.buffered = 0
@@ -384,6 +385,7 @@ class _Writer:
 
     def _store(self, data: bytes) -> None:
         self.sha.update(data)
+        self.bytes += len(data)
         self.file.write(data)
 
     def close(self) -> dict:
@@ -391,7 +393,7 @@ class _Writer:
         for future in self.pending:
             future.result()  # re-raises a failed write
         self.file.close()
-        return {"lines": self.lines, "sha256": self.sha.hexdigest()}
+        return {"lines": self.lines, "bytes": self.bytes, "sha256": self.sha.hexdigest()}
 
 
 _PLACEHOLDER = "\x00messages\x00"
@@ -457,6 +459,24 @@ def existing_build(out: Path) -> dict | None:
     return manifest
 
 
+def damaged_outputs(out: Path, manifest: dict, verify: bool = False) -> list[str]:
+    """The output files of the build in OUT that do not match its manifest: missing, another size, or
+    (verify, or a manifest that records no size) another sha256. Sizes cost a stat per file; hashes
+    read every byte (~1 GB at full scale, a second or two)."""
+    from recipes.io import sha256_file
+
+    damaged = []
+    for name, entry in manifest.get("outputs", {}).items():
+        path = out / name
+        if not path.is_file():
+            damaged.append(f"{name} missing")
+        elif "bytes" in entry and path.stat().st_size != entry["bytes"]:
+            damaged.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif (verify or "bytes" not in entry) and sha256_file(path) != entry.get("sha256"):
+            damaged.append(f"{name} has another sha256 than the manifest's")
+    return damaged
+
+
 def write_outputs(tmp: Path, all_rows: list[Row], manifest: dict, progress: bool) -> None:
     """Every output file into tmp, then manifest.json (with each file's line count and sha256)."""
     from tqdm import tqdm
@@ -497,18 +517,20 @@ def _without_gc():
 
 def build(source: str, out: str | os.PathLike, revision: str = "main", options: Options | None = None,
           progress: bool = True, tokenizer=None, workers: int | None = None,
-          timings: dict | None = None) -> dict:
+          timings: dict | None = None, verify: bool = False) -> dict:
     """Build OUT from SOURCE ('hf' or a directory); returns the manifest (with "up_to_date": True
     and nothing rewritten when OUT already holds the very same build). `tokenizer` may be passed
     as an object (then options.tokenizer is only its recorded name). Token counting runs in
     `workers` processes (default: one per CPU); the output does not depend on it. `timings`, if
-    given, receives the seconds each phase took (not part of the manifest: it must stay byte-stable)."""
+    given, receives the seconds each phase took (not part of the manifest: it must stay byte-stable).
+    An OUT that holds this build is up to date only when its files match the manifest (sizes; sha256
+    too with `verify`); otherwise it is refused (damaged_outputs)."""
     with _without_gc():
         return _build(source, out, revision, options or Options(), progress, tokenizer, workers,
-                      {} if timings is None else timings)
+                      {} if timings is None else timings, verify)
 
 
-def _build(source, out, revision, options, progress, tokenizer, workers, timings) -> dict:
+def _build(source, out, revision, options, progress, tokenizer, workers, timings, verify=False) -> dict:
     """build(), phase by phase: read and check, leaks, emit, count tokens, write, rename."""
     from tqdm import tqdm
 
@@ -532,6 +554,9 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
     }
     if previous is not None:
         if fingerprint(previous) == fingerprint(manifest):
+            if damaged := damaged_outputs(out, previous, verify):
+                raise UserError(f"output dir {out}: holds this build, but its files do not match its manifest "
+                                f"({'; '.join(damaged[:3])}{'; ...' if len(damaged) > 3 else ''}); delete {out} and rerun")
             return {**previous, "up_to_date": True}
         differ = [k for k, v in fingerprint(manifest).items() if fingerprint(previous).get(k) != v]
         raise UserError(f"output dir {out}: already holds a different data_prep build ({', '.join(differ)} differ); "

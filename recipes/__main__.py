@@ -19,6 +19,7 @@ STAGE_RUNNERS = {
     ("dpo", "hf"): "recipes.dpo:run",
     ("feedback", "hf"): "recipes.feedback:run",
     ("select", "hf"): "recipes.select:run",
+    ("feedback", "megatron"): "recipes.feedback:run_megatron",
     ("eval", "hf"): "eval.run:run",
     ("eval", "megatron"): "eval.run:run",
     ("sft", "megatron"): "recipes.megatron.bridge_sft:run",

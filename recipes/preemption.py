@@ -32,7 +32,7 @@ from pathlib import Path
 from recipes.io import UserError, atomic_write_json
 
 # Stages that train: they checkpoint, can be preempted and resume, and lock their output dir.
-TRAINING_STAGES = ("sft", "rm", "rl", "dpo")
+TRAINING_STAGES = ("sft", "rm", "rl", "dpo", "feedback", "select")
 # EX_TEMPFAIL (sysexits.h): "temporary failure, retry later" = preempted, checkpoint saved, requeue me.
 PREEMPTED_EXIT_CODE = 75
 PREEMPT_REQUEST_FILE = "PREEMPT_REQUEST"
