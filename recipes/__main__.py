@@ -22,6 +22,7 @@ STAGE_RUNNERS = {
     ("feedback", "megatron"): "recipes.feedback:run_megatron",
     ("eval", "hf"): "eval.run:run",
     ("eval", "megatron"): "eval.run:run",
+    ("its", "hf"): "its.loop:run",
     ("sft", "megatron"): "recipes.megatron.bridge_sft:run",
     ("convert", "megatron"): "recipes.megatron.convert:run",
     ("rm", "megatron"): "recipes.megatron.nemo_rl:run",
@@ -36,6 +37,7 @@ COMMANDS = {
     "smoke": "recipes.pipeline:smoke_main",
     "status": "recipes.slurm:status_main",
     "eval-compare": "eval.compare:main",
+    "its-eval": "its.evaluate:main",
 }
 
 

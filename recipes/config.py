@@ -31,7 +31,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONF_DIR = Path(os.environ.get("HS3_CONF_DIR", REPO_ROOT / "conf"))
 
 DTYPES = ("float32", "bfloat16", "float16")
-STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert", "feedback", "select")
+STAGES = ("data", "sft", "rm", "rl", "dpo", "eval", "convert", "feedback", "select", "its")
 ENGINES = ("hf", "megatron")
 EXECUTORS = ("local", "slurm")
 
@@ -48,6 +48,12 @@ ALIASES = {
     "gpus_per_node": "cluster.gpus_per_node",
     "data": "data_dir",
     "rm": "reward_model",
+    # the Feedback-Edit inference-time-scaling stage (its/)
+    "prompts": "its.prompts",
+    "policy": "its.policy",
+    "feedback_model": "its.feedback_model",
+    "edit_model": "its.edit_model",
+    "select_model": "its.select_model",
 }
 # Without `engine=`: convert exists only on the Megatron engine; every other stage defaults to hf.
 STAGE_DEFAULT_ENGINE = {"convert": "megatron"}
@@ -209,6 +215,44 @@ class PrepConfig:
 
 
 @dataclass
+class ITSConfig:
+    """Feedback-Edit inference-time scaling (its/, conf/stage/its.yaml says what each key does)."""
+
+    prompts: Optional[str] = None  # JSONL of {id, messages} or {id, prompt}; None = data_dir/prompts/SPLIT contexts
+    split: str = "validation"
+    max_prompts: int = -1  # -1: every prompt
+    # Each model: a checkpoint dir or an OpenAI-compatible endpoint (http(s)://.../v1).
+    policy: Optional[str] = None
+    feedback_model: Optional[str] = None
+    edit_model: Optional[str] = None
+    select_model: Optional[str] = None  # a reward model dir (seqcls or first_logit) or a /pooling endpoint
+    select_kind: Optional[str] = None  # seqcls | first_logit; None = from config.json
+    responses: int = 1
+    feedbacks: int = 10
+    feedback_sets: int = 1
+    edits: int = 1
+    feedback_pick: str = "random"  # random | keywords
+    max_kept: int = 3
+    feedback_instruction: Optional[str] = None  # None = data_prep.feedback_prompt.FEEDBACK_INSTRUCTION
+    response_temperature: Optional[float] = None  # None: greedy for 1 response, 0.7 for more
+    feedback_temperature: float = 0.7
+    edit_temperature: Optional[float] = None  # None: greedy for 1 edit, 0.7 for more
+    top_p: float = 0.9
+    max_new_tokens: int = 2048
+    feedback_max_new_tokens: int = 1024
+    batch_size: int = 8
+    concurrency: int = 16
+    max_retries: int = 2
+    request_timeout_s: float = 600.0
+    api_key_env: str = "OPENAI_API_KEY"
+    chunk_prompts: int = 16
+    server_command: str = "vllm serve {model} --tensor-parallel-size {tp} --host 127.0.0.1 --port {port} --served-model-name {name}"
+    rm_server_command: str = "python -m eval.serve_rm --model {model} --host 127.0.0.1 --port {port} --name {name}"
+    server_start_timeout_s: float = 1800.0
+    memory_headroom: float = 1.5
+
+
+@dataclass
 class ParallelConfig:
     """Megatron parallel plan (see recipes/megatron/plan.py for the rules)."""
 
@@ -304,6 +348,7 @@ class RunConfig:
     rl: RLConfig = field(default_factory=RLConfig)
     dpo: DPOConfig = field(default_factory=DPOConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    its: ITSConfig = field(default_factory=ITSConfig)
     prep: PrepConfig = field(default_factory=PrepConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     megatron: MegatronConfig = field(default_factory=MegatronConfig)
@@ -468,6 +513,18 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rl.k={cfg.rl.k}: RLOO needs at least 2 rollouts per prompt (leave-one-out baseline)")
     if cfg.stage == "rl" and cfg.rl.max_new_tokens >= t.seq_len:
         raise ConfigError(f"rl.max_new_tokens={cfg.rl.max_new_tokens} leaves no room for a prompt in train.seq_len={t.seq_len}")
+    if cfg.stage == "its":
+        its = cfg.its
+        for key in ("responses", "feedbacks", "feedback_sets", "edits", "max_kept", "concurrency", "batch_size", "chunk_prompts"):
+            if its[key] < 1:
+                raise ConfigError(f"its.{key}={its[key]} must be >= 1")
+        if its.feedback_pick not in ("random", "keywords"):
+            raise ConfigError(f"its.feedback_pick={its.feedback_pick}: expected random or keywords")
+        if its.feedback_pick == "keywords" and its.feedback_sets > 1:
+            raise ConfigError(f"its.feedback_sets={its.feedback_sets}: the keyword pick gives one set per response "
+                              f"(use its.feedback_pick=random for several)")
+        if its.select_kind not in (None, "seqcls", "first_logit"):
+            raise ConfigError(f"its.select_kind={its.select_kind}: expected seqcls, first_logit or null (auto)")
     if cfg.stage in ("rm", "select") and not 0 <= cfg.rm.selection_fraction < 1:
         raise ConfigError(f"rm.selection_fraction={cfg.rm.selection_fraction} must be in [0, 1)")
     if cfg.stage in ("rm", "select") and cfg.rm.keep_best and cfg.rm.selection_fraction == 0:

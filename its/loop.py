@@ -1,0 +1,322 @@
+"""The `its` stage: Feedback-Edit inference-time scaling over a file of prompts.
+
+    ./launch.sh its prompts=FILE policy=M feedback_model=M edit_model=M select_model=M \
+        its.responses=N its.feedbacks=F its.edits=E its.feedback_pick=random|keywords out=DIR
+
+For each prompt (README "Feedback-Edit inference-time scaling" has the sources):
+  1. the policy writes N responses (sample j of N: seed + j);
+  2. the Feedback model writes F feedback texts per response, asked with
+     data_prep.feedback_prompt.build_feedback_request (its.feedback_instruction, or our reconstruction);
+  3. feedback starting `The response is perfectly` is dropped; up to its.max_kept of the rest are kept,
+     its.feedback_sets times per response (its/feedback.py: random, or the seed's keyword rerank);
+  4. the Edit model writes E edits per kept set, asked in the seed's exact edit-request format
+     (data_prep.build_edit_conversation);
+  5. the Select model scores every candidate (responses and edits) as [context..., assistant: text];
+     the highest score is the answer (ties: the earlier candidate, a response before its edits).
+Prompts go through in steps of its.chunk_prompts, each model called once per step for the whole step
+(batched locally, concurrent against an endpoint). Every generation and score is cached under
+OUT/cache as it arrives, and every finished prompt is appended to OUT/progress.jsonl, so a rerun after a
+crash resumes where it stopped. A request that fails after its retries is recorded with its error in
+the prompt's record and counted in summary.json; it does not stop the run.
+
+Outputs: OUT/results.jsonl (one line per prompt, in the prompts' order), OUT/summary.json (calls,
+tokens and seconds per model; mean select score of the first response vs the final; share of finals
+that are edits; failures), OUT/report.md + OUT/score_lift.png, OUT/config.yaml, OUT/rejected.jsonl
+(prompt rows that could not be used, with the reason).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+from data_prep import build_edit_conversation
+from data_prep.feedback_prompt import build_feedback_request, helpfulness_level
+from eval.engines import Sampling
+from its.feedback import pick_sets
+from recipes.config import ConfigError, to_yaml
+from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, dumps_json, read_jsonl
+
+ROLES = ("system", "user", "assistant")
+
+
+# ---- prompts -------------------------------------------------------------------------------------
+
+def _messages(row: dict) -> list[dict]:
+    """A row's conversation: `messages` (a list of {role, content}), or `prompt` (a string = one user turn,
+    or a list of turns). It must end with a user turn. ValueError says what is wrong."""
+    value = row.get("messages", row.get("prompt"))
+    if isinstance(value, str):
+        value = [{"role": "user", "content": value}]
+    if not isinstance(value, list) or not value:
+        raise ValueError("no `messages` list or `prompt` string")
+    turns = []
+    for turn in value:
+        if not isinstance(turn, dict) or turn.get("role") not in ROLES or not isinstance(turn.get("content"), str):
+            raise ValueError("a turn is not {role: system|user|assistant, content: string}")
+        turns.append({"role": turn["role"], "content": turn["content"]})
+    if turns[-1]["role"] != "user":
+        raise ValueError("the last turn is not the user's")
+    return turns
+
+
+def load_prompts(cfg) -> tuple[list[dict], list[dict]]:
+    """([{id, messages}], rejected rows with their reason). its.prompts, or else the contexts of the
+    HelpSteer3 edit rows in data_dir/prompts/SPLIT.jsonl (each edit prompt without its original
+    response and edit request; one per context)."""
+    its = cfg.its
+    prompts: list[dict] = []
+    rejected: list[dict] = []
+    if its.prompts:
+        path = Path(its.prompts)
+        if not path.is_file():
+            raise UserError(f"its.prompts={path}: no such file (JSONL of {{id, messages}} or {{id, prompt}})")
+        for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                if not isinstance(row, dict):
+                    raise ValueError("not a JSON object")
+                messages = _messages(row)
+            except ValueError as exc:
+                rejected.append({"line": n, "id": row.get("id") if isinstance(row, dict) else None,
+                                 "reason": str(exc).splitlines()[0]})
+                continue
+            prompts.append({"id": str(row.get("id", f"line{n}")), "messages": messages})
+    else:
+        path = Path(cfg.data_dir) / "prompts" / f"{its.split}.jsonl"
+        if not path.is_file():
+            raise UserError(f"no its.prompts and no {path} (pass prompts=FILE, or prepare the data: ./launch.sh data)")
+        seen = set()
+        for row in read_jsonl(path):
+            context = row["prompt"][:-2]  # context + assistant(original) + user(edit request)
+            key = json.dumps(context, sort_keys=True)
+            if key in seen:
+                continue
+            seen.add(key)
+            prompts.append({"id": str(row["id"]), "messages": [{"role": t["role"], "content": t["content"]} for t in context]})
+    ids = [p["id"] for p in prompts]
+    if len(set(ids)) != len(ids):
+        dup = next(i for i in ids if ids.count(i) > 1)
+        raise UserError(f"{path}: prompt id {dup!r} appears more than once (ids name the results and the resume)")
+    if its.max_prompts >= 0:
+        prompts = prompts[:its.max_prompts]
+    if not prompts:
+        raise UserError(f"{path}: no usable prompt ({len(rejected)} rejected)")
+    return prompts, rejected
+
+
+# ---- settings ------------------------------------------------------------------------------------
+
+def samplings(cfg) -> dict[str, Sampling]:
+    its = cfg.its
+
+    def temperature(value: Optional[float], n: int) -> float:
+        return (0.0 if n == 1 else 0.7) if value is None else float(value)
+
+    def make(temp: float, tokens: int) -> Sampling:
+        return Sampling(max_new_tokens=tokens, temperature=temp, top_p=its.top_p if temp > 0 else 1.0, seed=cfg.seed)
+
+    return {"policy": make(temperature(its.response_temperature, its.responses), its.max_new_tokens),
+            "feedback_model": make(float(its.feedback_temperature), its.feedback_max_new_tokens),
+            "edit_model": make(temperature(its.edit_temperature, its.edits), its.max_new_tokens)}
+
+
+def settings_key(cfg, models) -> str:
+    """What a finished prompt's record depends on: a record made under other settings is not reused."""
+    its = cfg.its
+    keys = ("responses", "feedbacks", "feedback_sets", "edits", "feedback_pick", "max_kept", "feedback_instruction",
+            "response_temperature", "feedback_temperature", "edit_temperature", "top_p", "max_new_tokens",
+            "feedback_max_new_tokens")
+    blob = {k: its[k] for k in keys}
+    blob["seed"] = cfg.seed
+    blob["models"] = {r: g.engine.model_id for r, g in models.generators.items()}
+    blob["select"] = models.selector.model_id
+    return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ---- one step of prompts -------------------------------------------------------------------------
+
+def _gen(generation) -> dict:
+    d = {"text": generation.text, "finish_reason": generation.finish_reason}
+    if generation.error:
+        d["error"] = generation.error
+    return d
+
+
+def run_chunk(cfg, models, prompts: list[dict]) -> list[dict]:
+    its = cfg.its
+    sampling = samplings(cfg)
+    # 1. N responses per prompt
+    requests = [(p["messages"], j) for p in prompts for j in range(its.responses)]
+    generated = models.generators["policy"].generate(requests, sampling["policy"])
+    records = []
+    for n, p in enumerate(prompts):
+        cands = [{"index": j, **_gen(generated[n * its.responses + j])} for j in range(its.responses)]
+        records.append({"id": p["id"], "prompt": p["messages"], "candidates": cands})
+    live = [(r, c) for r in records for c in r["candidates"] if "error" not in c]
+    # 2. F feedback texts per response
+    requests = [(build_feedback_request(r["prompt"], c["text"], its.feedback_instruction), f)
+                for r, c in live for f in range(its.feedbacks)]
+    feedback = models.generators["feedback_model"].generate(requests, sampling["feedback_model"])
+    # 3. kept feedback sets
+    edit_requests, edit_slots = [], []
+    for n, (r, c) in enumerate(live):
+        texts = feedback[n * its.feedbacks:(n + 1) * its.feedbacks]
+        c["feedback"] = [{**_gen(g), "level": helpfulness_level(g.text)} for g in texts]
+        ok = [g.text for g in texts if g.error is None]
+        c["kept_feedback"] = pick_sets(ok, its.feedback_pick, its.max_kept, its.feedback_sets,
+                                       f"{cfg.seed}/{r['id']}/{c['index']}")
+        c["edits"] = []
+        for s, kept in enumerate(c["kept_feedback"]):
+            conversation = build_edit_conversation(r["prompt"], c["text"], kept)  # <= 3 items: used as given
+            for e in range(its.edits):
+                edit_requests.append((conversation, e))
+                edit_slots.append((c, s, e))
+    # 4. E edits per kept set
+    edits = models.generators["edit_model"].generate(edit_requests, sampling["edit_model"])
+    for (c, s, e), g in zip(edit_slots, edits):
+        c["edits"].append({"set": s, "sample": e, **_gen(g)})
+    # 5. score every candidate; the best is the answer
+    scored = [(r, item) for r in records for c in r["candidates"] if "error" not in c
+              for item in [c, *[x for x in c.get("edits", []) if "error" not in x]]]
+    scores = models.selector.score([r["prompt"] + [{"role": "assistant", "content": item["text"]}] for r, item in scored])
+    for (r, item), score in zip(scored, scores):
+        item["score"] = score
+    for r in records:
+        r["final"] = choose(r["candidates"])
+    return records
+
+
+def choose(candidates: list[dict]) -> Optional[dict]:
+    """The highest-scored candidate: responses in order, each followed by its edits; the first of equal
+    scores wins. None when nothing was scored."""
+    best = None
+    for c in candidates:
+        options = [(c, None)] + [(c, x) for x in c.get("edits", [])]
+        for cand, edit in options:
+            item = edit or cand
+            if item.get("score") is None:
+                continue
+            if best is None or item["score"] > best["score"]:
+                best = {"text": item["text"], "score": item["score"], "source": "edit" if edit else "response",
+                        "response": cand["index"]}
+                if edit:
+                    best.update({"set": edit["set"], "sample": edit["sample"],
+                                 "kept_feedback": cand["kept_feedback"][edit["set"]]})
+    return best
+
+
+# ---- the stage -----------------------------------------------------------------------------------
+
+def is_tiny(spec: str) -> bool:
+    """A local model with a hidden size under 256: this project's test models (their numbers mean nothing)."""
+    try:
+        config = json.loads((Path(spec) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return int(config.get("hidden_size", 1 << 20)) < 256
+
+
+def run(cfg, endpoints: Optional[dict[str, str]] = None) -> dict:
+    """The `its` stage. `endpoints` (role -> URL) replaces model dirs by servers started for them
+    (its/slurm.py); OUT/config.yaml keeps the config as given."""
+    from recipes.preemption import OutputLock
+
+    from its.models import Models
+
+    out = Path(cfg.out)
+    prompts, rejected = load_prompts(cfg)
+    if cfg.dry_run:
+        its = cfg.its
+        print(f"its: {len(prompts)} prompts ({len(rejected)} rejected) x {its.responses} responses x {its.feedbacks} "
+              f"feedback -> {its.feedback_sets} set(s) of <= {its.max_kept} ({its.feedback_pick}) x {its.edits} edits; "
+              f"policy={its.policy} feedback={its.feedback_model} edit={its.edit_model} select={its.select_model}")
+        return {"stage": "its", "metric": "dry-run", "value": None, "out": str(out)}
+    out.mkdir(parents=True, exist_ok=True)
+    with OutputLock(out):
+        return _run(cfg, out, prompts, rejected, endpoints)
+
+
+def _run(cfg, out: Path, prompts: list[dict], rejected: list[dict], endpoints) -> dict:
+    from its.models import Models
+    from its.report import write_report
+
+    started = time.monotonic()
+    for name in ("summary.json", "config.yaml"):  # a rerun is unfinished until it writes them again
+        (out / name).unlink(missing_ok=True)
+    models = Models(cfg, out / "cache", endpoints)
+    key = settings_key(cfg, models)
+    progress_path = out / "progress.jsonl"
+    done: dict[str, dict] = {}
+    if progress_path.is_file():
+        for line in progress_path.read_text(encoding="utf-8").splitlines():
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue  # a line cut by a crash
+            if entry.get("settings") == key:
+                done[entry["record"]["id"]] = entry["record"]
+    wanted = {p["id"] for p in prompts}
+    resumed = len(wanted & set(done))
+    todo = [p for p in prompts if p["id"] not in done]
+    if resumed:
+        print(f"[its] resuming: {resumed} of {len(prompts)} prompts finished earlier", file=sys.stderr)
+    step = cfg.its.chunk_prompts
+    for start in range(0, len(todo), step):
+        chunk = todo[start:start + step]
+        for record in run_chunk(cfg, models, chunk):
+            done[record["id"]] = record
+            with open(progress_path, "a", encoding="utf-8") as f:
+                f.write(dumps_json({"settings": key, "record": record}) + "\n")
+        finished = resumed + start + len(chunk)
+        print(f"[its] {finished}/{len(prompts)} prompts ({time.monotonic() - started:.0f}s)", file=sys.stderr)
+    records = [done[p["id"]] for p in prompts]
+    atomic_write_jsonl(out / "results.jsonl", records)
+    atomic_write_jsonl(out / "rejected.jsonl", rejected)
+    summary = summarize(cfg, records, models, rejected, resumed, time.monotonic() - started)
+    atomic_write_json(out / "summary.json", summary)
+    write_report(summary, records, out)
+    atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
+    lift = summary["score"]["lift"]
+    print(f"[its] {len(records)} prompts: first response {summary['score']['first_mean']}, final "
+          f"{summary['score']['final_mean']} (lift {lift}); finals that are edits {summary['edit_share']}; "
+          f"{summary['failed_requests']} failed requests -> {out}/results.jsonl")
+    return {"stage": "its", "metric": "score_lift", "value": lift, "out": str(out)}
+
+
+def _mean(values: list[float]) -> Optional[float]:
+    return round(sum(values) / len(values), 6) if values else None
+
+
+def summarize(cfg, records: list[dict], models, rejected: list[dict], resumed: int, seconds: float) -> dict:
+    its = cfg.its
+    pairs = [(r["candidates"][0].get("score"), r["final"]["score"]) for r in records
+             if r["final"] and r["candidates"][0].get("score") is not None]
+    finals = [r["final"] for r in records if r["final"]]
+    stats = models.stats()
+    feedback = [f for r in records for c in r["candidates"] for f in c.get("feedback", []) if "error" not in f]
+    specs = [its.policy, its.feedback_model, its.edit_model, its.select_model]
+    notes = []
+    if any(s and is_tiny(str(s)) for s in specs):
+        notes.append("Tiny test models: these numbers exercise the loop and mean nothing about quality.")
+    return {
+        "prompts": len(records), "rejected_prompts": len(rejected), "resumed_prompts": resumed,
+        "settings": {k: its[k] for k in ("responses", "feedbacks", "feedback_sets", "edits", "feedback_pick", "max_kept")},
+        "models": stats,
+        "wall_seconds": round(seconds, 3),
+        "score": {"first_mean": _mean([a for a, _ in pairs]), "final_mean": _mean([b for _, b in pairs]),
+                  "lift": _mean([b - a for a, b in pairs]), "prompts_scored": len(pairs)},
+        "edit_share": round(sum(f["source"] == "edit" for f in finals) / len(finals), 6) if finals else None,
+        "no_final": len(records) - len(finals),
+        "feedback": {"texts": len(feedback),
+                     "perfectly_helpful": sum(f["text"].startswith("The response is perfectly") for f in feedback),
+                     "responses_without_kept_feedback": sum(1 for r in records for c in r["candidates"]
+                                                            if "error" not in c and not c.get("kept_feedback"))},
+        "failed_requests": sum(s["errors"] for s in stats.values()),
+        "notes": notes,
+    }
