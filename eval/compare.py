@@ -1,9 +1,18 @@
-"""Side-by-side table of several eval dirs (checkpoints: base, sft, rl, dpo, ...).
+"""Side-by-side table of several eval dirs (checkpoints: base, sft, rl, dpo, ...), and a paired test of two.
 
     ./launch.sh eval-compare DIR1 DIR2 ... [--out DIR] [--names base,sft,rl]
+    ./launch.sh eval-compare --paired OURS THEIRS [--names ours,nvidia] [--bootstrap-samples N]
 
-Prints the table and writes compare.md, compare.json and metrics_per_checkpoint.png into --out
-(default: the first dir's parent).
+Prints the table and writes compare.md, compare.json, metrics_per_checkpoint.png and proxy_vs_gold.png
+(the training RM's win rate against the gold win rates, one point per checkpoint in the order given:
+a proxy that climbs while gold stays flat or falls is reward over-optimisation) into --out (default: the
+first dir's parent).
+
+--paired: two evals of the same rows (e.g. our checkpoint and NVIDIA's released Llama-3.3-Nemotron-70B-Edit,
+each scored with `./launch.sh eval model=http://...`). Rows are matched by id (rows failed or missing on
+either side are left out and counted); for every metric both have, the difference A - B with a
+paired-bootstrap 95% CI (the same resampled rows for both) and a verdict: "within" when the CI contains 0
+(no difference shown), "outside" otherwise. Writes paired.md and paired.json.
 """
 from __future__ import annotations
 
@@ -11,13 +20,14 @@ import argparse
 import json
 from pathlib import Path
 
-from recipes.io import UserError, atomic_write_json, atomic_write_text, cli_main
+from recipes.io import UserError, atomic_write_json, atomic_write_text, cli_main, read_jsonl
 
-from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS
-from eval.report import LABELS, fmt_ci, md_table, plot_metrics
+from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS, ROW_FIELD, paired_difference
+from eval.report import LABELS, fmt, fmt_ci, md_table, plot_metrics, plot_proxy_vs_gold
 
 
 def load_reports(dirs: list[str], names: list[str] | None) -> dict[str, dict]:
+    """report.json of each dir, keyed by its display name."""
     if names and len(names) != len(dirs):
         raise UserError(f"--names has {len(names)} names for {len(dirs)} dirs")
     reports = {}
@@ -45,16 +55,97 @@ def comparison(reports: dict[str, dict]) -> tuple[list[str], list[list[str]], di
     return ["metric"] + list(reports), rows, as_json
 
 
+def load_rows(directory: str) -> dict[str, dict]:
+    """The per-row records of an eval dir (generations.jsonl and likelihood.jsonl), keyed by row id."""
+    rows: dict[str, dict] = {}
+    for name in ("generations.jsonl", "likelihood.jsonl"):
+        path = Path(directory) / name
+        if not path.is_file():
+            if name == "generations.jsonl":
+                raise UserError(f"{directory}: no generations.jsonl (is it an eval output dir?)")
+            continue
+        try:
+            for row in read_jsonl(path):
+                rows[f"{name}:{row['id']}"] = row
+        except (OSError, ValueError, KeyError) as exc:
+            raise UserError(f"{path}: cannot read ({type(exc).__name__})") from None
+    return rows
+
+
+def paired_comparison(rows_a: dict[str, dict], rows_b: dict[str, dict], samples: int, seed: int = 0) -> dict:
+    """Per metric both evals have on common rows: paired_difference over the rows both scored."""
+    common = sorted(set(rows_a) & set(rows_b))
+    usable = [k for k in common if rows_a[k].get("error") is None and rows_b[k].get("error") is None]
+    metrics = {}
+    for key, _, _ in GENERATION_METRICS + LIKELIHOOD_METRICS:
+        field = ROW_FIELD[key]
+        pairs = [(rows_a[k]["metrics"][field], rows_b[k]["metrics"][field]) for k in usable
+                 if rows_a[k]["metrics"].get(field) is not None and rows_b[k]["metrics"].get(field) is not None]
+        if pairs:
+            metrics[key] = paired_difference([a for a, _ in pairs], [b for _, b in pairs], samples, seed, key=key)
+    return {"matched_rows": len(common), "failed_rows_left_out": len(common) - len(usable),
+            "only_in_a": len(set(rows_a) - set(rows_b)), "only_in_b": len(set(rows_b) - set(rows_a)),
+            "bootstrap_samples": samples, "metrics": metrics}
+
+
+def fmt_diff(key: str, result: dict) -> str:
+    """'+d [low, high]' in the metric's unit."""
+    low, high = result["ci"]
+    return f"{'+' if result['diff'] >= 0 else ''}{fmt(key, result['diff'])} [{fmt(key, low)}, {fmt(key, high)}]"
+
+
+def verdict_line(key: str, result: dict, name_a: str, name_b: str) -> str:
+    """One line: the two figures, the difference with its CI, and whether the CI contains 0."""
+    diff = fmt_diff(key, result)
+    if result["verdict"] == "within":
+        tail = "within the CI: no difference shown"
+    else:
+        tail = f"outside the CI: {name_a} {'higher' if result['diff'] > 0 else 'lower'}"
+    return f"{LABELS[key]}: {name_a} {fmt(key, result['a'])} vs {name_b} {fmt(key, result['b'])}, diff {diff}: {tail}"
+
+
+def paired_main(dirs: list[str], names: list[str] | None, out: Path, samples: int) -> int:
+    if len(dirs) != 2:
+        raise UserError(f"--paired compares exactly two eval dirs ({len(dirs)} given)")
+    reports = load_reports(dirs, names)
+    name_a, name_b = list(reports)
+    result = paired_comparison(load_rows(dirs[0]), load_rows(dirs[1]), samples)
+    if not result["metrics"]:
+        raise UserError(f"{dirs[0]} and {dirs[1]} share no scored rows (same data dir and split? rows match by id)")
+    lines = [verdict_line(k, r, name_a, name_b) for k, r in result["metrics"].items()]
+    header = ["metric", name_a, name_b, f"{name_a} - {name_b} [95% CI]", "n", "verdict"]
+    rows = [[LABELS[k], fmt(k, r["a"]), fmt(k, r["b"]), fmt_diff(k, r), str(r["n"]), r["verdict"]]
+            for k, r in result["metrics"].items()]
+    counts = (f"{result['matched_rows']} rows matched by id, {result['failed_rows_left_out']} left out (failed on a "
+              f"side), {result['only_in_a']} only in {name_a}, {result['only_in_b']} only in {name_b}; paired "
+              f"bootstrap, {samples} resamples")
+    atomic_write_json(out / "paired.json", {"a": name_a, "b": name_b, "dirs": dirs, **result})
+    atomic_write_text(out / "paired.md", f"# Paired comparison: {name_a} vs {name_b}\n\n{counts}\n\n"
+                      + md_table(header, rows) + "\n\n" + "\n".join(f"- {line}" for line in lines) + "\n")
+    print(counts)
+    for line in lines:
+        print(line)
+    outside = sum(r["verdict"] == "outside" for r in result["metrics"].values())
+    print(f"eval-compare --paired: {len(lines)} metrics, {outside} outside their CI -> {out}/paired.md")
+    return 0
+
+
 @cli_main
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="./launch.sh eval-compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("dirs", nargs="+", help="eval output dirs (each with report.json)")
     parser.add_argument("--out", help="where to write compare.md/json and the plot (default: first dir's parent)")
     parser.add_argument("--names", help="comma-separated column names, one per dir")
+    parser.add_argument("--paired", action="store_true",
+                        help="two dirs: per-metric differences on the same rows with paired-bootstrap CIs and a verdict")
+    parser.add_argument("--bootstrap-samples", type=int, default=1000, help="resamples of the paired bootstrap")
     args = parser.parse_args(argv)
-    reports = load_reports(args.dirs, args.names.split(",") if args.names else None)
-    header, rows, as_json = comparison(reports)
     out = Path(args.out) if args.out else Path(args.dirs[0]).resolve().parent
+    names = args.names.split(",") if args.names else None
+    if args.paired:
+        return paired_main(args.dirs, names, out, args.bootstrap_samples)
+    reports = load_reports(args.dirs, names)
+    header, rows, as_json = comparison(reports)
 
     from rich.console import Console
     from rich.table import Table
@@ -69,5 +160,9 @@ def main(argv: list[str]) -> int:
     atomic_write_text(out / "compare.md", "# Eval comparison (value [95% CI])\n\n" + md_table(header, rows) + "\n")
     atomic_write_json(out / "compare.json", as_json)
     plot_metrics(reports, out / "metrics_per_checkpoint.png", "metrics per checkpoint")
+    if plot_proxy_vs_gold(reports, out / "proxy_vs_gold.png"):
+        print(f"proxy vs gold per checkpoint -> {out}/proxy_vs_gold.png")
+    else:
+        print("proxy vs gold: no report has both a training-RM and a gold win rate (eval.gold_rm / eval.judge_endpoint)")
     print(f"eval-compare: {len(reports)} checkpoints, {len(rows)} metrics -> {out}/compare.md")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
-from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS
+from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS, PROXY_GOLD
 from recipes.io import atomic_path
 
 # Shown as percentages; chrF is already 0-100; ROUGE-L and length ratio as plain numbers.
@@ -177,3 +177,37 @@ def plot_length_ratio(ratios: list[float], path: Path) -> None:
     ax.set_title("length ratio")
     _save(fig, path)
     plt.close(fig)
+
+
+def plot_proxy_vs_gold(reports: dict[str, dict], path: Path) -> bool:
+    """One panel per gold win rate (RM, judge): x = the training RM's win rate vs the original (what the
+    policy was optimised against), y = the gold win rate, one point per checkpoint with 95% CI bars,
+    joined in the order given. Points far right of the diagonal: the proxy rose without the gold.
+    False (nothing written) when no report has both figures."""
+    panels = [(p, g) for p, g in PROXY_GOLD if any(p in r["overall"] and g in r["overall"] for r in reports.values())]
+    if not panels:
+        return False
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4.5), squeeze=False)
+    for ax, (proxy, gold) in zip(axes[0], panels):
+        xs, ys = [], []
+        for name, report in reports.items():
+            p, g = report["overall"].get(proxy), report["overall"].get(gold)
+            if not (p and g):
+                continue
+            x, y = 100 * p["value"], 100 * g["value"]
+            ax.errorbar(x, y, xerr=[[x - 100 * p["ci"][0]], [100 * p["ci"][1] - x]],
+                        yerr=[[y - 100 * g["ci"][0]], [100 * g["ci"][1] - y]], fmt="o", capsize=3)
+            ax.annotate(name, (x, y), textcoords="offset points", xytext=(5, 5), fontsize=8)
+            xs.append(x)
+            ys.append(y)
+        ax.plot(xs, ys, color="gray", linewidth=1, alpha=0.6)
+        ax.plot([0, 100], [0, 100], color="black", linestyle="--", linewidth=1)
+        ax.set_xlim(-3, 103)
+        ax.set_ylim(-3, 108)
+        ax.set_xlabel(f"{LABELS[proxy]} (%)", fontsize=8)
+        ax.set_ylabel(f"{LABELS[gold]} (%)", fontsize=8)
+        ax.set_title("proxy vs gold per checkpoint", fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+    return True

@@ -128,8 +128,47 @@ def test_eval_compare_side_by_side(eval_dir, tmp_path):
     md = (tmp_path / "cmp" / "compare.md").read_text()
     assert "| metric | sft | rl |" in md and "25.0% [0.0%, 50.0%]" in md
     assert (tmp_path / "cmp" / "metrics_per_checkpoint.png").stat().st_size > 1000
+    # the over-optimisation view: training-RM win rate against the gold win rate, per checkpoint
+    assert (tmp_path / "cmp" / "proxy_vs_gold.png").stat().st_size > 1000 and "proxy vs gold per checkpoint" in proc.stdout
     proc = run_cli("-m", "recipes", "eval-compare", str(tmp_path / "missing"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no report.json" in proc.stderr
+
+
+def test_eval_compare_paired_matches_rows_by_id_and_gives_a_verdict_per_metric(eval_dir, tmp_path):
+    """Two evals of the same rows (as ours and NVIDIA's released Edit model would be): per metric the
+    difference with a paired-bootstrap CI and a within/outside verdict; rows matched by id, rows missing or
+    failed on a side left out and counted."""
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "report.json").write_text((eval_dir / "report.json").read_text())
+    (theirs / "likelihood.jsonl").write_text((eval_dir / "likelihood.jsonl").read_text())
+    lines = [json.loads(l) for l in (eval_dir / "generations.jsonl").read_text().splitlines()]
+    changed = []
+    for line in lines:
+        line = json.loads(json.dumps(line))
+        line["metrics"]["copy_exact"] = 1.0  # theirs copies every original: ours is lower on every row
+        changed.append(line)
+    changed[1] = {**changed[1], "error": "BadRequestError: too long", "metrics": {}}  # failed on their side
+    changed = list(reversed(changed[:-1]))  # the last row missing; the order differs: matching is by id
+    (theirs / "generations.jsonl").write_text("".join(json.dumps(l) + "\n" for l in changed))
+    out = tmp_path / "paired"
+    proc = run_cli("-m", "recipes", "eval-compare", "--paired", str(eval_dir), str(theirs), "--names", "ours,nvidia",
+                   "--out", str(out), "--bootstrap-samples", "200")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads((out / "paired.json").read_text())
+    assert result["only_in_a"] == 1 and result["failed_rows_left_out"] == 1 and result["matched_rows"] == 7 + 16
+    copy = result["metrics"]["copy_rate"]
+    assert copy["n"] == 6 and copy["diff"] == -1.0 and copy["ci"] == [-1.0, -1.0] and copy["verdict"] == "outside"
+    chrf = result["metrics"]["chrf"]  # same texts on both sides: no difference, the CI is [0, 0]
+    assert chrf["diff"] == 0.0 and chrf["verdict"] == "within" and chrf["a"] == pytest.approx(chrf["b"])
+    assert result["metrics"]["rm_accuracy"]["n"] == 16 and result["metrics"]["rm_accuracy"]["verdict"] == "within"
+    assert "copy rate (exact): ours 0.0% vs nvidia 100.0%, diff -100.0% [-100.0%, -100.0%]: outside the CI: ours lower" \
+        in proc.stdout
+    assert "chrF++ vs human edit (corpus): ours" in proc.stdout and "within the CI: no difference shown" in proc.stdout
+    md = (out / "paired.md").read_text()
+    assert "| metric | ours | nvidia | ours - nvidia [95% CI] | n | verdict |" in md
+    proc = run_cli("-m", "recipes", "eval-compare", "--paired", str(eval_dir), str(theirs), str(theirs))
+    assert proc.returncode == 2 and "exactly two eval dirs" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
 def test_refuses_a_model_trained_on_the_held_out_split(tiny_model_dir, eval_data_dir, tmp_path):
