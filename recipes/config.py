@@ -294,6 +294,8 @@ class MegatronConfig:
     # The directory the conversion writes (must be empty; None = OUT/converted). The convert stage's
     # own files (config.yaml, command.sh, summary.json) stay in OUT, beside it.
     convert_dest: Optional[str] = None
+    # nemo_rl_to_hf: which step to export, latest or best (by the run's checkpointing metric)
+    convert_select: str = "latest"
     convert_device: str = "cpu"  # Megatron-Bridge convert.sh backend: cpu (one process) or gpu
     # Nodes given to NeMo-RL's reward-model environment during rl (out of cluster.nodes).
     reward_model_nodes: int = 1
@@ -301,6 +303,12 @@ class MegatronConfig:
     vllm_gpu_memory_utilization: float = 0.6
     # Training rows the plan assumes when data_dir/STAGE files do not exist yet.
     plan_samples: int = 10000
+    # torch.distributed timeout of the sft job (Megatron-Bridge dist.distributed_timeout_minutes; its
+    # default is 10). The data is packed before any collective; this is a backstop.
+    distributed_timeout_minutes: int = 30
+    # NeMo-RL stages on SLURM: minutes of the time limit kept for start-up (Ray, model loading) when
+    # checkpoint_must_save_by is derived from cluster.time.
+    setup_minutes: int = 20
 
 
 @dataclass

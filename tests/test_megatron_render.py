@@ -55,9 +55,11 @@ def cfg_for(stage: str, run_dir: Path, *extra: str):
 # tokenizer.tokenizer_model), recipes/utils/optimizer_utils.py (scheduler.lr_warmup_iters, lr_decay_iters,
 # lr_decay_style, start_weight_decay, end_weight_decay), data/builders/gpt_sft.py (GPTSFTDatasetConfig fields) and data/sft_processing.py
 # (ChatSFTPreprocessingConfig.loss_mode in {"assistant", "last_turn", "full"}), recipes/run_plugins.py
-# (train.exit_signal_handler: checkpoint and stop on SIGTERM, the preemption path).
+# (train.exit_signal_handler: checkpoint and stop on SIGTERM, the preemption path), training/config.py:444
+# (train.num_epochs) and :433 (scheduler.lr_warmup_fraction, resolved against lr_decay_iters at :1630-1641),
+# Megatron-LM cd4afffa megatron/training/config DistributedInitConfig (dist.distributed_timeout_minutes).
 BRIDGE_KEYS = {
-    "train.exit_signal_handler",
+    "train.exit_signal_handler", "train.num_epochs", "scheduler.lr_warmup_fraction", "dist.distributed_timeout_minutes",
     "model.seq_length", "train.train_iters", "train.global_batch_size", "train.micro_batch_size",
     "validation.eval_interval", "checkpoint.pretrained_checkpoint", "checkpoint.save", "checkpoint.load",
     "checkpoint.save_interval", "logger.log_interval", "logger.tensorboard_dir", "rng.seed",
@@ -90,23 +92,30 @@ def test_sft_config_golden(run_dir: Path):
     packing = "offline_packing_specs" in doc["dataset"]
     assert doc["dataset"]["enable_offline_packing"] is packing is cfg.train.packing
     overrides = dict(line.split("=", 1) for line in doc["overrides"])
-    # 3 train rows x 2 epochs / global batch 2 = 3 iterations
+    # epochs, not iterations: Megatron-Bridge counts the built (packed) dataset (config.py:1586-1593)
     expected = {"model.tensor_model_parallel_size": "8", "model.pipeline_model_parallel_size": "4",
                 "model.virtual_pipeline_model_parallel_size": "null", "model.context_parallel_size": "1",
-                "model.sequence_parallel": "false", "model.seq_length": "4096", "train.train_iters": "3",
+                "model.sequence_parallel": "false", "model.seq_length": "4096", "train.train_iters": "null",
+                "train.num_epochs": "2.0", "scheduler.lr_warmup_iters": "0", "scheduler.lr_warmup_fraction": "0.03",
                 "train.global_batch_size": "2", "train.micro_batch_size": "1", "optimizer.lr": "5e-06",
-                "optimizer.use_distributed_optimizer": "false", "scheduler.lr_decay_iters": "3",
+                "optimizer.use_distributed_optimizer": "false", "scheduler.lr_decay_iters": "null",
                 "optimizer.weight_decay": "0.01", "scheduler.start_weight_decay": "0.01", "scheduler.end_weight_decay": "0.01",
                 "checkpoint.save": str((run_dir / "sft" / "checkpoints").resolve()),
                 "checkpoint.load": str((run_dir / "sft" / "checkpoints").resolve()),
-                "checkpoint.pretrained_checkpoint": str((run_dir / "convert").resolve()),
+                "checkpoint.pretrained_checkpoint": str((run_dir / "import" / "converted").resolve()),
                 "train.exit_signal_handler": "true"}  # SIGTERM on preemption: checkpoint, stop
     assert {k: overrides[k] for k in expected} == expected
     # every key is a real field: megatron-core's classes here, the verified list for the rest
     known = (BRIDGE_KEYS | {f"model.{f}" for f in _fields(TransformerConfig)}
              | {f"optimizer.{f}" for f in _fields(OptimizerConfig)} | {f"ddp.{f}" for f in _fields(DistributedDataParallelConfig)})
     assert set(overrides) - known == set()
-    # the dataset in the layout GPTSFTChatDataset reads: DATASET_ROOT/{training,validation}.jsonl of {"messages"}
+    assert not Path(doc["dataset"]["dataset_root"]).exists()  # rendering reads and writes no data
+    max_steps = yaml.safe_load(bridge_sft.render(cfg_for("sft", run_dir, "train.max_steps=7"))[str(bridge_sft.config_path(cfg))])
+    assert {"train.train_iters=7", "train.num_epochs=null"} <= set(max_steps["overrides"])
+    # in the job, rank 0 writes the layout GPTSFTChatDataset reads: DATASET_ROOT/{training,validation}.jsonl
+    packed: list[dict] = []  # Megatron-Bridge's packing step itself needs the container (test_megatron_chain.py)
+    assert bridge_sft.prepare_data(doc, pack=packed.append) == {"train": 3, "validation": 1}
+    assert packed == ([doc] if packing else [])
     training = read_jsonl(Path(doc["dataset"]["dataset_root"]) / "training.jsonl")
     assert len(training) == 3 and set(training[0]) == {"messages"}
     assert training[0]["messages"][-1] == {"role": "assistant", "content": "Rain falls, 0."}
@@ -150,8 +159,11 @@ def test_package_build_command_renders_the_stage_files(run_dir: Path):
 
 def test_sft_rejects_data_without_a_final_assistant_turn(run_dir: Path):
     (run_dir / "data" / "sft" / "train.jsonl").write_text(json.dumps({"messages": CONVERSATION}) + "\n")
-    with pytest.raises(Exception, match="line 1: `messages` must end with the assistant turn"):
-        bridge_sft.render(cfg_for("sft", run_dir))
+    cfg = cfg_for("sft", run_dir)
+    doc = yaml.safe_load(bridge_sft.render(cfg)[str(bridge_sft.config_path(cfg))])
+    with pytest.raises(UserError, match="line 1: `messages` must end with the assistant turn"):
+        bridge_sft.prepare_data(doc)
+    assert not bridge_sft.prepared_marker(doc).exists()  # the other ranks keep waiting; srun ends them
 
 
 def test_sft_dry_run_cli_prints_config_and_command(run_dir: Path):
@@ -199,9 +211,11 @@ TOP_LEVEL = {"defaults", "rm", "dpo", "grpo", "loss_fn", "policy", "data", "env"
 
 
 def rendered(stage: str, run_dir: Path, *extra: str) -> tuple[object, dict]:
+    """The NeMo-RL YAML as the job runs it: the data hand-over written, the YAML re-rendered with its rows."""
     cfg = cfg_for(stage, run_dir, *extra)
-    files = nemo_rl.render(cfg)
-    return cfg, yaml.safe_load(files[str(nemo_rl.config_path(cfg))])
+    nemo_rl.render(cfg)
+    counts = nemo_rl.write_data(cfg)
+    return cfg, yaml.safe_load(nemo_rl.render_config(cfg, counts["train"]))
 
 
 def _flat_algorithm_keys(doc: dict) -> set[str]:
@@ -232,7 +246,9 @@ def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path):
     assert row == {"context": CONVERSATION, "completions": [
         {"rank": 0, "completion": [{"role": "assistant", "content": "good"}]},
         {"rank": 1, "completion": [{"role": "assistant", "content": "bad"}]}]}
-    assert nemo_rl.build_command(cfg)[:2] == ["python", "/opt/nemo-rl/examples/run_rm.py"]
+    assert nemo_rl.build_command(cfg)[:7] == ["python", "-m", "recipes.megatron.nemo_rl", "--stage-config",
+                                              str(run_dir.resolve() / "rm" / "config.yaml"), "--entry",
+                                              "/opt/nemo-rl/examples/run_rm.py"]
     with pytest.raises(ConfigError, match="needs parallel.fsdp=true and pp=1"):
         nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "parallel.fsdp=false"))
 
@@ -260,8 +276,7 @@ def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
                                       "env_name": "reward_model", "prompt_file": None, "system_prompt_file": None}
     row = read_jsonl(doc["data"]["train"]["data_path"])[0]
     assert row == {"messages": CONVERSATION, "reference_edit": "Rain falls softly."}
-    assert nemo_rl.build_command(cfg)[:5] == ["python", "-m", "recipes.megatron.nemo_rl", "--entry",
-                                              "/opt/nemo-rl/examples/run_grpo.py"]
+    assert nemo_rl.build_command(cfg)[5:7] == ["--entry", "/opt/nemo-rl/examples/run_grpo.py"]
     one_node = nemo_rl.nemo_rl_config(cfg_for("rl", run_dir, "parallel.nodes=1", "tp=1", "pp=1", "gbs=8", "mbs=1"))
     assert one_node["env"]["reward_model"]["resources"] == {"gpus_per_node": 1, "num_nodes": 1}
     assert one_node["env"]["reward_model"]["dtensor_cfg"]["tensor_parallel_size"] == 1
@@ -273,42 +288,37 @@ def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):
     assert doc["policy"]["dtensor_cfg"] == {"enabled": False}
     assert doc["policy"]["optimizer"] is None and doc["policy"]["scheduler"] is None
     assert doc["policy"]["megatron_cfg"]["pipeline_model_parallel_size"] == 4
-    assert doc["policy"]["megatron_cfg"]["scheduler"] == {"lr_decay_style": "cosine"}  # dpo.yaml stage: cosine
+    # dpo.yaml stage: cosine, warmup 3% of 1 epoch of 3 pairs at global batch 128 = 1 step (rm.yaml:124-131 keys)
+    assert doc["policy"]["megatron_cfg"]["scheduler"] == {"lr_decay_style": "cosine", "lr_warmup_iters": 0, "lr_decay_iters": 1}
     with pytest.raises(ConfigError, match="train.lr_scheduler=polynomial"):
         nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "train.lr_scheduler=polynomial"))
-
-
-def test_edit_prompt_processor_renders_the_whole_conversation(tiny_model_dir):
-    from types import SimpleNamespace
-
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
-    spec = SimpleNamespace(system_prompt=None)
-    datum = {"messages": CONVERSATION, "reference_edit": "x", "task_name": "edit"}
-    out = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=4096, idx=3)
-    text = out["message_log"][0]["content"]
-    assert text == tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True)
-    assert "Rain falls." in text and "Too short." in text  # every turn, not only the first
-    assert out["length"] == len(out["message_log"][0]["token_ids"]) and out["loss_multiplier"] == 1.0
-    short = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=8, idx=3)
-    assert short["loss_multiplier"] == 0.0 and short["length"] <= 8
 
 
 # ---- conversion -------------------------------------------------------------------------------------
 
 def test_convert_commands(run_dir: Path):
+    """Megatron-Bridge's conversion worker, called with python: convert.sh would wrap it in
+    `uv run --with nemo-run==0.10.0` (convert.sh:45-56), which needs a package index on the node."""
     cfg = compose("convert", ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}"])
-    out = str((run_dir / "convert").resolve())
+    dest = str((run_dir / "convert" / "converted").resolve())
+    worker = "/opt/Megatron-Bridge/scripts/conversion/run_conversion.py"  # its argparse: arguments.py:147-256
     assert convert.build_command(cfg) == [
-        "bash", "/opt/Megatron-Bridge/scripts/conversion/convert.sh", "import", "--executor", "local", "--device", "cpu",
-        "--hf-model", "meta-llama/Llama-3.3-70B-Instruct", "--megatron-path", out]
-    ckpt = run_dir / "sft" / "checkpoints" / "iter_0000003"
-    cfg = compose("convert", ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}",
-                              "megatron.convert_direction=megatron_to_hf", "megatron.convert_device=gpu", f"init={ckpt}"])
+        "python", worker, "import", "--device", "cpu", "--hf-model", "meta-llama/Llama-3.3-70B-Instruct", "--megatron-path", dest]
+    ckpt = run_dir / "sft" / "checkpoints"
+    cfg = compose("convert", ["engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", f"init={ckpt}",
+                              "megatron.convert_direction=megatron_to_hf", "megatron.convert_device=gpu",
+                              f"megatron.convert_dest={run_dir}/sft/final"])
     assert convert.build_command(cfg) == [
-        "bash", "/opt/Megatron-Bridge/scripts/conversion/convert.sh", "export", "--executor", "local", "--device", "gpu",
-        "--gpus-per-node", "8", "--hf-model", "meta-llama/Llama-3.3-70B-Instruct",
-        "--megatron-path", str(ckpt.resolve()), "--hf-path", out]
+        "torchrun", "--standalone", "--nproc-per-node=8", worker, "export", "--device", "gpu",
+        "--hf-model", "meta-llama/Llama-3.3-70B-Instruct", "--megatron-path", str(ckpt.resolve()),
+        "--hf-path", str((run_dir / "sft" / "final").resolve())]
+    cfg = compose("convert", ["engine=megatron", f"run_dir={run_dir}", f"init={run_dir}/rm/checkpoints",
+                              "megatron.convert_direction=nemo_rl_to_hf", "megatron.convert_select=best"])
+    assert convert.build_command(cfg) == [
+        "python", "-m", "recipes.megatron.convert", "--checkpoints", str((run_dir / "rm" / "checkpoints").resolve()),
+        "--dest", str((run_dir / "convert" / "converted").resolve()), "--converters", "/opt/nemo-rl/examples/converters",
+        "--select", "best"]
     with pytest.raises(ConfigError, match="convert_direction=sideways"):
         convert.build_command(compose("convert", ["engine=megatron", "megatron.convert_direction=sideways"]))
+    with pytest.raises(ConfigError, match="must not be the stage's output dir"):
+        convert.build_command(compose("convert", ["engine=megatron", f"run_dir={run_dir}", f"megatron.convert_dest={run_dir}"]))

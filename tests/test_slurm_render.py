@@ -51,7 +51,8 @@ def test_megatron_sft_on_four_8gpu_nodes(tmp_path):
     [srun] = srun_lines(script)
     assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
     # the Megatron engine's pinned container, with the repo and the run dir mounted at their own paths
-    assert "--container-image=nvcr.io/nvidia/nemo:26.06" in srun
+    assert f"--container-image={compose('sft', ['engine=megatron']).megatron.container}" in srun
+    assert compose("sft", ["engine=megatron"]).megatron.container.endswith("/megatron-bridge-v0.6.0-51885cf.sqsh")
     mounts = next(a for a in srun if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
     assert {"/lustre:/lustre", f"{REPO_ROOT}:{REPO_ROOT}", f"{tmp_path}:{tmp_path}"} <= set(mounts)
     # each task: its rank from SLURM, the cluster's setup lines, then the stage

@@ -10,8 +10,11 @@ For the SLURM executor:
       sft      `python -m recipes.megatron.bridge_sft --config OUT/megatron_bridge_sft.yaml`, one task per
                GPU with RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT set (torch.distributed
                env:// initialisation);
-      rm/rl/dpo the NeMo-RL driver, once, on the Ray head node;
-      convert  Megatron-Bridge's convert.sh, one task.
+      rm/rl/dpo `python -m recipes.megatron.nemo_rl ...` (data hand-over, then NeMo-RL's entry point), once,
+               on the Ray head node;
+      convert  Megatron-Bridge's conversion worker or NeMo-RL's converter, one task.
+    Rendering reads no stage inputs (the data, an earlier stage's checkpoint): a pipeline renders and
+    submits every job before the first one has run; the jobs read their inputs.
   * `job_nodes(cfg)` is the (nodes, GPUs per node) the stage's plan needs: parallel.nodes /
     parallel.gpus_per_node when the model file sets them (the 70B plans do), else the cluster's.
 """
@@ -42,6 +45,28 @@ def job_nodes(cfg) -> tuple[int, int]:
     nodes = cfg.parallel.nodes or cfg.cluster.nodes
     gpus = cfg.parallel.gpus_per_node or cfg.cluster.gpus_per_node or 8
     return nodes, gpus
+
+
+def slurm_time_seconds(value: str) -> int:
+    """A SLURM --time value (MM, MM:SS, HH:MM:SS, D-HH, D-HH:MM, D-HH:MM:SS) in seconds."""
+    from recipes.config import ConfigError
+
+    text = str(value).strip()
+    days, _, rest = text.rpartition("-") if "-" in text else ("0", "", text)
+    try:
+        parts = [int(p) for p in rest.split(":")]
+        day_count = int(days)
+    except ValueError:
+        raise ConfigError(f"cluster.time={value}: not a SLURM time (MM, HH:MM:SS, D-HH:MM:SS)") from None
+    if "-" in text:  # D-HH[:MM[:SS]]
+        h, m, sec = (parts + [0, 0])[:3]
+    elif len(parts) == 1:
+        h, m, sec = 0, parts[0], 0
+    elif len(parts) == 2:
+        h, m, sec = 0, parts[0], parts[1]
+    else:
+        h, m, sec = parts[:3]
+    return ((day_count * 24 + h) * 60 + m) * 60 + sec
 
 
 # train.lr_scheduler (transformers' names) -> Megatron's lr_decay_style

@@ -8,17 +8,30 @@ decides: the chat SFT data (loss on the final assistant turn), lr / global batch
 iterations / sequence length, checkpoint and resume dirs, and the parallel plan.
 
 Two halves:
-  * here, without Megatron: `render(cfg)` writes OUT/dataset/{training,validation}.jsonl (the layout
-    Megatron-Bridge's GPTSFTChatDataset reads: {"messages": [...]} per line) and
-    OUT/megatron_bridge_sft.yaml (recipe name, dataset fields, and dotted overrides), and
-    `build_command(cfg)` returns the torchrun line; `--dry-run` prints both and stops.
-  * in NVIDIA's container: `python -m recipes.megatron.bridge_sft --config OUT/megatron_bridge_sft.yaml`
-    builds the recipe, applies the file with Megatron-Bridge's own override parser and calls its
-    `finetune`. Only this half imports megatron.bridge.
+  * here, without Megatron and without the data (a pipeline renders sft before its data job has run):
+    `render(cfg)` writes OUT/megatron_bridge_sft.yaml (recipe name, dataset fields, where our sft rows
+    are, and dotted overrides), and `build_command(cfg)` returns one rank's command; `--dry-run` prints
+    both and stops.
+  * in the container: `python -m recipes.megatron.bridge_sft --config OUT/megatron_bridge_sft.yaml`, on
+    every rank. Before any torch.distributed call, rank 0 alone prepares the data: our sft rows ->
+    OUT/dataset/{training,validation}.jsonl (the layout GPTSFTChatDataset reads) and, with packing,
+    Megatron-Bridge's own packing step (GPTSFTDatasetBuilder.prepare_data, which its finetune would
+    otherwise run on rank 0 while every other rank waits in a barrier under the 10-minute NCCL
+    timeout: data/builders/gpt_sft.py:733-737 at v0.6.0); the other ranks wait for its marker file,
+    outside any collective. Then every rank builds the recipe, applies the file with Megatron-Bridge's
+    own override parser and calls `finetune`, whose packing step finds the packs and skips
+    (gpt_sft.py:653-655). Only this half imports megatron.bridge.
+Epochs: `train.num_epochs` (Megatron-Bridge 0.6.0, training/config.py:444): finetune sets train_iters
+from the length of the built training dataset (data/loaders.py:186-195, config.py:1586-1593), which with
+packing is the number of packs, so train.epochs=1 is one pass over the data, packed or not.
+Preemption: on SIGTERM Megatron-Bridge checkpoints and calls sys.exit(0) (train.py:794-805); the
+wrapper catches that SystemExit and exits PREEMPTED_EXIT_CODE when the saved iteration is short of
+the planned one, so the job requeues and its dependents do not start.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import shlex
@@ -33,7 +46,6 @@ from recipes.config import ConfigError, to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import megatron_decay_style
 from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
-from recipes.training import write_summary
 
 CONFIG_NAME = "megatron_bridge_sft.yaml"
 # Megatron-Bridge's GPTSFTDatasetConfig reads DATASET_ROOT/training.jsonl and validation.jsonl.
@@ -53,16 +65,25 @@ def config_path(cfg) -> Path:
     return out_dir(cfg) / CONFIG_NAME
 
 
+IMPORT_DIR = Path("import") / "converted"  # the megatron pipeline's `import` entry writes run_dir/import/converted
+
+
 def pretrained_checkpoint(cfg) -> str:
-    """The Megatron checkpoint sft starts from: init, or the convert stage's hf_to_megatron output."""
-    return str(Path(cfg.init).resolve()) if cfg.init else str((Path(cfg.run_dir) / "convert").resolve())
+    """The Megatron checkpoint sft starts from: init, or the pipeline's HF -> Megatron import
+    (run_dir/import/converted; by hand: ./launch.sh convert out=RUN_DIR/import)."""
+    return str(Path(cfg.init).resolve()) if cfg.init else str((Path(cfg.run_dir) / IMPORT_DIR).resolve())
 
 
-def write_dataset(cfg) -> dict[str, int]:
-    """Our sft/{train,validation}.jsonl -> Megatron-Bridge's chat layout; returns rows per split."""
+def sources(cfg) -> dict[str, str]:
+    """Our sft rows, by split (read in the job, not at submission)."""
+    return {split: str((Path(cfg.data_dir) / "sft" / f"{split}.jsonl").resolve()) for split in SPLIT_FILES}
+
+
+def write_dataset(source_files: dict[str, str], root: Path) -> dict[str, int]:
+    """Our sft/{train,validation}.jsonl -> Megatron-Bridge's chat layout under root; rows per split."""
     rows = {}
     for split, name in SPLIT_FILES.items():
-        source = Path(cfg.data_dir) / "sft" / f"{split}.jsonl"
+        source = Path(source_files[split])
         if not source.is_file():
             raise UserError(f"{source}: no such file (run the data stage first: ./launch.sh data)")
         conversations = []
@@ -71,11 +92,13 @@ def write_dataset(cfg) -> dict[str, int]:
             if not messages or messages[-1].get("role") != "assistant":
                 raise UserError(f"{source} line {i + 1}: `messages` must end with the assistant turn to train on")
             conversations.append({"messages": [{"role": m["role"], "content": m["content"]} for m in messages]})
-        rows[split] = atomic_write_jsonl(dataset_root(cfg) / name, conversations)
+        rows[split] = atomic_write_jsonl(root / name, conversations)
     return rows
 
 
 def train_iters(cfg, rows: int) -> int:
+    """The plan's estimate (printed by `plan`, used by the local summary); the job itself counts
+    iterations from the built dataset (train.num_epochs) unless train.max_steps is set."""
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps
     return max(1, math.ceil(rows * cfg.train.epochs / cfg.train.global_batch))
@@ -91,10 +114,10 @@ def resume_dir(cfg) -> str | None:
 
 
 def bridge_config(cfg, rows: int) -> dict:
-    """The document `render` writes: everything the in-container half needs, in Megatron-Bridge's names."""
+    """The document `render` writes: everything the in-container half needs, in Megatron-Bridge's names.
+    rows: the plan's estimate of training rows, for the record only (the job counts the dataset)."""
     p, t = cfg.parallel, cfg.train
-    iters = train_iters(cfg, rows)
-    warmup = int(round(t.warmup_ratio * iters))
+    by_steps = t.max_steps > 0
     overrides = {
         # parallel plan (GPTModelProvider / TransformerConfig fields)
         "model.tensor_model_parallel_size": p.tp,
@@ -106,8 +129,10 @@ def bridge_config(cfg, rows: int) -> dict:
         "model.recompute_granularity": "full" if p.recompute else None,
         "model.recompute_method": "uniform" if p.recompute else None,
         "model.recompute_num_layers": 1 if p.recompute else None,
-        # batch and schedule
-        "train.train_iters": iters,
+        # batch and schedule: train.max_steps iterations, else train.epochs passes over the built
+        # (packed) dataset; warmup as a fraction and decay over all iterations (config.py:1630-1641)
+        "train.train_iters": t.max_steps if by_steps else None,
+        "train.num_epochs": None if by_steps else t.epochs,
         "train.global_batch_size": t.global_batch,
         "train.micro_batch_size": t.micro_batch,
         "optimizer.lr": t.lr,
@@ -118,8 +143,9 @@ def bridge_config(cfg, rows: int) -> dict:
         # The scheduler (override_opt_param_scheduler=True in the recipe) sets the weight decay each step.
         "scheduler.start_weight_decay": t.weight_decay,
         "scheduler.end_weight_decay": t.weight_decay,
-        "scheduler.lr_warmup_iters": warmup,
-        "scheduler.lr_decay_iters": iters,
+        "scheduler.lr_warmup_iters": 0,
+        "scheduler.lr_warmup_fraction": t.warmup_ratio,
+        "scheduler.lr_decay_iters": None,
         "scheduler.lr_decay_style": megatron_decay_style(t.lr_scheduler),
         "validation.eval_interval": t.eval_steps,
         # checkpoints: start from the converted base model, save here, resume from here
@@ -131,6 +157,8 @@ def bridge_config(cfg, rows: int) -> dict:
         "logger.tensorboard_dir": str(out_dir(cfg) / "tb_logs"),
         # SIGTERM (the SLURM batch script sends it on USR1, before the time limit): save a checkpoint, stop.
         "train.exit_signal_handler": True,
+        # backstop for collectives that wait on one rank (the packing itself runs before any collective)
+        "dist.distributed_timeout_minutes": cfg.megatron.distributed_timeout_minutes,
         "rng.seed": cfg.seed,
         "tokenizer.tokenizer_model": cfg.megatron.hf_model_id,
     }
@@ -159,7 +187,9 @@ def bridge_config(cfg, rows: int) -> dict:
         # GPTSFTDatasetConfig fields; preprocessing = ChatSFTPreprocessingConfig(loss_mode=...),
         # offline_packing_specs = PackedSequenceSpecs(...).
         "dataset": dataset,
-        "train_rows": rows,
+        "train_rows_estimate": rows,
+        "train_iters": t.max_steps if by_steps else None,  # None: from train.num_epochs at run time
+        "sources": sources(cfg),  # our sft rows, converted into dataset_root by rank 0 in the job
         "out": str(out_dir(cfg)),  # summary.json goes here when training ends
         "overrides": [f"{key}={_override_value(value)}" for key, value in overrides.items()],
     }
@@ -194,18 +224,15 @@ def command_script(cfg) -> str:
             + shlex.join(build_command(cfg)) + "\n")
 
 
-def render(cfg, write_data: bool = True) -> dict[str, str]:
-    """Write the dataset (when the sft data exists), config.yaml and megatron_bridge_sft.yaml into cfg.out."""
+def render(cfg) -> dict[str, str]:
+    """Write config.yaml, megatron_bridge_sft.yaml and command.sh into cfg.out. Reads no data: the job
+    converts (and packs) it, so a pipeline can render sft before its data job has run."""
     validate_plan(plan_from_cfg(cfg))
     if not cfg.megatron.hf_model_id:
         raise ConfigError("megatron.hf_model_id is empty: the HF model whose config and tokenizer the recipe uses")
-    if write_data and (Path(cfg.data_dir) / "sft" / "train.jsonl").is_file():
-        rows = write_dataset(cfg)["train"]
-        source = f"{rows} rows converted into {dataset_root(cfg)}"
-    else:
-        rows, source = count_rows(cfg)
+    rows, source = count_rows(cfg)
     document = bridge_config(cfg, rows)
-    text = f"# Megatron-Bridge SFT config rendered by recipes.megatron.bridge_sft (train rows: {source})\n"
+    text = f"# Megatron-Bridge SFT config rendered by recipes.megatron.bridge_sft (train rows estimate: {source})\n"
     text += yaml.safe_dump(document, sort_keys=False, allow_unicode=True)
     files = {str(config_path(cfg)): text, str(out_dir(cfg) / "config.yaml"): to_yaml(cfg),
              str(out_dir(cfg) / "command.sh"): command_script(cfg)}
@@ -216,7 +243,7 @@ def render(cfg, write_data: bool = True) -> dict[str, str]:
 
 def run(cfg) -> dict:
     """Render, then train on this node (a one-node plan); multi-node plans go through executor=slurm."""
-    files = render(cfg, write_data=not cfg.dry_run or (Path(cfg.data_dir) / "sft" / "train.jsonl").is_file())
+    files = render(cfg)
     nodes, _ = plan_nodes(cfg)
     if cfg.dry_run:
         print(files[str(config_path(cfg))], end="")
@@ -229,27 +256,71 @@ def run(cfg) -> dict:
         raise UserError(f"the sft plan needs {nodes} nodes: submit it with executor=slurm cluster=NAME (a local run uses one node)")
     import subprocess
 
-    start = time.monotonic()
     command = local_command(cfg)
     print("running:", shlex.join(command), flush=True)
     result = subprocess.run(command)
+    if result.returncode == preemption.PREEMPTED_EXIT_CODE:
+        raise UserError(f"sft stopped at a checkpoint (exit {result.returncode}); rerun the same command to resume")
     if result.returncode:
         raise UserError(f"Megatron-Bridge sft exited with {result.returncode} (command: {shlex.join(command)})")
-    return write_summary(cfg, "train_iters", float(train_iters(cfg, count_rows(cfg)[0])), start,
-                         checkpoints=str(out_dir(cfg) / "checkpoints"))
+    summary_file = out_dir(cfg) / "summary.json"
+    return json.loads(summary_file.read_text()) if summary_file.is_file() else {"stage": "sft", "out": cfg.out}
 
 
 # ---- in the container ------------------------------------------------------------------------------
 
-def finetune_from_file(path: str) -> None:
-    """Build Megatron-Bridge's recipe, apply the rendered file, and train (imports megatron.bridge)."""
-    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+def launch_id() -> str:
+    """Names this launch of the job (a requeued job is a new launch): SLURM job + restart, else torchrun's run."""
+    if "SLURM_JOB_ID" in os.environ:
+        return f"slurm-{os.environ['SLURM_JOB_ID']}-{os.environ.get('SLURM_RESTART_COUNT', '0')}"
+    return f"run-{os.environ.get('TORCHELASTIC_RUN_ID', 'local')}-{os.environ.get('MASTER_PORT', '')}"
+
+
+def prepared_marker(document: dict) -> Path:
+    return Path(document["dataset"]["dataset_root"]) / ".prepared"
+
+
+def prepare_data(document: dict, pack=None) -> dict[str, int]:
+    """Rank 0, before any collective: our rows -> the dataset dir, then (packing) Megatron-Bridge's packing
+    step, then the marker the other ranks wait for. `pack(document)` runs the packing (in the container:
+    `pack_dataset`)."""
+    marker = prepared_marker(document)
+    marker.unlink(missing_ok=True)
+    rows = write_dataset(document["sources"], Path(document["dataset"]["dataset_root"]))
+    print(f"sft: {rows['train']} training / {rows['validation']} validation conversations -> "
+          f"{document['dataset']['dataset_root']}", flush=True)
+    if document["dataset"].get("enable_offline_packing"):
+        start = time.monotonic()
+        (pack or pack_dataset)(document)
+        print(f"sft: packed once, before training, in {time.monotonic() - start:.0f} s", flush=True)
+    atomic_write_json(marker, {"launch": launch_id(), "rows": rows})
+    return rows
+
+
+def wait_for_data(document: dict, poll_s: float = 5.0) -> None:
+    """Ranks other than 0: wait (outside torch.distributed, so no NCCL timeout) for rank 0's marker of
+    this launch. If rank 0 fails, srun --kill-on-bad-exit ends this task."""
+    marker = prepared_marker(document)
+    start, last_note = time.monotonic(), 0.0
+    while True:
+        try:
+            if json.loads(marker.read_text()).get("launch") == launch_id():
+                return
+        except (OSError, ValueError):
+            pass
+        waited = time.monotonic() - start
+        if waited - last_note >= 300 and os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"sft: waiting for rank 0 to prepare the data ({waited:.0f} s)", flush=True)
+            last_note = waited
+        time.sleep(poll_s)
+
+
+def build_container(document: dict):
+    """Megatron-Bridge's recipe with our dataset and overrides applied (imports megatron.bridge)."""
     from megatron.bridge import AutoBridge
     from megatron.bridge.data.builders import ChatSFTPreprocessingConfig, GPTSFTDatasetConfig
     from megatron.bridge.data.packing import PackedSequenceSpecs
     from megatron.bridge.recipes import llama as llama_recipes
-    from megatron.bridge.training.finetune import finetune
-    from megatron.bridge.training.gpt_step import forward_step
     from megatron.bridge.training.utils.omegaconf_utils import process_config_with_overrides
 
     recipe = getattr(llama_recipes, document["recipe"])
@@ -267,22 +338,60 @@ def finetune_from_file(path: str) -> None:
     if dataset.get("offline_packing_specs"):
         dataset["offline_packing_specs"] = PackedSequenceSpecs(**dataset["offline_packing_specs"])
     container.dataset = GPTSFTDatasetConfig(**dataset, dataloader_type="batch")
-    container = process_config_with_overrides(container, cli_overrides=document["overrides"])
+    return process_config_with_overrides(container, cli_overrides=document["overrides"])
+
+
+def pack_dataset(document: dict) -> None:
+    """Megatron-Bridge's packing step, as its standalone pre-packing script runs it
+    (scripts/training/prepare_gpt_sft_packed_data.py: build_tokenizer, GPTSFTDatasetBuilder.prepare_data)."""
+    from megatron.bridge.data.builders import GPTSFTDatasetBuilder
+    from megatron.bridge.training.tokenizers.tokenizer import build_tokenizer
+
+    container = build_container(document)
+    GPTSFTDatasetBuilder(config=container.dataset, tokenizer=build_tokenizer(container.tokenizer)).prepare_data()
+
+
+def finetune_from_file(path: str, rank: int | None = None) -> int:
+    """Prepare the data (rank 0) or wait for it, then train; returns the exit code (0, or
+    PREEMPTED_EXIT_CODE when stopped at a checkpoint short of the planned iterations)."""
+    document = yaml.safe_load(Path(path).read_text(encoding="utf-8"))
+    rank = int(os.environ.get("RANK", "0")) if rank is None else rank
+    if rank == 0:
+        prepare_data(document)
+    else:
+        wait_for_data(document)
+    from megatron.bridge.training.finetune import finetune
+    from megatron.bridge.training.gpt_step import forward_step
+
+    container = build_container(document)
     start = time.monotonic()
-    finetune(config=container, forward_step_func=forward_step)
-    iters = next(int(o.split("=", 1)[1]) for o in document["overrides"] if o.startswith("train.train_iters="))
-    saved = saved_iteration(str(Path(document["out"]) / "checkpoints"))
-    if saved < iters:  # stopped by the exit signal handler: the checkpoint is saved, the job requeues
-        if os.environ.get("RANK", "0") == "0":
-            atomic_write_json(Path(document["out"]) / preemption.PREEMPTED_MARKER_FILE, {"step": saved})
-            print(f"sft: stopped at iteration {saved} of {iters} with a checkpoint; exit {preemption.PREEMPTED_EXIT_CODE} "
-                  "(requeue or rerun to resume)", flush=True)
-        sys.exit(preemption.PREEMPTED_EXIT_CODE)
-    if os.environ.get("RANK", "0") == "0":
-        summary = {"stage": "sft", "metric": "train_iters", "value": iters, "wall_s": round(time.monotonic() - start, 1),
-                   "out": document["out"], "checkpoints": str(Path(document["out"]) / "checkpoints")}
-        atomic_write_json(Path(document["out"]) / "summary.json", summary)
-        print(f"sft: {iters} iterations in {time.monotonic() - start:.0f} s -> {document['out']}/checkpoints")
+    try:
+        finetune(config=container, forward_step_func=forward_step)
+        code = 0
+    except SystemExit as exc:  # exit signal / duration / iteration exit: train.py:794-805 calls sys.exit
+        code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        if code != 0:
+            raise
+    return finish(document, container.train.train_iters, start, rank)
+
+
+def finish(document: dict, planned_iters: int, start: float, rank: int) -> int:
+    """After finetune: a saved iteration short of the plan means the run stopped at a checkpoint
+    (preempted): exit PREEMPTED_EXIT_CODE so the job requeues; else summary.json, exit 0."""
+    out = Path(document["out"])
+    saved = saved_iteration(str(out / "checkpoints"))
+    if saved < planned_iters:
+        if rank == 0:
+            atomic_write_json(out / preemption.PREEMPTED_MARKER_FILE, {"step": saved})
+            print(f"sft: stopped at iteration {saved} of {planned_iters} with a checkpoint; exit "
+                  f"{preemption.PREEMPTED_EXIT_CODE} (requeue or rerun to resume)", flush=True)
+        return preemption.PREEMPTED_EXIT_CODE
+    if rank == 0:
+        summary = {"stage": "sft", "metric": "train_iters", "value": planned_iters,
+                   "wall_s": round(time.monotonic() - start, 1), "out": str(out), "checkpoints": str(out / "checkpoints")}
+        atomic_write_json(out / "summary.json", summary)
+        print(f"sft: {planned_iters} iterations in {time.monotonic() - start:.0f} s -> {out}/checkpoints")
+    return 0
 
 
 def saved_iteration(save_dir: str) -> int:
@@ -295,12 +404,13 @@ def saved_iteration(save_dir: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Run a rendered Megatron-Bridge SFT config (inside NVIDIA's container)")
+    parser = argparse.ArgumentParser(description="Run a rendered Megatron-Bridge SFT config (inside the container)")
     parser.add_argument("--config", required=True)
     args = parser.parse_args(argv)
-    finetune_from_file(args.config)
-    return 0
+    return finetune_from_file(args.config)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from recipes.io import cli_main
+
+    sys.exit(cli_main(main)(sys.argv[1:]))

@@ -287,7 +287,8 @@ def stage_steps(cfg, plan: Plan) -> tuple[int, str]:
     return max(1, math.ceil(rows * cfg.train.epochs / per_step)), source
 
 
-STAGE_DATA = {"sft": "sft/train.jsonl", "rm": "pairs/train.jsonl", "dpo": "pairs/train.jsonl", "rl": "prompts/train.jsonl"}
+STAGE_DATA = {"sft": "sft/train.jsonl", "rm": "pairs/train.jsonl", "dpo": "pairs/train.jsonl", "rl": "prompts/train.jsonl",
+              "feedback": "feedback/train.jsonl"}  # feedback: the Feedback model's SFT, sft's Megatron-Bridge job
 
 
 def count_rows(cfg) -> tuple[int, str]:
@@ -303,6 +304,14 @@ def count_rows(cfg) -> tuple[int, str]:
 
 # `nodes=` / `gpus_per_node=` plan the stage's own machines (parallel.*), not this machine's cluster.
 PLAN_ALIASES = {"nodes": "parallel.nodes", "gpus_per_node": "parallel.gpus_per_node"}
+
+
+def container_line(cfg) -> str:
+    """The pinned container the stage runs in, and what it carries."""
+    m = cfg.megatron
+    if cfg.stage in ("rm", "rl", "dpo"):
+        return f"{m.nemo_rl_container} (NeMo-RL {m.nemo_rl_version}, {m.nemo_rl_commit[:7]})"
+    return f"{m.container} (Megatron-Bridge {m.megatron_bridge_version}, {m.megatron_bridge_commit[:7]})"
 
 
 def main(argv: list[str]) -> int:
@@ -358,6 +367,7 @@ def _main(argv: list[str]) -> int:
         ("step time", f"{step_s:.1f} s at MFU {plan.mfu:g} of {plan.peak_tflops:g} TFLOP/s"),
         ("steps", f"{steps} ({rows_source})"),
         ("estimated stage hours", f"{steps * step_s / 3600:.2f}"),
+        ("container", container_line(cfg)),
     ]
     for row in rows:
         table.add_row(*row)
@@ -365,4 +375,5 @@ def _main(argv: list[str]) -> int:
     fits = memory["total"] / GIB <= plan.gpu_memory_gb
     print(f"plan {plan.describe()}: valid; {memory['total'] / GIB:.1f} GiB/GPU "
           f"({'fits' if fits else 'does NOT fit'} {plan.gpu_memory_gb:g} GiB); ~{steps * step_s / 3600:.2f} h")
+    print(f"container: {container_line(cfg)}")
     return 0

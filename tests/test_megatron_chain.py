@@ -1,0 +1,410 @@
+"""The Megatron engine as a chain of jobs that can actually run: the pipeline's graph and hand-overs, the
+conversion destination, and the in-container wrappers run for real against the pinned upstream code
+where it runs on CPU (NeMo-RL's message formatting, processor registry and TimeoutChecker; Megatron-Bridge's
+output-directory check), and against PROBES where it cannot (tests/megatron_probe: a stand-in for
+megatron.bridge; probe scripts at NeMo-RL's entry point and converter paths). Upstream files and lines
+are cited at each check (Megatron-Bridge v0.6.0 51885cf, NeMo-RL v0.7.0 81aa43d)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from recipes.config import REPO_ROOT, compose
+from recipes.megatron import bridge_sft, convert, nemo_rl
+from recipes.pipeline import stage_args
+from recipes.preemption import PREEMPT_REQUEST_FILE, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE
+from tests.conftest import run_cli
+
+BRIDGE_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+Megatron-Bridge/repo")
+NEMO_RL_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+RL/repo")
+PROBE_PATH = Path(__file__).parent / "megatron_probe"
+CONVERSATION = [
+    {"role": "user", "content": "Write a haiku about rain."},
+    {"role": "assistant", "content": "Rain falls."},
+    {"role": "user", "content": "Edit the response to the previous prompt based on the following feedback:\n\nToo short."},
+]
+
+
+def git_show(mirror: Path, rev: str, path: str) -> str:
+    if not mirror.is_dir():
+        pytest.skip(f"no mirror of the pinned upstream at {mirror}")
+    return subprocess.run(["git", f"--git-dir={mirror}", "show", f"{rev}:{path}"], capture_output=True, text=True,
+                          check=True).stdout
+
+
+@pytest.fixture(scope="session")
+def nemo_rl_src(tmp_path_factory) -> Path:
+    """NeMo-RL v0.7.0's nemo_rl package, unpacked from the mirror (its pure-Python parts import on CPU)."""
+    if not NEMO_RL_MIRROR.is_dir():
+        pytest.skip("no NeMo-RL mirror")
+    root = tmp_path_factory.mktemp("nemo_rl_v0.7.0")
+    archive = subprocess.run(["git", f"--git-dir={NEMO_RL_MIRROR}", "archive", "v0.7.0", "nemo_rl"], capture_output=True,
+                             check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
+def write_data(run_dir: Path, n_train: int = 5) -> None:
+    data = run_dir / "data"
+    for split, n in (("train", n_train), ("validation", 1)):
+        rows = {
+            "sft": [{"messages": CONVERSATION + [{"role": "assistant", "content": f"Rain falls, {i}."}]} for i in range(n)],
+            "pairs": [{"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": "good"}],
+                       "rejected": [{"role": "assistant", "content": "bad"}]} for _ in range(n)],
+            "prompts": [{"prompt": CONVERSATION, "reference_edit": "Rain falls softly."} for _ in range(n)],
+        }
+        for folder, items in rows.items():
+            (data / folder).mkdir(parents=True, exist_ok=True)
+            (data / folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in items))
+
+
+def chain_cfgs(run_dir: Path, *extra: str, preset: str = "default") -> dict:
+    chain, args, _ = stage_args(preset, ["engine=megatron", f"run_dir={run_dir}", "executor=slurm", "cluster=example", *extra])
+    return {name: compose(entry.stage, args[name]) for name, entry in chain.items()}
+
+
+# ---- the 70B chain ---------------------------------------------------------------------------------
+
+def test_megatron_pipeline_dry_run_on_an_empty_run_dir_shows_every_job(tmp_path):
+    """import -> sft -> export -> rm -> export (HF) -> rl -> export -> eval, chained with afterok, rendered
+    before any data exists (a dry run, like a submission, must not read what an earlier job writes)."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("-m", "recipes", "pipeline", "engine=megatron", "executor=slurm", "cluster=example",
+                   f"run_dir={run_dir}", "--dry-run", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    jobs = re.findall(r"^# ---- (\w+): sbatch --parsable(?: --dependency=afterok:(\S+))? (\S+)$", proc.stdout, re.M)
+    assert [(name, after) for name, after, _ in jobs] == [
+        ("data", ""), ("import", ""), ("sft", "$DATA_JOB:$IMPORT_JOB"), ("sft_export", "$SFT_JOB"),
+        ("rm", "$SFT_EXPORT_JOB"), ("rm_export", "$RM_JOB"), ("rl", "$SFT_EXPORT_JOB:$RM_EXPORT_JOB"),
+        ("rl_export", "$RL_JOB"), ("eval", "$RL_EXPORT_JOB")]
+    assert all(script == f"{run_dir.resolve()}/slurm/{name}.sbatch" for name, _, script in jobs)
+    assert not (run_dir / "data").exists() and not (run_dir / "jobs.json").exists()
+    dpo = run_cli("-m", "recipes", "pipeline", "engine=megatron", "preset=megatron_dpo", "executor=slurm",
+                  "cluster=example", f"run_dir={tmp_path / 'dpo'}", "--dry-run", timeout=300)
+    assert dpo.returncode == 0, dpo.stderr[-2000:]
+    assert re.findall(r"^# ---- (\w+):", dpo.stdout, re.M) == ["data", "import", "sft", "sft_export", "dpo",
+                                                               "dpo_export", "eval"]
+
+
+def test_every_hand_over_in_the_chain_is_what_the_producer_writes(tmp_path):
+    """Each job's input path is exactly its producer's output: sft starts from the import's Megatron
+    checkpoint; the exports write HF dirs at sft/final, rm/final, rl/final, which rm, rl and eval read."""
+    cfgs = chain_cfgs(tmp_path)
+    run = tmp_path.resolve()
+
+    def arg(command, flag):
+        return command[command.index(flag) + 1]
+
+    imported = convert.build_command(cfgs["import"])
+    assert arg(imported, "--megatron-path") == bridge_sft.pretrained_checkpoint(cfgs["sft"]) == str(run / "import" / "converted")
+    sft_export = convert.build_command(cfgs["sft_export"])
+    assert arg(sft_export, "--megatron-path") == str(run / "sft" / "checkpoints")  # checkpoint.save of sft
+    assert f"checkpoint.save={run / 'sft' / 'checkpoints'}" in bridge_sft.bridge_config(cfgs["sft"], 10)["overrides"]
+    assert arg(sft_export, "--hf-path") == str(run / "sft" / "final")
+    for stage in ("rm", "rl"):
+        assert nemo_rl._policy_source(cfgs[stage]) == str(run / "sft" / "final")
+        document = nemo_rl.nemo_rl_config(cfgs[stage], rows=64)
+        export = convert.build_command(cfgs[f"{stage}_export"])
+        assert arg(export, "--checkpoints") == document["checkpointing"]["checkpoint_dir"] == str(run / stage / "checkpoints")
+        assert arg(export, "--dest") == str(run / stage / "final")
+    assert arg(convert.build_command(cfgs["rm_export"]), "--select") == "best"
+    assert nemo_rl.nemo_rl_config(cfgs["rl"], rows=64)["env"]["reward_model"]["model_name"] == str(run / "rm" / "final")
+    assert Path(cfgs["eval"].init).resolve() == run / "rl" / "final"
+    # NeMo-RL's converters run in NeMo-RL's container; Megatron-Bridge's in Megatron-Bridge's
+    assert cfgs["rm_export"].megatron.container == cfgs["rm_export"].megatron.nemo_rl_container
+    assert cfgs["import"].megatron.container.endswith("megatron-bridge-v0.6.0-51885cf.sqsh")
+
+
+# ---- convert: the destination stays empty ----------------------------------------------------------
+
+def test_convert_destination_is_empty_when_megatron_bridge_gets_it(tmp_path):
+    """Megatron-Bridge refuses a non-empty destination (scripts/conversion/utils.py:135-156,
+    "Destination is not empty"): run its own check, from the pinned source, on what convert renders."""
+    source = git_show(BRIDGE_MIRROR, "v0.6.0", "scripts/conversion/utils.py")
+    assert 'raise FileExistsError(f"Destination is not empty: {output_path}. Pass --overwrite to replace it.")' in source
+    module_file = tmp_path / "mb_conversion_utils.py"
+    module_file.write_text(source)
+    spec = importlib.util.spec_from_file_location("mb_conversion_utils", module_file)
+    utils = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(utils)
+
+    cfgs = chain_cfgs(tmp_path / "run")
+    for name in ("import", "sft_export", "rm_export", "rl_export"):
+        cfg = cfgs[name]
+        files = convert.render(cfg)  # what the job's command reads, written when it is submitted
+        dest = convert.destination(cfg)
+        assert {Path(f).parent for f in files} == {Path(cfg.out).resolve()} and Path(cfg.out).resolve() != dest
+        assert not dest.exists() or not any(dest.iterdir())
+        assert utils.prepare_output_directory(str(dest), overwrite=False) == dest  # Megatron-Bridge accepts it
+        # the old layout, destination = the stage's own dir with config.yaml and command.sh in it, is refused
+        with pytest.raises(FileExistsError, match="Destination is not empty"):
+            utils.prepare_output_directory(cfg.out, overwrite=False)
+
+
+def test_nemo_rl_export_picks_the_step_and_the_converter(tmp_path):
+    """NeMo-RL's layout: checkpoint_dir/step_N/{config.yaml, training_info.json, policy/weights}
+    (utils/checkpoint.py:110-127); best = lowest/highest metric_name in training_info, steps without
+    it skipped, none with it -> latest (checkpoint.py:315-353); DTensor weights are DCP
+    (convert_dcp_to_hf.py), Megatron weights hold iter_* dirs (models/megatron/setup.py:325-352)."""
+    ckpts = tmp_path / "rm" / "checkpoints"
+    for step, loss in ((2, 0.7), (4, 0.5), (6, 0.6), (8, None)):
+        d = ckpts / f"step_{step}"
+        (d / "policy" / "weights").mkdir(parents=True)
+        (d / "config.yaml").write_text(yaml.safe_dump({"checkpointing": {"metric_name": "val:loss", "higher_is_better": False},
+                                                       "policy": {"megatron_cfg": {"enabled": False}}}))
+        (d / "training_info.json").write_text(json.dumps({"step": step, **({"val:loss": loss} if loss else {})}))
+    (ckpts / "tmp_step_10").mkdir()  # unfinished: not a checkpoint (checkpoint.py:364-367)
+    assert convert.select_step(ckpts, "best").name == "step_4"
+    assert convert.select_step(ckpts, "latest").name == "step_8"
+    command = convert.converter_command(ckpts / "step_4", tmp_path / "rm" / "final", Path("/opt/nemo-rl/examples/converters"))
+    assert command == ["python", "/opt/nemo-rl/examples/converters/convert_dcp_to_hf.py", "--config",
+                       str(ckpts / "step_4" / "config.yaml"), "--dcp-ckpt-path", str(ckpts / "step_4" / "policy" / "weights"),
+                       "--hf-ckpt-path", str(tmp_path / "rm" / "final")]
+    step = tmp_path / "rl" / "checkpoints" / "step_3"
+    (step / "policy" / "weights" / "iter_0000000").mkdir(parents=True)
+    (step / "config.yaml").write_text(yaml.safe_dump({"policy": {"megatron_cfg": {"enabled": True}}}))
+    assert convert.converter_command(step, tmp_path / "out", Path("/c"))[:6] == [
+        "python", "/c/convert_megatron_to_hf.py", "--config", str(step / "config.yaml"), "--megatron-ckpt-path",
+        str(step / "policy" / "weights" / "iter_0000000")]
+    # the real flags of NeMo-RL's converters
+    for script, flags in (("convert_dcp_to_hf.py", ("--config", "--dcp-ckpt-path", "--hf-ckpt-path")),
+                          ("convert_megatron_to_hf.py", ("--config", "--megatron-ckpt-path", "--hf-ckpt-path"))):
+        source = git_show(NEMO_RL_MIRROR, "v0.7.0", f"examples/converters/{script}")
+        assert all(f'"{flag}"' in source for flag in flags)
+
+    # the wrapper itself, run as the job runs it, against a probe at the converter's path
+    converters = tmp_path / "converters"
+    converters.mkdir()
+    (converters / "convert_dcp_to_hf.py").write_text(
+        "# PROBE of NeMo-RL's converter: records its argv\nimport json, sys\n"
+        f"open({str(tmp_path / 'argv.json')!r}, 'w').write(json.dumps(sys.argv[1:]))\n")
+    proc = run_cli("-m", "recipes.megatron.convert", "--checkpoints", str(ckpts), "--dest", str(tmp_path / "rm" / "final"),
+                   "--converters", str(converters), "--select", "best", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((tmp_path / "argv.json").read_text()) == command[2:]
+    empty = run_cli("-m", "recipes.megatron.convert", "--checkpoints", str(tmp_path / "none"), "--dest", str(tmp_path / "x"),
+                    "--converters", str(converters), timeout=120)
+    assert empty.returncode == 2 and "no NeMo-RL step_N checkpoint" in empty.stderr
+
+
+# ---- sft in the container: pack once, epochs, preemption (probe for megatron.bridge) ----------------
+
+def sft_job(run_dir: Path, log: Path, mode: str, rank: int, launch: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": f"{PROBE_PATH}{os.pathsep}{REPO_ROOT}", "PROBE_LOG": str(log), "PROBE_MODE": mode,
+           "RANK": str(rank), "LOCAL_RANK": str(rank), "SLURM_JOB_ID": launch, "SLURM_RESTART_COUNT": "0"}
+    return subprocess.Popen([sys.executable, "-m", "recipes.megatron.bridge_sft", "--config",
+                             str(run_dir / "sft" / bridge_sft.CONFIG_NAME)], cwd=REPO_ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
+
+
+def test_sft_packs_once_before_the_distributed_job_and_trains_one_epoch_of_packs(tmp_path):
+    write_data(tmp_path, n_train=7)
+    cfg = compose("sft", ["engine=megatron", f"run_dir={tmp_path}", "gbs=2", "train.packing=true",
+                          "parallel.nodes=1", "tp=8", "pp=1"])
+    bridge_sft.render(cfg)
+    log = tmp_path / "probe.jsonl"
+    waiting = sft_job(tmp_path, log, "complete", 1, "41")  # rank 1 starts first and must wait for rank 0's data
+    first = sft_job(tmp_path, log, "complete", 0, "41")
+    outs = [p.communicate(timeout=120) for p in (first, waiting)]
+    assert [p.returncode for p in (first, waiting)] == [0, 0], outs
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    prepares = [e for e in events if e["event"] == "prepare_data"]
+    assert [(e["rank"], e["exists"]) for e in prepares] == [("0", False)]  # once, by rank 0
+    finetunes = [e for e in events if e["event"] == "finetune"]
+    assert sorted(e["rank"] for e in finetunes) == ["0", "1"]
+    assert events.index(prepares[0]) < min(events.index(e) for e in finetunes)  # before any rank trains
+    # one epoch of packs: 7 conversations -> 4 packs (the probe packs 2 per pack) -> ceil(4 / 2) = 2 iterations,
+    # not ceil(7 / 2) = 4 (train_iters from conversations made several passes over the packs)
+    assert {(e["train_iters"], e["dataset_size"], e["packed"]) for e in finetunes} == {(2, 4, True)}
+    assert {(e["dataloader_type"], e["loss_mode"], e["exit_signal_handler"]) for e in finetunes} == {("batch", "last_turn", True)}
+    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
+    assert summary["value"] == 2 and not (tmp_path / "sft" / PREEMPTED_MARKER_FILE).exists()
+
+
+def test_sft_preempted_by_the_exit_signal_exits_75(tmp_path):
+    """Megatron-Bridge checkpoints on SIGTERM, then sys.exit(0) (train.py:794-805): the stage must still
+    exit PREEMPTED_EXIT_CODE so the batch script requeues it and its dependents (afterok) wait."""
+    source = git_show(BRIDGE_MIRROR, "v0.6.0", "src/megatron/bridge/training/train.py")
+    assert source.splitlines()[804].strip() == "sys.exit(exit_code)" and "exit_code = 0" in source.splitlines()[205]
+    write_data(tmp_path)
+    bridge_sft.render(compose("sft", ["engine=megatron", f"run_dir={tmp_path}", "gbs=2", "parallel.nodes=1", "tp=8", "pp=1"]))
+    job = sft_job(tmp_path, tmp_path / "probe.jsonl", "preempt", 0, "42")
+    out, err = job.communicate(timeout=120)
+    assert job.returncode == PREEMPTED_EXIT_CODE, err
+    assert "stopped at iteration 1 of 2 with a checkpoint" in out  # 5 rows -> 3 packs -> 2 iterations
+    assert json.loads((tmp_path / "sft" / PREEMPTED_MARKER_FILE).read_text()) == {"step": 1}
+    assert not (tmp_path / "sft" / "summary.json").exists()
+
+
+# ---- NeMo-RL stages in the container: data hand-over, processor, stopping early ---------------------
+
+def test_rl_reward_model_sees_the_conversation_as_rm_training_formatted_it(nemo_rl_src, tiny_model_dir, monkeypatch):
+    """Our rl processor's message_log, plus the generated edit as NeMo-RL appends it (rollouts.py:276-281),
+    formatted by the reward-model environment (reward_model_environment.py:202-211) gives the same tokens
+    as the rm stage's training pair (preference_preprocessor, processors.py:265-272): one message per turn."""
+    monkeypatch.syspath_prepend(str(nemo_rl_src))
+    from transformers import AutoTokenizer
+
+    from nemo_rl.data.interfaces import TaskDataSpec
+    from nemo_rl.data.llm_message_utils import get_formatted_message_log
+    from nemo_rl.data.processors import preference_preprocessor
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model_dir)
+    spec = TaskDataSpec(task_name="edit")
+    datum = {"messages": CONVERSATION, "reference_edit": "x", "task_name": "edit"}
+    out = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=4096, idx=3)
+    assert [m["role"] for m in out["message_log"]] == ["user", "assistant", "user"]
+    assert [m["content"] for m in out["message_log"]] == [m["content"] for m in CONVERSATION]  # raw text per turn
+    prompt_ids = [int(t) for m in out["message_log"] for t in m["token_ids"]]
+    assert prompt_ids == tokenizer(tokenizer.apply_chat_template(CONVERSATION, tokenize=False, add_generation_prompt=True),
+                                   add_special_tokens=False)["input_ids"]  # the policy's prompt
+    assert out["length"] == len(prompt_ids) and out["loss_multiplier"] == 1.0
+
+    edit = "Rain falls softly on the roof."
+    rollout = [{"role": m["role"], "content": m["content"]} for m in out["message_log"]] + [{"role": "assistant", "content": edit}]
+    scored = get_formatted_message_log(rollout, tokenizer=tokenizer, task_data_spec=spec, add_bos_token=True,
+                                       add_eos_token=True, add_generation_prompt=False)
+    pair = nemo_rl.preference_row({"prompt": CONVERSATION, "chosen": [{"role": "assistant", "content": edit}],
+                                   "rejected": [{"role": "assistant", "content": "no"}]}, Path("x"), 1)
+    trained = preference_preprocessor(pair, spec, tokenizer, max_seq_length=4096, idx=0)["message_log_chosen"]
+    assert [int(t) for m in scored for t in m["token_ids"]] == [int(t) for m in trained for t in m["token_ids"]]
+
+    short = nemo_rl.edit_prompt_processor(datum, spec, tokenizer, max_seq_length=8, idx=3)
+    assert short["loss_multiplier"] == 0.0 and short["length"] <= 8
+
+
+ENTRY_PROBE = """# PROBE at NeMo-RL's entry point: records argv and what the wrapper prepared, then runs like
+# rm_train's loop with NeMo-RL's own TimeoutChecker (rm.py:462-466, 585, 702-704)
+import json, os, sys, types
+from pathlib import Path
+import yaml
+import nemo_rl.utils.timer as timer_module
+from nemo_rl.utils.timer import TimeoutChecker
+clock = [1000.0]  # simulated time: each training step takes 100 s
+timer_module.time = types.SimpleNamespace(time=lambda: clock[0])
+doc = yaml.safe_load(Path(sys.argv[sys.argv.index("--config") + 1]).read_text())
+record = {"argv": sys.argv, "train_rows": len(Path(doc["data"]["train"]["data_path"]).read_text().splitlines()),
+          "scheduler": doc["policy"].get("scheduler"), "must_save_by": doc["checkpointing"]["checkpoint_must_save_by"]}
+try:
+    from nemo_rl.data.processors import PROCESSOR_REGISTRY
+    record["processors"] = sorted(PROCESSOR_REGISTRY)
+except ImportError:
+    pass
+timeout = TimeoutChecker(timeout=doc["checkpointing"]["checkpoint_must_save_by"], fit_last_save_time=True)
+timeout.start_iterations()
+for step in range(3 if "complete" in os.environ.get("PROBE_CASE", "") else 5):
+    if timeout.check_save():
+        record["stopped_at"] = step
+        print("Timeout has been reached, stopping training early", flush=True)
+        break
+    if os.environ.get("PROBE_USR1_AT") == str(step):  # the batch script's USR1 trap
+        Path(os.environ["PROBE_OUT"], "PREEMPT_REQUEST").touch()
+    clock[0] += 100
+Path(os.environ["PROBE_RECORD"]).write_text(json.dumps(record))
+"""
+
+
+@pytest.mark.parametrize("case", ["complete", "time_limit", "usr1"])
+def test_nemo_rl_wrapper_hands_over_data_and_requeues_an_early_stop(case, nemo_rl_src, tmp_path):
+    write_data(tmp_path, n_train=48)
+    # the probe's steps take 100 s of (simulated) time: a 6-minute job with USR1 240 s before its end
+    # must save by 120 s (setup_minutes=0 here), i.e. at its 3rd step
+    time_limit = {"time_limit": "00:06:00", "complete": "04:00:00", "usr1": "04:00:00"}[case]
+    stage = "rm" if case != "usr1" else "rl"
+    extra = ["parallel.nodes=1", "tp=1", "pp=1", "sp=false", "gbs=16", "mbs=1", "executor=slurm", "cluster=example", f"cluster.time={time_limit}",
+             "cluster.signal_seconds=240", "megatron.setup_minutes=0", "rl.prompts_per_step=2",
+             f"megatron.nemo_rl_dir={tmp_path / 'nemo-rl'}"]
+    if stage == "rm":
+        extra += ["parallel.fsdp=true", "train.warmup_ratio=0.5"]
+    cfg = compose(stage, ["engine=megatron", f"run_dir={tmp_path}", *extra])
+    nemo_rl.render(cfg)
+    assert not (tmp_path / stage / "data").exists()  # submission reads no data
+    entry = tmp_path / "nemo-rl" / nemo_rl.ENTRY_POINT[stage]
+    entry.parent.mkdir(parents=True)
+    entry.write_text(ENTRY_PROBE)
+    command = nemo_rl.build_command(cfg)
+    assert command[:3] == ["python", "-m", "recipes.megatron.nemo_rl"] and str(entry) in command
+    env = {**os.environ, "PYTHONPATH": f"{nemo_rl_src}{os.pathsep}{REPO_ROOT}", "PROBE_RECORD": str(tmp_path / "record.json"),
+           "PROBE_OUT": str(tmp_path / stage), "PROBE_CASE": case}
+    if case == "usr1":
+        env["PROBE_USR1_AT"] = "0"
+    proc = subprocess.run([sys.executable, *command[1:]], cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=300)
+    record = json.loads((tmp_path / "record.json").read_text())
+    assert record["argv"] == [str(entry), "--config", str(nemo_rl.config_path(cfg))]
+    assert record["train_rows"] == 48  # the wrapper wrote the hand-over before NeMo-RL started
+    if stage == "rl":
+        assert nemo_rl.EDIT_PROCESSOR in record["processors"]
+    if case == "complete":
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert record["must_save_by"] == "00:03:56:00" and "stopped_at" not in record  # 4 h - 240 s, setup 0
+        # warmup 50% of 48 rows / gbs 16 = 3 steps -> 2 steps LinearLR, then cosine, chained at 2 (dpo.yaml:112-122 form)
+        assert record["scheduler"][-1] == {"milestones": [2]}
+        assert json.loads((tmp_path / stage / "summary.json").read_text())["stage"] == "rm"
+    else:
+        assert proc.returncode == PREEMPTED_EXIT_CODE, proc.stderr[-2000:]
+        assert record["stopped_at"] == (2 if case == "time_limit" else 1)
+        assert record["must_save_by"] == ("00:00:02:00" if case == "time_limit" else "00:03:56:00")
+        assert (tmp_path / stage / PREEMPTED_MARKER_FILE).exists() and not (tmp_path / stage / "summary.json").exists()
+
+
+def test_rm_schedule_runs_as_nemo_rl_builds_it():
+    """The DTensor worker builds torch schedulers from policy.scheduler and chains them with SequentialLR
+    at `milestones` (dtensor_policy_worker.py:470-493): warmup from ~0 to lr, cosine down to lr x min_lr_ratio."""
+    import torch
+
+    cfg = compose("rm", ["engine=megatron", "parallel.nodes=1", "tp=1", "parallel.fsdp=true", "train.lr=1e-3",
+                         "train.warmup_ratio=0.1", "train.min_lr_ratio=0.1", "train.lr_scheduler=cosine"])
+    schedule = nemo_rl.torch_scheduler(cfg, steps=100)
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    schedulers, milestones = [], []
+    for item in schedule:  # as dtensor_policy_worker.py:477-490
+        if "name" in item:
+            module, _, name = item["name"].rpartition(".")
+            schedulers.append(getattr(__import__(module, fromlist=[name]), name)(optimizer, **item["kwargs"]))
+        else:
+            milestones = item["milestones"]
+    sequential = torch.optim.lr_scheduler.SequentialLR(optimizer, schedulers, milestones)
+    lrs = []
+    for _ in range(100):
+        lrs.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        sequential.step()
+    assert lrs[0] < 1e-9 and max(lrs) == pytest.approx(1e-3) and lrs.index(max(lrs)) == 10
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_checkpoint_must_save_by_follows_the_slurm_time_limit(nemo_rl_src, monkeypatch):
+    monkeypatch.syspath_prepend(str(nemo_rl_src))
+    from nemo_rl.utils.timer import convert_to_seconds  # timer.py:251, 'DD:HH:MM:SS'
+
+    cfg = compose("rm", ["engine=megatron", "executor=slurm", "cluster=example", "cluster.time=1-02:00:00"])
+    value = nemo_rl.nemo_rl_config(cfg, rows=100)["checkpointing"]["checkpoint_must_save_by"]
+    assert convert_to_seconds(value) == 26 * 3600 - cfg.cluster.signal_seconds - 60 * cfg.megatron.setup_minutes
+    assert nemo_rl.nemo_rl_config(compose("rm", ["engine=megatron"]), rows=100)["checkpointing"]["checkpoint_must_save_by"] is None
+
+
+def test_plan_prints_the_pinned_container():
+    proc = run_cli("-m", "recipes", "plan", "model=llama33_70b", timeout=120, env={**os.environ, "HS3_CONTAINER_DIR": "/images"})
+    assert proc.returncode == 0, proc.stderr
+    assert "container: /images/megatron-bridge-v0.6.0-51885cf.sqsh (Megatron-Bridge v0.6.0, 51885cf)" in proc.stdout
+    # the pin is the one whose Dockerfile builds it: Megatron-Bridge's own, on the PyTorch 26.06 base, Megatron-LM cd4afffa
+    dockerfile = git_show(BRIDGE_MIRROR, "v0.6.0", "docker/Dockerfile.ci")
+    assert "ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.06-py3" in dockerfile and "--target megatron_bridge" not in dockerfile
+    tree = subprocess.run(["git", f"--git-dir={BRIDGE_MIRROR}", "ls-tree", "v0.6.0", "3rdparty/Megatron-LM"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "cd4afffa648426a959dc7cb1e24b5ce7d0c3ff54" in tree
+    script = (REPO_ROOT / "docker" / "build_megatron_bridge.sh").read_text()
+    assert "COMMIT=51885cf132b2814188b6855c25a8588254274c2a" in script and "--target megatron_bridge" in script
+    # and why not NeMo Framework 26.06: it ships Megatron-Bridge 0.5.0 (docs/releases/software-versions.md)
+    versions = git_show(BRIDGE_MIRROR, "v0.6.0", "docs/releases/software-versions.md")
+    nemo_2606 = versions.split("## NeMo Framework 26.06")[1].split("## ")[0]
+    assert "| Megatron-Bridge | 0.5.0 |" in nemo_2606 and "| Megatron Core | 0.18.0 |" in nemo_2606
