@@ -1,7 +1,7 @@
 """Eval generation throughput on the tiny model (CPU).
 
     .venv/bin/python benchmarks/eval_generation_bench.py [--rows 64] [--max-new-tokens 32]
-                                                         [--batch-size 16] [--concurrency 16]
+                                                         [--batch-size 16] [--concurrency 16] [--repeats 5]
 
 1. In-process engine: batched generation with left padding (--batch-size) against the baseline,
    one conversation at a time. Goal: >= 4x the baseline's throughput.
@@ -11,11 +11,16 @@
 Prompts are the bundled sample's edit/validation rows in the exact edit-request format, repeated
 to --rows. Every run generates exactly --max-new-tokens tokens per row (the tiny random model
 never emits its end-of-turn token), so rows/s and tokens/s compare like with like.
+
+Each comparison runs --repeats times, baseline and contender alternating (so a load change on the
+machine hits both); the figures reported are the median ratio with its range (min-max) over the repeats.
+Timings on a shared machine vary: run it on an idle one.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
 import time
@@ -46,12 +51,31 @@ def report(name: str, seconds: float, generations: list) -> float:
     return len(generations) / seconds
 
 
+def spread(ratios: list[float]) -> str:
+    """'median x (range min-max, n runs)'."""
+    return f"{statistics.median(ratios):.1f}x (range {min(ratios):.1f}-{max(ratios):.1f}x, {len(ratios)} runs)"
+
+
+def compare(repeats: int, baseline_name: str, baseline, contender_name: str, contender) -> tuple[list[float], list]:
+    """Run baseline and contender alternately `repeats` times; the contender/baseline rows/s ratios
+    and the last outputs of both."""
+    ratios = []
+    for r in range(repeats):
+        print(f" run {r + 1}/{repeats}")
+        seconds, base_out = timed(baseline)
+        base_rate = report(baseline_name, seconds, base_out)
+        seconds, cont_out = timed(contender)
+        ratios.append(report(contender_name, seconds, cont_out) / base_rate)
+    return ratios, [base_out, cont_out]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rows", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5, help="runs of each comparison (median and range reported)")
     args = parser.parse_args()
 
     import torch
@@ -65,19 +89,22 @@ def main() -> int:
     prompts = sample_prompts(args.rows)
     sampling = Sampling(max_new_tokens=args.max_new_tokens)
     print(f"tiny model {model_dir}; {args.rows} rows, {args.max_new_tokens} new tokens each, "
-          f"torch {torch.__version__} on {torch.get_num_threads()} threads")
+          f"torch {torch.__version__} on {torch.get_num_threads()} threads; {args.repeats} runs per comparison")
 
     engine = HFEngine.load(model_cfg, None, batch_size=args.batch_size)
     engine.generate(prompts[:2], sampling)  # warm-up
     print("1. in-process transformers engine")
-    engine.batch_size = 1
-    seconds, single = timed(lambda: engine.generate(prompts, sampling))
-    baseline = report("one at a time (baseline)", seconds, single)
-    engine.batch_size = args.batch_size
-    seconds, batched = timed(lambda: engine.generate(prompts, sampling))
-    batched_rate = report(f"batched, batch size {args.batch_size}", seconds, batched)
+
+    def at(batch_size: int):
+        def run():
+            engine.batch_size = batch_size
+            return engine.generate(prompts, sampling)
+        return run
+
+    batched_ratios, (single, batched) = compare(args.repeats, "one at a time (baseline)", at(1),
+                                                f"batched, batch size {args.batch_size}", at(args.batch_size))
     same = sum(a.text == b.text for a, b in zip(single, batched))
-    print(f"  ratio: {batched_rate / baseline:.1f}x (goal >= 4x); identical outputs: {same}/{len(prompts)}")
+    print(f"  ratio: {spread(batched_ratios)} (goal >= 4x); identical outputs: {same}/{len(prompts)}")
     del engine
 
     print(f"2. HTTP engine against python -m eval.serve (max batch {args.concurrency})")
@@ -87,17 +114,16 @@ def main() -> int:
     try:
         url = server.stdout.readline().split()[-1]
         HTTPEngine(url, concurrency=2).generate(prompts[:2], sampling)  # warm-up
-        seconds, serial = timed(lambda: HTTPEngine(url, concurrency=1).generate(prompts, sampling))
-        serial_rate = report("concurrency 1 (baseline)", seconds, serial)
-        seconds, concurrent = timed(lambda: HTTPEngine(url, concurrency=args.concurrency).generate(prompts, sampling))
-        concurrent_rate = report(f"concurrency {args.concurrency}", seconds, concurrent)
-        print(f"  ratio: {concurrent_rate / serial_rate:.1f}x; "
-              f"vs the in-process batched engine: {concurrent_rate / batched_rate:.2f}x")
+        http_ratios, _ = compare(args.repeats, "concurrency 1 (baseline)",
+                                 lambda: HTTPEngine(url, concurrency=1).generate(prompts, sampling),
+                                 f"concurrency {args.concurrency}",
+                                 lambda: HTTPEngine(url, concurrency=args.concurrency).generate(prompts, sampling))
+        print(f"  ratio: {spread(http_ratios)}")
     finally:
         server.terminate()
         server.wait(timeout=30)
-    print(f"summary: batched {batched_rate / baseline:.1f}x one-at-a-time; HTTP concurrency {args.concurrency} "
-          f"{concurrent_rate / serial_rate:.1f}x concurrency 1")
+    print(f"summary: batched {spread(batched_ratios)} one-at-a-time; HTTP concurrency {args.concurrency} "
+          f"{spread(http_ratios)} concurrency 1")
     return 0
 
 
