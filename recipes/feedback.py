@@ -26,3 +26,34 @@ def build_trainer(cfg):
 
 def run(cfg) -> dict:
     return sft.run(cfg, SPLIT_DIR, TRAINED_ON)
+
+
+def megatron_view(cfg):
+    """cfg for Megatron-Bridge's sft job (recipes/megatron/bridge_sft.py), reading feedback/ as its sft/:
+    OUT/data_view/sft is a symlink to DATA/feedback (and manifest.json to DATA's), data_dir points there.
+    bridge_sft resolves the links when it renders, so its job reads DATA/feedback/*.jsonl and every fix
+    of the Megatron sft render applies to the Feedback model unchanged."""
+    import os
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    data = Path(cfg.data_dir).resolve()
+    view = Path(cfg.out).resolve() / "data_view"
+    view.mkdir(parents=True, exist_ok=True)
+    for name, target in (("sft", data / SPLIT_DIR), (SPLIT_DIR, data / SPLIT_DIR), ("manifest.json", data / "manifest.json")):
+        link = view / name
+        if link.is_symlink() and Path(os.readlink(link)) != target:
+            link.unlink()
+        if not link.is_symlink():
+            link.symlink_to(target)
+    viewed = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    viewed.data_dir = str(view)
+    return viewed
+
+
+def run_megatron(cfg) -> dict:
+    """engine=megatron: Megatron-Bridge SFT as the Edit model's sft, on feedback/ (megatron_view)."""
+    from recipes.megatron import bridge_sft
+
+    return bridge_sft.run(megatron_view(cfg))
