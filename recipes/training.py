@@ -391,13 +391,20 @@ def _fmt(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _logged(trainer, key: str) -> list[float]:
+    """The logged values of `key`; steps where it had no value (None or NaN, e.g. rl's reward when every
+    completion was truncated and masked) are left out."""
+    values = [entry.get(key) for entry in trainer.state.log_history]
+    return [v for v in values if v is not None and v == v]
+
+
 def last_logged(trainer, key: str) -> Optional[float]:
-    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    values = _logged(trainer, key)
     return values[-1] if values else None
 
 
 def mean_logged(trainer, key: str) -> Optional[float]:
-    values = [entry[key] for entry in trainer.state.log_history if key in entry]
+    values = _logged(trainer, key)
     return sum(values) / len(values) if values else None
 
 
