@@ -120,11 +120,39 @@ def print_table(rows: list[dict], console) -> None:
     console.print(table)
 
 
+def hub_models(cfgs: dict) -> list[str]:
+    """Hugging Face hub ids (not local dirs) the chain's Megatron jobs download: base model, tokenizer."""
+    ids = []
+    for cfg in cfgs.values():
+        if cfg.engine != "megatron":
+            continue
+        for value in (cfg.model.path, cfg.megatron.hf_model_id):
+            if value and "/" in value and not value.startswith(("/", ".", "builtin:")) and not Path(value).exists():
+                ids.append(str(value))
+    return sorted(set(ids))
+
+
+def check_hf_token(cfgs: dict, dry_run: bool) -> None:
+    """Jobs run with --no-container-mount-home, so ~/.cache/huggingface/token is not there: a gated model
+    (Llama-3.3) needs HF_TOKEN in the environment sbatch passes to the job. Checked before submitting."""
+    models = hub_models(cfgs)
+    if not models or os.environ.get("HF_TOKEN") or os.environ.get("HF_HUB_OFFLINE") == "1":
+        return
+    message = (f"HF_TOKEN is not set: the jobs download {', '.join(models)} from the Hugging Face hub (gated), and run "
+               "without your home directory's token; export HF_TOKEN=... before submitting (or HF_HUB_OFFLINE=1 with "
+               "the model in HF_HOME)")
+    if dry_run:
+        print(f"# warning: {message}")
+        return
+    raise UserError(message)
+
+
 def main(args: list[str], preset: str = DEFAULT_PRESET) -> int:
     chain, entry_args, dry_run = stage_args(preset, args)
     cfgs = {name: compose(e.stage, entry_args[name] + (["dry_run=true"] if dry_run else [])) for name, e in chain.items()}
     executor = {c.executor for c in cfgs.values()}
     if executor == {"slurm"}:
+        check_hf_token(cfgs, dry_run)
         from recipes.slurm import submit_pipeline
 
         submit_pipeline(cfgs, {name: list(e.needs) for name, e in chain.items()}, dry_run=dry_run)

@@ -408,3 +408,20 @@ def test_plan_prints_the_pinned_container():
     versions = git_show(BRIDGE_MIRROR, "v0.6.0", "docs/releases/software-versions.md")
     nemo_2606 = versions.split("## NeMo Framework 26.06")[1].split("## ")[0]
     assert "| Megatron-Bridge | 0.5.0 |" in nemo_2606 and "| Megatron Core | 0.18.0 |" in nemo_2606
+
+
+def test_submitting_the_megatron_chain_needs_hf_token(tmp_path):
+    """Jobs run with --no-container-mount-home (no ~/.cache/huggingface/token): without HF_TOKEN in the
+    environment sbatch hands the jobs, the gated base model cannot be downloaded; refuse before submitting."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
+    args = ("-m", "recipes", "pipeline", "engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}")
+
+    def run(*extra):
+        return subprocess.run([sys.executable, *args, *extra], cwd=REPO_ROOT, env=env, capture_output=True, text=True,
+                              timeout=300)
+
+    refused = run()
+    assert refused.returncode == 2 and not (tmp_path / "jobs.json").exists()
+    assert refused.stderr.strip().startswith("error: HF_TOKEN is not set: the jobs download meta-llama/Llama-3.3-70B-Instruct")
+    warned = run("--dry-run")
+    assert warned.returncode == 0 and "# warning: HF_TOKEN is not set" in warned.stdout
