@@ -64,7 +64,8 @@ def parser() -> argparse.ArgumentParser:
                    help="count each conversation's tokens with this tokenizer's chat template; length percentiles "
                         "go to the manifest")
     p.add_argument("--max-seq-len", type=int, metavar="N",
-                   help="with --tokenizer: reject rows with a conversation longer than N tokens (reason too_long)")
+                   help="with --tokenizer: reject train rows with a sequence longer than N tokens (reason too_long); "
+                        "validation rows are kept, flagged over_max_seq_len and counted in the manifest")
     p.add_argument("--strict", action="store_true", help="fail the run (and write nothing) if any row is rejected")
     p.add_argument("--keep-leaked", action="store_true",
                    help="keep train rows whose context and original_response also occur in a validation split "

@@ -3,7 +3,7 @@
     prep.source      hf, or a directory in the HelpSteer3 layout (relative paths: from the repo root)
     prep.revision    hub revision for prep.source=hf
     prep.feedback_orders, prep.keep_leaked, prep.strict     as python -m data_prep's options
-    prep.max_seq_len + prep.tokenizer   drop longer conversations; tokenizer null = the model's
+    prep.max_seq_len + prep.tokenizer   reject longer train rows, flag longer validation rows; tokenizer null = the model's
     seed             for prep.feedback_orders=K
 Output: cfg.out (= data_dir) holds the build, plus config.yaml and summary.json for the pipeline.
 """
