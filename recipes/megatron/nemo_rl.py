@@ -30,9 +30,11 @@ save, and then exits PREEMPTED_EXIT_CODE so SLURM requeues the job and it resume
 (NeMo-RL resumes from its checkpoint_dir by itself) instead of ending COMPLETED with a partial model.
 
 kl_coef: on the HF engine (TRL's RLOO) rl.kl_coef is a per-token KL penalty subtracted from the reward;
-NeMo-RL has no reward-side KL: rl.kl_coef becomes loss_fn.reference_policy_kl_penalty, the weight of a
-k3 KL estimate added to the policy loss (nemo_rl/algorithms/loss_functions.py, ClippedPGLossFn). Same
-knob, same direction, not the same objective: values tuned on one engine are a starting point on the other.
+with the GRPO/RLOO advantage estimator NeMo-RL has no reward-side KL (its use_kl_in_reward works only
+with the reinforce_plus_plus estimator, advantage_estimator.py:158-220 at v0.7.0): rl.kl_coef becomes
+loss_fn.reference_policy_kl_penalty, the weight of a KL estimate (reference_policy_kl_type: k3 in
+grpo_math_1B.yaml:56-59) added to the policy loss (algorithms/loss/loss_functions.py:126,225). Same knob,
+same direction, not the same objective: a value tuned on one engine is a starting point on the other.
 """
 from __future__ import annotations
 
