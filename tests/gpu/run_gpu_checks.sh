@@ -4,9 +4,9 @@
 #   tests/gpu/run_gpu_checks.sh            # with docker: pulls/uses the images named in conf/engine/megatron.yaml
 #   IN_CONTAINER=1 tests/gpu/run_gpu_checks.sh bridge|nemo_rl   # already inside the right container
 #
-# The Megatron-Bridge check needs Megatron-Bridge v0.6.0 at $MEGATRON_BRIDGE_DIR inside the NeMo
-# container (the image ships 0.5.0): by default this script clones the pinned commit into
-# .cache/Megatron-Bridge and mounts it at /opt/Megatron-Bridge. The NeMo-RL check needs 2 GPUs.
+# Images: the Megatron-Bridge one built by docker/build_megatron_bridge.sh (docker tag
+# megatron-bridge:v0.6.0-51885cf; on SLURM the same image as the .sqsh in megatron.container) and
+# NeMo-RL's (megatron.nemo_rl_container). The NeMo-RL check needs 2 GPUs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 cd "$ROOT"
@@ -29,18 +29,13 @@ if [[ "${IN_CONTAINER:-0}" == 1 ]]; then
 fi
 
 command -v docker >/dev/null || { echo "error: docker not found; run inside the containers with IN_CONTAINER=1 $0 bridge|nemo_rl" >&2; exit 2; }
-BRIDGE_IMAGE="$(conf container)"; BRIDGE_COMMIT="$(conf megatron_bridge_commit)"
+BRIDGE_COMMIT="$(conf megatron_bridge_commit)"
+BRIDGE_IMAGE="${BRIDGE_IMAGE:-megatron-bridge:v0.6.0-${BRIDGE_COMMIT:0:7}}"   # docker/build_megatron_bridge.sh
 RL_IMAGE="$(conf nemo_rl_container)"
-CHECKOUT="$ROOT/.cache/Megatron-Bridge"
-if [[ ! -d "$CHECKOUT/.git" ]]; then
-  git clone --quiet https://github.com/NVIDIA-NeMo/Megatron-Bridge.git "$CHECKOUT"
-fi
-git -C "$CHECKOUT" fetch --quiet origin "$BRIDGE_COMMIT" 2>/dev/null || true
-git -C "$CHECKOUT" checkout --quiet "$BRIDGE_COMMIT"
 
 status=0
 docker run --rm --gpus all --ipc=host -e HF_HUB_OFFLINE=1 -e IN_CONTAINER=1 -e MEGATRON_BRIDGE_DIR=/opt/Megatron-Bridge \
-  -v "$ROOT:$ROOT" -v "$CHECKOUT:/opt/Megatron-Bridge" -w "$ROOT" "$BRIDGE_IMAGE" \
+  -v "$ROOT:$ROOT" -w "$ROOT" "$BRIDGE_IMAGE" \
   bash tests/gpu/run_gpu_checks.sh bridge || status=1
 docker run --rm --gpus all --ipc=host --shm-size=16g -e HF_HUB_OFFLINE=1 -e IN_CONTAINER=1 -e NEMO_RL_DIR=/opt/nemo-rl \
   -v "$ROOT:$ROOT" -w "$ROOT" "$RL_IMAGE" \

@@ -84,22 +84,23 @@ def test_tiny_llama_megatron_bridge_sft_tp1_pp1(tmp_path: Path):
     bridge_dir = os.environ.get("MEGATRON_BRIDGE_DIR", "/opt/Megatron-Bridge")
     common = ["engine=megatron", "model=tiny", f"run_dir={tmp_path}", f"megatron.hf_model_id={policy}",
               f"megatron.megatron_bridge_dir={bridge_dir}", "parallel.nodes=1", "parallel.gpus_per_node=1"]
-    convert.run(compose("convert", [*common, f"init={policy}"]))
-    assert (tmp_path / "convert" / "summary.json").is_file()
+    # the megatron chain's import -> sft -> sft_export (conf/pipeline/megatron.yaml), each as its own stage run
+    convert.run(compose("convert", [*common, f"init={policy}", "name=import", f"out={tmp_path / 'import'}"]))
+    assert (tmp_path / "import" / "summary.json").is_file() and (tmp_path / "import" / "converted").is_dir()
 
     sft = compose("sft", [*common, "tp=1", "pp=1", "vpp=null", "cp=1", "sp=false", "train.max_steps=2", "train.seq_len=256",
                           "gbs=2", "mbs=1", "train.save_steps=2", "train.eval_steps=2", "train.lr=1e-4"])
     bridge_sft.run(sft)
     summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
     assert summary["value"] == 2
-    iterations = sorted((tmp_path / "sft" / "checkpoints").glob("iter_*"))
-    assert iterations, "Megatron-Bridge saved no checkpoint"
+    assert sorted((tmp_path / "sft" / "checkpoints").glob("iter_*")), "Megatron-Bridge saved no checkpoint"
 
-    convert.run(compose("convert", [*common, "megatron.convert_direction=megatron_to_hf", f"init={iterations[-1]}",
-                                    f"out={tmp_path / 'sft-hf'}"]))
+    convert.run(compose("convert", [*common, "megatron.convert_direction=megatron_to_hf", f"init={tmp_path / 'sft' / 'checkpoints'}",
+                                    "name=sft_export", f"out={tmp_path / 'sft_export'}",
+                                    f"megatron.convert_dest={tmp_path / 'sft' / 'final'}"]))
     from transformers import AutoModelForCausalLM
 
-    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft-hf").config.num_hidden_layers == 2
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "sft" / "final").config.num_hidden_layers == 2
 
 
 def test_one_nemo_rl_rloo_step_with_the_reward_model_environment(tmp_path: Path):
