@@ -102,8 +102,9 @@ def prompt_budget(cfg, engine) -> Optional[int]:
         return int(built_at)
     if isinstance(engine, HFEngine):
         context = getattr(engine.model.config, "max_position_embeddings", None)
-        return max(1, context - cfg.eval.max_new_tokens) if context else None
-    return None
+        if context and context > cfg.eval.max_new_tokens:
+            return context - cfg.eval.max_new_tokens
+    return None  # no room to give (or an endpoint): prompts go whole, the model or server decides
 
 
 def shorten_prompts(cfg, engine, rows: list[dict], notes: list[str]) -> list[list[dict]]:
@@ -215,8 +216,11 @@ def run(cfg) -> dict:
     failures = {"proxy_scorer": 0, "gold_scorer": 0, "judge": 0}
     gold_kind = None
     if rm_path:
-        failures["proxy_scorer"] = reward_model_metrics(proxy_scorer(rm_path, cfg), "proxy", "edit_request", rows,
-                                                        records, pairs, pair_records)
+        proxy = proxy_scorer(rm_path, cfg)
+        failures["proxy_scorer"] = reward_model_metrics(proxy, "proxy", "edit_request", rows, records, pairs,
+                                                        pair_records)
+        failures["proxy_scorer_truncated"] = proxy.shortened
+        del proxy
         free_memory()
     if e.gold_rm:
         gold = load_scorer(e.gold_rm, e.gold_rm_kind, dtype=cfg.model.dtype, batch_size=e.batch_size,
@@ -224,6 +228,7 @@ def run(cfg) -> dict:
                            api_key_env=e.api_key_env)
         failures["gold_scorer"] = reward_model_metrics(gold, "gold", e.gold_rm_input, rows, records, pairs, pair_records)
         gold_kind = gold.kind
+        failures["gold_scorer_truncated"] = gold.shortened
         if e.gold_rm == TINY_GOLD:
             notes.append(f"gold reward model {TINY_GOLD}: a tiny random causal LM (first_logit, seed 7), independent "
                          f"of training but knowing nothing: its figures show the format only")
@@ -331,7 +336,8 @@ def build_report(cfg, model_name, rm_path, records, pair_records, sampling, note
                    "near_copies": int(sum(r["metrics"].get("near_copy", 0) for r in records)),
                    "flagged_too_long": sum(r["flagged_too_long"] for r in records),
                    "prompts_shortened": sum(r["prompt_shortened"] for r in records),
-                   **{f"{k}_failures": v for k, v in (failures or {}).items()}},
+                   # requests that failed after retries; conversations cut by recipes.reward's rule for a scorer
+                   **{k if k.endswith("_truncated") else f"{k}_failures": v for k, v in (failures or {}).items()}},
         "overall": overall,
         "by_domain": M.summarize_groups(scored, "domain", samples, seed),
         "by_language": M.summarize_groups(scored, "language", samples, seed),

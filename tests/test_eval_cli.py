@@ -73,7 +73,8 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert [l["metrics"]["gold_reward_generated"] for l in lines] != [l["metrics"]["proxy_reward_generated"] for l in lines]
     low, high = report["overall"]["length_ratio"]["ci"]
     assert low <= report["length_ratio"] <= high
-    assert report["counts"]["rows"] == 8 and report["counts"]["pairs"] == 16
+    assert report["counts"]["rows"] == 8 and report["counts"]["pairs"] == 16 and report["counts"]["errors"] == 0
+    assert report["counts"]["proxy_scorer_failures"] == 0 and report["counts"]["gold_scorer_truncated"] == 0
     code = report["by_domain"]["code"]["copy_rate"]
     assert code["n"] == sum(l["domain"] == "code" for l in lines)
     # likelihood metrics: one line per pair, and per group too

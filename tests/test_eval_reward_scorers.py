@@ -177,9 +177,10 @@ def test_the_proxy_scorer_is_the_shared_reward_function_with_its_truncation_rule
     assert conversation_length(scorer.tokenizer, long) > 128 and scorer.shortened == 1
 
 
-def test_the_prompt_budget_defaults_to_the_data_builds_max_seq_len(tmp_path):
+def test_the_prompt_budget_defaults_to_the_data_builds_max_seq_len(tiny_model_dir, tmp_path):
     import json
 
+    from eval.engines import HFEngine
     from eval.run import prompt_budget
     from recipes.config import compose
 
@@ -189,3 +190,8 @@ def test_the_prompt_budget_defaults_to_the_data_builds_max_seq_len(tmp_path):
     assert prompt_budget(compose("eval", ["model=tiny", f"data={tmp_path}", "eval.max_prompt_tokens=50"]), None) == 50
     (tmp_path / "manifest.json").write_text(json.dumps({"options": {"max_seq_len": None}}))
     assert prompt_budget(cfg, engine=None) is None  # an endpoint, no data limit: prompts sent whole
+
+    # a local model: its context (the tiny model's 2048 positions) minus max_new_tokens; none when no room is left
+    local = HFEngine.load(cfg.model, None)
+    assert prompt_budget(compose("eval", ["model=tiny", f"data={tmp_path}", "eval.max_new_tokens=100"]), local) == 1948
+    assert prompt_budget(cfg, local) is None  # 4096 new tokens: no room, prompts go whole
