@@ -72,6 +72,17 @@ def reward_model_path(cfg, notes: list[str]) -> Optional[str]:
                     f"the reward metrics)")
 
 
+def check_gold(gold: Optional[str], rm_path: Optional[str], splits: list[str]) -> None:
+    """The gold reward model must not be the training one (the policy was optimised against that) and
+    must not have been trained on the splits it scores."""
+    if not gold or is_endpoint(str(gold)) or not Path(gold).is_dir():
+        return  # endpoints and builtin:tiny-gold: nothing to compare; a missing dir fails at loading
+    if rm_path and Path(gold).resolve() == Path(rm_path).resolve():
+        raise UserError(f"eval.gold_rm={gold} is the training reward model (rm=): the policy was optimised against "
+                        f"it, so it cannot be the gold scorer (name an independent one, or leave eval.gold_rm unset)")
+    check_held_out(training_record(str(gold)), str(gold), splits, "gold reward model")
+
+
 def free_memory() -> None:
     """Release a model before the next one loads (on GPUs too: the policy and the rm may both be 70B)."""
     import torch
@@ -165,6 +176,7 @@ def run(cfg) -> dict:
     rm_record = training_record(rm_path)
     check_held_out(model_record, model_name, splits, "model")
     check_held_out(rm_record, str(rm_path), splits, "reward model")
+    check_gold(e.gold_rm, rm_path, splits)
     notes += manifest_notes(cfg.data_dir, [(model_name, model_record)] + ([(rm_path, rm_record)] if rm_path else []))
     for note in notes:
         print(note)

@@ -202,6 +202,16 @@ def test_bad_paths_are_one_line_errors(args, message, tiny_model_dir, eval_data_
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
+def test_the_gold_reward_model_cannot_be_the_training_one(tiny_model_dir, tiny_rm_dir, eval_data_dir, tmp_path):
+    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={tiny_rm_dir}",
+                   f"eval.gold_rm={tiny_rm_dir}", f"out={tmp_path / 'out'}", *FAST)
+    assert proc.returncode == 2 and "is the training reward model" in proc.stderr, proc.stderr
+    gold = _linked_checkpoint(tiny_rm_dir, tmp_path / "gold", ["edit_quality/validation"])
+    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", "rm=null",
+                   f"eval.gold_rm={gold}", f"out={tmp_path / 'out'}", *FAST)
+    assert proc.returncode == 2 and "gold reward model" in proc.stderr and "edit_quality/validation" in proc.stderr
+
+
 def test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped(tiny_model_dir, eval_data_dir, tmp_path):
     proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"run_dir={tmp_path}",
                    "eval.max_rows=2", *FAST)
