@@ -21,6 +21,9 @@ usage: ./launch.sh COMMAND [key=value ...] [--dry-run]
                             (python -m data_prep --help for the options)
   sft|rm|rl|dpo|convert     one training stage (python -m recipes STAGE key=value ...)
   eval | eval-compare       score a checkpoint on the held-out splits / compare eval dirs
+  its [key=value ...]       Feedback-Edit inference-time scaling: policy -> feedback -> edit -> select
+                            (prompts= policy= feedback_model= edit_model= select_model= out=)
+  its-eval DIR_A DIR_B judge=URL   pairwise judge of two its runs (DIR:first = a run's first responses)
   plan                      print and check a Megatron parallel plan
   pipeline                  data -> sft -> rm -> rl -> eval (executor=local|slurm)
   status RUN_DIR            each stage's job, state and last log line
