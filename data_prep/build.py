@@ -30,7 +30,7 @@ from data_prep.feedback import selected_indices
 from data_prep.schema import (EQUAL_PAIRS, LEAKED, SPLITS, SUBSETS, TOO_LONG, check_row, extra_fields)
 from data_prep.sources import ALL_SUBSETS, open_source
 from data_prep import feedback_data, select_data
-from recipes.io import UserError, dumps_json
+from recipes.io import UserError, dumps_json, follow_umask
 
 FORMAT_VERSION = 1
 OUTPUT_KINDS = ("sft", "pairs", "prompts")
@@ -664,6 +664,7 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
     # Write everything into a temp dir beside OUT; rename it to OUT at the very end.
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    follow_umask(tmp)  # mkdtemp makes 0700; OUT gets the mode of any new dir
     try:
         write_outputs(tmp, all_rows, manifest, progress)
         if out.exists():

@@ -108,6 +108,9 @@ class TrainConfig:
     packing: bool = False
     gradient_checkpointing: bool = False
     bf16: bool = False
+    # HF stages: tensorboard (OUT/tensorboard, the default), wandb (needs WANDB_API_KEY in the environment;
+    # never written to any file), none, or a comma-separated list (recipes/curves.py).
+    report_to: str = "tensorboard"
 
 
 @dataclass
@@ -493,9 +496,10 @@ def validate(cfg: DictConfig) -> None:
     if cfg.model.dtype not in DTYPES:
         raise ConfigError(f"model.dtype={cfg.model.dtype}: not one of {', '.join(DTYPES)}")
     t = cfg.train
-    for key in ("global_batch", "micro_batch", "logging_steps", "save_steps", "eval_steps"):
+    for key in ("global_batch", "micro_batch", "logging_steps", "save_steps", "eval_steps", "seq_len"):
         if t[key] < 1:
             raise ConfigError(f"train.{key}={t[key]} must be >= 1")
+    validate_more(cfg)
     if not t.lr > 0:
         raise ConfigError(f"train.lr={t.lr} must be > 0")
     dp = data_parallel_size(cfg)
@@ -537,6 +541,56 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rm.selection_fraction={cfg.rm.selection_fraction} must be in [0, 1)")
     if cfg.stage in ("rm", "select") and cfg.rm.keep_best and cfg.rm.selection_fraction == 0:
         raise ConfigError("rm.keep_best=true needs rm.selection_fraction > 0 (the held-out slice of edit_quality/train it selects on)")
+
+
+# transformers 5.24 trainer_utils.py SchedulerType (the values TrainingArguments.lr_scheduler_type accepts).
+LR_SCHEDULERS = ("linear", "cosine", "cosine_with_restarts", "polynomial", "constant", "constant_with_warmup",
+                 "inverse_sqrt", "reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr",
+                 "warmup_stable_decay", "greedy")
+# transformers 5.24 modeling_utils.py get_correct_attn_implementation: "eager" or a key of
+# ALL_ATTENTION_FUNCTIONS (masking_utils/modeling_utils registry); "paged|X" variants and hub kernels
+# ("org/repo", with a "/") are accepted as such.
+ATTN_IMPLEMENTATIONS = ("eager", "sdpa", "flash_attention_2", "flash_attention_3", "flash_attention_4", "flex_attention")
+REPORTERS = ("tensorboard", "wandb", "none")
+
+
+def _local_model_path(path: str) -> bool:
+    """A path that can only mean a local directory (a hub id is `org/name`, never `/...` or `./...`)."""
+    return path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path
+
+
+def validate_more(cfg: DictConfig) -> None:
+    """Checks that once gave a traceback or a wrong success later (issue 11, item 8); run by validate()
+    before anything is written."""
+    t = cfg.train
+    if t.max_steps == 0 or t.max_steps < -1:
+        raise ConfigError(f"train.max_steps={t.max_steps} must be -1 (use train.epochs) or >= 1")
+    if t.max_steps == -1 and not t.epochs > 0:
+        raise ConfigError(f"train.epochs={t.epochs} must be > 0 (or set train.max_steps >= 1)")
+    if t.lr_scheduler not in LR_SCHEDULERS:
+        raise ConfigError(f"train.lr_scheduler={t.lr_scheduler}: not one of {', '.join(LR_SCHEDULERS)}")
+    if cfg.hf.num_processes < 1:
+        raise ConfigError(f"hf.num_processes={cfg.hf.num_processes} must be >= 1")
+    attn = cfg.model.attn_implementation
+    if attn.split("|")[-1] not in ATTN_IMPLEMENTATIONS and "/" not in attn:
+        raise ConfigError(f"model.attn_implementation={attn}: not one of {', '.join(ATTN_IMPLEMENTATIONS)} "
+                          "(or a hub kernel org/repo)")
+    names = [v.strip() for v in str(t.report_to).split(",") if v.strip()]
+    for name in names:
+        if name not in REPORTERS:
+            raise ConfigError(f"train.report_to={t.report_to}: {name} is not one of {', '.join(REPORTERS)}")
+    if "wandb" in names and not os.environ.get("WANDB_API_KEY"):
+        raise ConfigError("train.report_to=wandb needs WANDB_API_KEY in the environment (it is read from there, never "
+                          "written anywhere)")
+    if cfg.peft.enabled and not cfg.peft.target_modules:
+        raise ConfigError("peft.target_modules is empty: LoRA would adapt nothing")
+    path = str(cfg.model.path)
+    if _local_model_path(path):
+        local = Path(path).expanduser()
+        if not local.exists():
+            raise ConfigError(f"cannot load {path}: no such directory (model.path)")
+        if local.is_dir() and not cfg.model.gguf_file and not (local / "config.json").is_file():
+            raise ConfigError(f"cannot load {path}: no model there (no config.json; model.path)")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -60,6 +60,19 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def follow_umask(path: str | os.PathLike) -> None:
+    """Give a file, or a dir and everything under it, the mode a new file gets under the umask
+    (0o666, dirs 0o777, less the umask). For outputs that a library writes owner-only (safetensors
+    writes 0600, tempfile.mkdtemp makes 0700)."""
+    mask = _umask()
+    path = Path(path)
+    paths = [path, *path.rglob("*")] if path.is_dir() else [path]
+    for p in paths:
+        if p.is_symlink() or not p.exists():
+            continue
+        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+
+
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8", newline="\n")

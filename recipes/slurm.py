@@ -447,26 +447,37 @@ def stage_status(stage: str, entry: dict) -> dict:
         elapsed = time.strftime("%H:%M:%S", time.gmtime(wall)) if isinstance(wall, (int, float)) else ""
     else:
         state, elapsed = "GONE (SLURM forgot it; no summary.json)", ""
+    from recipes.curves import describe_progress, read_progress
+
+    progress = read_progress(entry["out"])  # written by the stage's trainer (recipes/curves.py)
     return {"stage": stage, "job": entry["job_id"], "state": state, "elapsed": elapsed,
-            "last": last_line(entry["log"])}
+            "progress": describe_progress(progress) if progress else "", "last": last_line(entry["log"])}
 
 
 def status_main(argv: list[str]) -> int:
-    """./launch.sh status RUN_DIR: each stage's job id, state, elapsed time and last log line."""
+    """./launch.sh status RUN_DIR: each stage's job id, state, elapsed time, progress (step / total
+    steps, ETA) and last log line. A run without jobs.json (executor=local): each stage's progress."""
     if len(argv) != 1 or argv[0].startswith("-"):
         raise UserError("usage: ./launch.sh status RUN_DIR")
     jobs_file = Path(argv[0]) / "jobs.json"
     if not jobs_file.is_file():
-        raise UserError(f"{jobs_file}: no such file (submit with executor=slurm first)")
+        from recipes.curves import PROGRESS_FILE, describe_progress, read_progress
+
+        found = sorted(Path(argv[0]).glob(f"*/{PROGRESS_FILE}"))
+        if not found:
+            raise UserError(f"{jobs_file}: no such file (submit with executor=slurm first)")
+        for path in found:
+            print(f"{path.parent.name}: {describe_progress(read_progress(path.parent))}")
+        return 0
     rows = [stage_status(stage, entry) for stage, entry in json.loads(jobs_file.read_text()).items()]
     from rich.console import Console
     from rich.table import Table
 
     table = Table(title=f"{argv[0]} on SLURM")
-    for column in ("stage", "job", "state", "elapsed", "last log line"):
+    for column in ("stage", "job", "state", "elapsed", "progress", "last log line"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        table.add_row(row["stage"], row["job"], row["state"], row["elapsed"], row["last"][-120:])
+        table.add_row(row["stage"], row["job"], row["state"], row["elapsed"], row["progress"], row["last"][-120:])
     console = Console(width=max(Console().width, 160))
     console.print(table)
     counts: dict[str, int] = {}

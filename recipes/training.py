@@ -26,7 +26,8 @@ from typing import Optional
 from omegaconf import OmegaConf
 
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, to_yaml, validate
-from recipes.io import atomic_write_json, atomic_write_text, sha256_file
+from recipes import curves
+from recipes.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
 
 # Set in the processes that `accelerate launch` starts for us, so that they do not relaunch again.
 CHILD_ENV = "HS3_UNDER_ACCELERATE"
@@ -68,9 +69,44 @@ def check_inputs(cfg, *data_files: str) -> None:
     another stage's or model's run: one-line ConfigError otherwise."""
     check_output_dir(cfg)
     for relative in data_files:
-        data_file(cfg, relative)
+        path = data_file(cfg, relative)
+        if relative.endswith("train.jsonl") and not _has_a_row(path):
+            raise ConfigError(f"data_dir={cfg.data_dir}: {path} has no rows (an empty training split; check the data step's "
+                              "rejected.jsonl)")
     model_dir(cfg, "init")
     model_dir(cfg, "reward_model")
+    check_lora_targets(cfg)
+
+
+def _has_a_row(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return any(line.strip() for line in f)
+
+
+def check_lora_targets(cfg) -> None:
+    """With LoRA on: every peft.target_modules name must name modules of the model (PEFT itself fails
+    only after the model is loaded, and only when none matches). The model is built on the meta device
+    from its config.json: no weights are read."""
+    if not cfg.peft.enabled:
+        return
+    try:
+        import torch
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        source, extra = model_source(cfg)
+        config = AutoConfig.from_pretrained(source, **extra)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception:  # a model that cannot be read is reported where it is loaded
+        return
+    full = [name for name, module in model.named_modules() if isinstance(module, torch.nn.Linear)]
+    names = {name.rsplit(".", 1)[-1] for name in full}
+    # PEFT's rule for a list: a module matches a target when its name is the target or ends with "." + target
+    missing = [t for t in cfg.peft.target_modules
+               if t != "all-linear" and not any(n == t or n.endswith("." + t) for n in full)]
+    if missing:
+        raise ConfigError(f"peft.target_modules: {', '.join(missing)} match no linear layer of {source} "
+                          f"(its layers: {', '.join(sorted(names))})")
 
 
 def check_output_dir(cfg) -> None:
@@ -106,7 +142,7 @@ RESULT_NEUTRAL_KEYS = (
     "run_dir", "name", "out", "data_dir", "resume", "dry_run", "executor", "cluster", "eval", "prep",
     "megatron", "parallel", "model.name", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.gradient_checkpointing", "hf.accelerate_config",
-    "hf.gather_weights_for_generation", "report_to",
+    "hf.gather_weights_for_generation", "train.report_to",
 )
 
 
@@ -277,7 +313,7 @@ def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
-        report_to="none",
+        report_to=curves.report_to(cfg),  # tensorboard (OUT/tensorboard) by default; recipes/curves.py
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
@@ -301,11 +337,13 @@ def lora_config(cfg, task_type: str):
 
 
 def callbacks(cfg) -> list:
-    """Callbacks every trainer gets: on SIGUSR1 or the batch script's request file, save a checkpoint
-    and stop (recipes/preemption.py; run_stage installs the signal handler)."""
+    """Callbacks every trainer gets: progress.json, umask modes of checkpoints and curves.png at the
+    end (recipes/curves.py; first, so that the curves are drawn before a preempted run exits); on
+    SIGUSR1 or the batch script's request file, save a checkpoint and stop (recipes/preemption.py;
+    run_stage installs the signal handler)."""
     from recipes import preemption
 
-    return [preemption.PreemptionCallback(cfg.out)]
+    return [curves.RunObserver(cfg.out, cfg.stage), preemption.PreemptionCallback(cfg.out)]
 
 
 def dry_run(cfg) -> dict:
@@ -336,6 +374,8 @@ def save_final(trainer, cfg, auto_class) -> Path:
     final = Path(cfg.out) / "final"
     if not cfg.peft.enabled:
         trainer.save_model(str(final))  # gathers ZeRO-3 shards; also saves the tokenizer
+        if trainer.accelerator.is_main_process:
+            follow_umask(final)  # safetensors writes 0600
         trainer.accelerator.wait_for_everyone()
         return final
     adapter = Path(cfg.out) / "adapter"
@@ -350,6 +390,8 @@ def save_final(trainer, cfg, auto_class) -> Path:
         merged = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload()
         merged.save_pretrained(str(final))
         trainer.processing_class.save_pretrained(str(final))
+        follow_umask(final)
+        follow_umask(adapter)
     trainer.accelerator.wait_for_everyone()
     return final
 

@@ -56,3 +56,15 @@ def test_a_damaged_build_is_not_up_to_date(small_source, tmp_path, damage):
     assert "do not match its manifest" in line
     assert {"emptied": "sft/train.jsonl has 0 bytes", "deleted dir": "pairs/train.jsonl missing",
             "same size, other bytes": "sft/train.jsonl has another sha256"}[damage] in line
+
+
+# --- item 6: outputs follow the umask -------------------------------------------------------------
+
+def test_data_out_follows_the_umask(small_source, tmp_path):
+    old = os.umask(0o022)
+    try:
+        build(str(small_source), tmp_path / "data", progress=False)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "data").stat().st_mode & 0o777 == 0o755  # mkdtemp alone makes 0700
+    assert (tmp_path / "data" / "sft" / "train.jsonl").stat().st_mode & 0o777 == 0o644
