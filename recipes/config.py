@@ -555,7 +555,10 @@ REPORTERS = ("tensorboard", "wandb", "none")
 
 
 def _local_model_path(path: str) -> bool:
-    """A path that can only mean a local directory (a hub id is `org/name`, never `/...` or `./...`)."""
+    """A path that can only mean a local directory (a hub id is `org/name`, never `/...` or `./...`;
+    an http(s) endpoint, e.g. `model=http://host:8000/v1` for the eval, is not a path)."""
+    if path.startswith(("http://", "https://")):
+        return False
     return path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path
 
 

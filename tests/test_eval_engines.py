@@ -235,17 +235,23 @@ def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(s
     rows[3]["prompt"] = [{"role": "user", "content": "very long context " * 200}, *CONVERSATIONS[3][1:]]
     atomic_write_jsonl(tmp_path / "data" / "prompts" / "validation.jsonl", rows)
     out = tmp_path / "eval"
+    before = _completions(server)
     proc = run_cli("-m", "recipes", "eval", f"model={server}", f"data={tmp_path / 'data'}", "rm=null", f"out={out}",
                    "eval.concurrency=1", "eval.max_retries=2", "eval.max_new_tokens=4", "eval.bootstrap_samples=50",
-                   "eval.max_prompt_tokens=300", f"model.tokenizer={varied_model_dir}")
+                   "eval.max_prompt_tokens=300", f"model.tokenizer={varied_model_dir}",
+                   f"eval.judge_endpoint={server}", "eval.judge_model=tiny")
     assert proc.returncode == 0, proc.stderr[-2000:]
+    # 3 edits generated, then the gold judge on each scored row: vs the original and the human edit, both orders
+    assert _completions(server) - before == 3 + 3 * 4
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [l["id"] for l in lines] == ["r0", "r1", "r2", "r3"]
     assert lines[1]["finish_reason"] == "error" and lines[1]["error"].split(":")[0] in (
         "BadRequestError", "InternalServerError"), lines[1]["error"]
     assert lines[1]["metrics"] == {} and all(l["error"] is None and l["metrics"] for l in lines[::2])
+    assert all({"gold_judge_win_vs_original", "gold_judge_win_vs_reference"} <= set(l["metrics"]) for l in lines[::2])
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["errors"] == 1 and report["overall"]["copy_rate"]["n"] == 3
+    assert report["counts"]["judge_failures"] == 0 and "gold_judge_win_rate" in report
     assert report["counts"]["flagged_too_long"] == 1 and report["counts"]["prompts_shortened"] == 1
     assert lines[3]["prompt_shortened"] and not lines[0]["prompt_shortened"]
     assert "1 of 4 rows failed after retries (first: r1" in proc.stdout and ", 1 rows failed:" in proc.stdout
