@@ -19,7 +19,9 @@ Kinds (`kind=`, or auto-detected from a local dir's config.json `architectures`)
                  (NVIDIA's Llama-3.3-Nemotron-70B-Select and Llama-3.1-Nemotron-70B-Reward-HF: their cards
                  template [user, assistant] with add_generation_prompt=False, generate one token with
                  output_scores, and read scores[0][0][0]). One forward pass gives the same number: the
-                 next-token logits after the last template token, id 0 (greedy scores are the raw logits).
+                 next-token logits after the last template token, id 0 (greedy scores are the raw logits;
+                 a generation_config that samples would divide the card's number by its temperature,
+                 which changes no comparison between two responses).
 
 Specs: a local directory; `builtin:tiny-gold` (a tiny random causal LM built here with seed 7, independent
 of anything trained: the smoke run's gold scorer, first_logit, numbers meaningless); or an http(s) URL.
