@@ -32,11 +32,21 @@ whitespace normalisation; SFT alone copies ~30% of the time on the paper's data)
 """
 from __future__ import annotations
 
+import logging
 import time
 
 from data_prep import is_copy
 from recipes import reward, training
 from recipes.config import ConfigError
+
+
+class _MaskedRewardNotice(logging.Filter):
+    """RLOOTrainer warns, once per step and with the whole row, when a completion's reward is None
+    (trl/trainer/rloo_trainer.py, _calculate_rewards: "All reward functions returned None"). Here that is
+    the intended mark of a truncated completion, counted as `truncated_rate` instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "All reward functions returned None" not in str(record.msg)
 
 
 class EditReward:
@@ -113,6 +123,10 @@ def build_trainer(cfg):
     reward_tokenizer = training.load_tokenizer(cfg, reward_path)
     edit_reward = EditReward(reward_model, reward_tokenizer, cfg.train.seq_len, cfg.rl.mask_truncated_completions,
                              cfg.train.micro_batch)
+    if cfg.rl.mask_truncated_completions:
+        notice = logging.getLogger("trl.trainer.rloo_trainer")
+        if not any(isinstance(f, _MaskedRewardNotice) for f in notice.filters):
+            notice.addFilter(_MaskedRewardNotice())
     trainer = RLOOTrainer(
         model=policy,
         reward_funcs=[edit_reward],

@@ -60,7 +60,7 @@ def with_some_finished(trainer, finished_rows):
 
 
 def test_truncated_completions_are_out_of_loss_baseline_and_reward(edit_data_dir, tmp_path, tiny_model_dir,
-                                                                   random_reward_model):
+                                                                   random_reward_model, caplog):
     """rl.mask_truncated_completions (default true): a completion cut at max_new_tokens gets no reward
     (NaN), no advantage, no loss mask, and is not in its siblings' leave-one-out baseline; a finished one
     is scored by recipes.reward on its re-templated conversation, which ends in <|eot_id|>. Before, all
@@ -77,7 +77,9 @@ def test_truncated_completions_are_out_of_loss_baseline_and_reward(edit_data_dir
     with_some_finished(trainer, finished_rows)
     batch = [trainer.train_dataset[i] for i in range(cfg.rl.prompts_per_step) for _ in range(k)]
     trainer.model.train()
-    scored = trainer._generate_and_score_completions(batch)
+    with caplog.at_level("WARNING"):
+        scored = trainer._generate_and_score_completions(batch)
+    assert "All reward functions returned None" not in caplog.text  # intended: counted as truncated_rate
 
     rewards = torch.tensor(trainer._logs["rewards"]["reward_model"])
     finished = torch.tensor([i in finished_rows for i in range(len(batch))])
