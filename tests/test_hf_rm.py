@@ -87,3 +87,22 @@ def test_the_new_score_head_is_the_same_for_the_same_seed(tmp_path):
              for seed in (7, 7, 8)]
     torch.testing.assert_close(heads[0], heads[1], rtol=0, atol=0)
     assert not torch.equal(heads[0], heads[2])
+
+
+def test_rm_pairs_over_seq_len_are_counted_not_dropped_silently(edit_data_dir, tmp_path, tiny_model_dir):
+    """RewardTrainer drops pairs over max_length without a word (trl/trainer/reward_trainer.py:730-739);
+    the rm stage skips them itself, counts them and gives TRL no max_length, so nothing else is dropped."""
+    pairs = read_jsonl(edit_data_dir / "pairs" / "train.jsonl")
+    tokenizer = rm.training.load_tokenizer(compose("rm", [f"run_dir={tmp_path}", f"init={tiny_model_dir}"]))
+    n = lambda conv: len(tokenizer.apply_chat_template(conv, tokenize=True, return_dict=False))  # noqa: E731
+    lengths = [max(n(p["prompt"] + p["chosen"]), n(p["prompt"] + p["rejected"])) for p in pairs]
+    seq_len = sorted(lengths)[len(lengths) // 2]
+    over = sum(length > seq_len for length in lengths)
+    assert 0 < over < len(pairs)
+    cfg = compose("rm", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         f"train.seq_len={seq_len}", "rm.selection_fraction=0.25"])
+    trainer = rm.build_trainer(cfg)
+    assert trainer.args.max_length is None
+    assert trainer.skipped_too_long == {"train": over}
+    assert len(trainer.train_dataset) + len(trainer.eval_dataset) == len(pairs) - over
+    assert all(len(r["chosen_ids"]) <= seq_len and len(r["rejected_ids"]) <= seq_len for r in trainer.train_dataset)

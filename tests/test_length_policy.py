@@ -102,11 +102,16 @@ def test_rm_rl_and_eval_score_a_conversation_identically(edit_data_dir, llama3_p
     [rl_score] = edit_reward(prompts=[pair["prompt"]], completions=[pair["chosen"]], completion_ids=[completion_ids],
                              original_response=["x"])
 
-    # 3. The eval's scorer on the saved model, loaded fresh as the eval loads it.
+    # 3. The eval: its proxy scorer (eval/run.py, the training RM) on the saved model, loaded as the eval
+    # loads it; and recipes.reward.score_conversations, the function it calls.
+    from eval.run import proxy_scorer
+
+    [eval_score] = proxy_scorer(str(rm_dir), compose("eval", [f"run_dir={tmp_path}"])).score([conversation])
     model = AutoModelForSequenceClassification.from_pretrained(rm_dir)
-    [eval_score] = reward.score_conversations(model, AutoTokenizer.from_pretrained(rm_dir), [conversation], 4096)
+    [function_score] = reward.score_conversations(model, AutoTokenizer.from_pretrained(rm_dir), [conversation], 4096)
 
     assert training_score == pytest.approx(rl_score, abs=1e-5) and rl_score == pytest.approx(eval_score, abs=1e-5)
+    assert eval_score == pytest.approx(function_score, abs=1e-5)
 
     # The score is the head's output at <|eot_id|> (the last real token), not at the last content token.
     with torch.no_grad():
