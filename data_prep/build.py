@@ -451,9 +451,9 @@ def existing_build(out: Path) -> dict | None:
         return None
     try:
         manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
-        if manifest.get("tool") != "data_prep":
+        if not isinstance(manifest, dict) or manifest.get("tool") != "data_prep" or not isinstance(manifest.get("source"), dict):
             raise ValueError
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         raise UserError(f"output dir {out}: not empty and holds no data_prep build (manifest.json); "
                         f"pass a new or empty directory") from None
     return manifest
@@ -475,6 +475,30 @@ def damaged_outputs(out: Path, manifest: dict, verify: bool = False) -> list[str
         elif (verify or "bytes" not in entry) and sha256_file(path) != entry.get("sha256"):
             damaged.append(f"{name} has another sha256 than the manifest's")
     return damaged
+
+
+TMP_MARK = ".tmp-"
+
+
+def temp_dir_for(out: Path) -> Path:
+    """A new temp dir beside OUT, named .OUT.tmp-HOST-PID-XXXX so that a later build can tell whose it is."""
+    prefix = f".{out.name}{TMP_MARK}{platform.node()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=out.parent))
+
+
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
+    """Remove the temp dirs that builds into OUT killed on this host (kill -9, power loss) left behind:
+    those whose PID is no longer running. Another host's, or a live process's, are left alone."""
+    from recipes.io import pid_alive
+
+    removed = []
+    host = platform.node()
+    for path in out.parent.glob(f".{out.name}{TMP_MARK}{host}-*"):
+        pid = path.name[len(f".{out.name}{TMP_MARK}{host}-"):].split("-", 1)[0]
+        if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def write_outputs(tmp: Path, all_rows: list[Row], manifest: dict, progress: bool) -> None:
@@ -662,15 +686,27 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
         }
 
     # Write everything into a temp dir beside OUT; rename it to OUT at the very end.
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temp_dirs(out)
+        tmp = temp_dir_for(out)
+    except OSError as exc:
+        raise UserError(f"output dir {out}: cannot create it: {exc.strerror or exc}") from None
     follow_umask(tmp)  # mkdtemp makes 0700; OUT gets the mode of any new dir
     try:
         write_outputs(tmp, all_rows, manifest, progress)
-        if out.exists():
-            out.rmdir()  # an empty directory (existing_build allowed nothing else here)
-        os.rename(tmp, out)
+        try:
+            if out.exists():
+                out.rmdir()  # an empty directory (existing_build allowed nothing else here)
+            os.rename(tmp, out)
+        except OSError:
+            raise UserError(f"output dir {out}: another process wrote it while this build ran (rerun to check "
+                            f"that it holds this build)") from None
         phase("write")
+    except OSError as exc:  # a full disk (ENOSPC), a file too large (EFBIG), a read-only file system
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"output dir {out}: writing failed: {exc.strerror or exc} (nothing was written; "
+                        f"the temp dir {tmp.name} is removed)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

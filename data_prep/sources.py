@@ -6,6 +6,7 @@ that a malformed line or invalid UTF-8 is one rejected row, not a failed run.
 """
 from __future__ import annotations
 
+import codecs
 import gzip
 import json
 import re
@@ -34,6 +35,34 @@ class RawRow:
     text: str = ""  # the raw line, kept for rejected.jsonl when it did not parse
 
 
+# HelpSteer3 rows nest 4 deep (row > context > turn > content); much deeper is hostile, and recursion
+# over it (json.dumps, the checks) would hit Python's recursion limit.
+MAX_DEPTH = 32
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON (strict JSON has no NaN or Infinity)")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value in (float("inf"), float("-inf")):
+        raise ValueError(f"{text} overflows a float (strict JSON output could not hold it)")
+    return value
+
+
+def _depth(value: Any) -> int:
+    """Nesting depth of a parsed JSON value, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if depth <= MAX_DEPTH:
+            children = node.values() if isinstance(node, dict) else node if isinstance(node, list) else ()
+            stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
+
+
 def parse_line(row: int, raw: bytes) -> RawRow:
     try:
         text = raw.decode("utf-8")
@@ -41,9 +70,15 @@ def parse_line(row: int, raw: bytes) -> RawRow:
         return RawRow(row, reason=INVALID_UTF8, detail=f"byte {exc.start}: {exc.reason}",
                       text=raw.decode("utf-8", "backslashreplace"))
     try:
-        record = json.loads(text)
+        record = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         return RawRow(row, reason=MALFORMED_JSON, detail=str(exc), text=text)
+    except ValueError as exc:  # NaN, Infinity, 1e400
+        return RawRow(row, reason=MALFORMED_JSON, detail=str(exc), text=text)
+    except RecursionError:
+        return RawRow(row, reason=MALFORMED_JSON, detail=f"nested deeper than {MAX_DEPTH} levels", text=text)
+    if _depth(record) > MAX_DEPTH:
+        return RawRow(row, reason=MALFORMED_JSON, detail=f"nested deeper than {MAX_DEPTH} levels", text=text)
     if _SURROGATE_ESCAPE.search(text):
         try:
             json.dumps(record, ensure_ascii=False).encode("utf-8")
@@ -77,8 +112,15 @@ class DirSource:
 
     def describe(self) -> dict:
         return {"type": "dir", "path": str(self.path),
-                "files": {f"{subset}/{split}": {"file": str(path.relative_to(self.path)), "sha256": sha256_file(path)}
+                "files": {f"{subset}/{split}": {"file": str(path.relative_to(self.path)), "sha256": self._sha256(path)}
                           for (subset, split), path in self.files.items()}}
+
+    @staticmethod
+    def _sha256(path: Path) -> str:
+        try:
+            return sha256_file(path)
+        except OSError as exc:
+            raise UserError(f"cannot read {path}: {exc.strerror or exc}") from None
 
     def read(self, subset: str, split: str) -> list[RawRow]:
         path = self.files[subset, split]
@@ -86,8 +128,12 @@ class DirSource:
             data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
         except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"cannot read {path}: {exc}") from None
-        # Rows are lines; blank lines (e.g. the final newline) are not rows.
-        return [parse_line(i, line) for i, line in enumerate(data.split(b"\n")) if line.strip()]
+        if data.startswith(codecs.BOM_UTF8):  # a UTF-8 BOM (utf-8-sig) is not part of the first row
+            data = data[len(codecs.BOM_UTF8):]
+        # Rows are lines; blank lines (e.g. the final newline) are not rows. A file that ends its lines
+        # with CR alone (old Mac) is split on CR (a JSON text holds no raw CR inside a string).
+        newline = b"\r" if b"\n" not in data and b"\r" in data else b"\n"
+        return [parse_line(i, line) for i, line in enumerate(data.split(newline)) if line.strip()]
 
 
 class HubSource:
@@ -124,4 +170,3 @@ class HubSource:
 
 def open_source(source: str, revision: str, subsets: tuple[str, ...] = SUBSETS) -> DirSource | HubSource:
     return HubSource(revision, subsets) if source == "hf" else DirSource(source, subsets)
-

@@ -60,6 +60,20 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process of this host with that PID is running (a zombie counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
 def follow_umask(path: str | os.PathLike) -> None:
     """Give a file, or a dir and everything under it, the mode a new file gets under the umask
     (0o666, dirs 0o777, less the umask). For outputs that a library writes owner-only (safetensors

@@ -154,19 +154,6 @@ def slurm_job_state(job_id: str) -> str | None:
     return None
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-    except (OSError, IndexError):
-        return True
-
-
 class OutputLock:
     """`with OutputLock(cfg.out):` around a stage run. A one-line UserError if another live job or
     process holds the dir.
