@@ -29,7 +29,7 @@ def to_prompt_completion(row: dict) -> dict:
     return {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}
 
 
-def load_split(path, cfg=None, tokenizer=None, name: str = "train"):
+def load_split(path, cfg=None, tokenizer=None, name: str = "sft/train"):
     """The split as prompt-completion rows; with cfg and tokenizer, rows over train.seq_len left out.
     Returns (dataset, number skipped)."""
     from datasets import load_dataset
@@ -38,7 +38,7 @@ def load_split(path, cfg=None, tokenizer=None, name: str = "train"):
     skipped = 0
     if cfg is not None:
         lengths = training.token_lengths(tokenizer, list(dataset["messages"]))
-        dataset, skipped = training.skip_too_long(cfg, dataset, lengths, cfg.train.seq_len, f"sft/{name}")
+        dataset, skipped = training.skip_too_long(cfg, dataset, lengths, cfg.train.seq_len, name)
     return dataset.map(to_prompt_completion, remove_columns=dataset.column_names), skipped
 
 
@@ -59,10 +59,10 @@ def build_trainer(cfg, split_dir: str = "sft"):
         eval_packing=False,
     )
     tokenizer = training.load_tokenizer(cfg)
-    train_dataset, skipped_train = load_split(train_file, cfg, tokenizer, "train")
+    train_dataset, skipped_train = load_split(train_file, cfg, tokenizer, f"{split_dir}/train")
     # The eval loss is only monitored here; its rows over the limit are left out too (counted), so that
     # it is never a loss on cut targets. The held-out split itself is scored whole by the eval.
-    eval_dataset, skipped_eval = load_split(validation_file, cfg, tokenizer, "validation")
+    eval_dataset, skipped_eval = load_split(validation_file, cfg, tokenizer, f"{split_dir}/validation")
     model = training.load_model(cfg, AutoModelForCausalLM)
     trainer = SFTTrainer(
         model=model,
