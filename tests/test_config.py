@@ -50,6 +50,7 @@ def test_aliases_and_interpolation():
 
 
 def test_model_accepts_a_checkpoint_path(tmp_path):
+    (tmp_path / "config.json").write_text("{}")  # a dir without one is refused (tests/test_config_gaps.py)
     cfg = compose("eval", [f"model={tmp_path}"])
     assert cfg.model.path == str(tmp_path)
     assert cfg.model.name == tmp_path.name
