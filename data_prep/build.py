@@ -32,7 +32,7 @@ from data_prep.sources import ALL_SUBSETS, open_source
 from data_prep import feedback_data, select_data
 from recipes.io import UserError, dumps_json, follow_umask
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: validation rows over --max-seq-len are kept and flagged (1 rejected them)
 OUTPUT_KINDS = ("sft", "pairs", "prompts")
 PAIR_KINDS = ("good_vs_bad", "good_vs_original")
 LEAK_RULE = ("a train row (edit or edit_quality) whose context and original_response equal those of "
@@ -68,7 +68,7 @@ class Options:
     feedback_orders: str = "all"  # all | given | K (an integer: K distinct permutations chosen with seed)
     seed: int = 1234
     tokenizer: str | None = None  # name or path; counts tokens of every conversation
-    max_seq_len: int | None = None  # drop rows with a longer conversation (needs tokenizer)
+    max_seq_len: int | None = None  # reject train rows with a longer sequence; flag validation rows (needs tokenizer)
     strict: bool = False  # any rejected row fails the run
     keep_leaked: bool = False  # keep train rows that leak a validation row
     subsets: Any = DEFAULT_SUBSETS  # HelpSteer3 subsets to read (a tuple, or "edit,feedback,...")
@@ -284,7 +284,8 @@ def _flat(counts: tuple[list, list, list]) -> list[int]:
 
 def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bool, workers: int = 1) -> None:
     """Token counts of every output line (SFT: the whole conversation; pair: prompt + the longer
-    side; prompt: with the generation prompt); rows with a sequence over max_seq_len are rejected.
+    side; prompt: with the generation prompt); train rows with a sequence over max_seq_len are
+    rejected (too_long), validation rows are kept and their longer lines flagged (over_max_seq_len).
     With workers > 1 the batches are counted in forked processes (same counts, same order)."""
     global _WORKER_COUNTER
     import multiprocessing
@@ -325,7 +326,10 @@ def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bo
                                  for kind, lines in r.outputs.items()}
                     longest = max(max(v) for v in r.lengths.values())
                     if max_seq_len is not None and longest > max_seq_len:
-                        r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
+                        if r.split == "validation":  # held out: never dropped for a training limit
+                            flag_over_max_seq_len(r, max_seq_len)
+                        else:
+                            r.reject(TOO_LONG, f"{longest} tokens > --max-seq-len {max_seq_len}")
                 bar.update(len(batch))
     finally:
         if pool is not None:
@@ -335,6 +339,22 @@ def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bo
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved_env
+
+
+def flag_over_max_seq_len(row: Row, max_seq_len: int) -> None:
+    """A validation row's output lines longer than max_seq_len get "over_max_seq_len": true (kept; the
+    manifest counts them per split; the eval shortens them by its documented rule)."""
+    for kind, lines in row.outputs.items():
+        for line, n in zip(lines, row.lengths[kind]):
+            if n > max_seq_len:
+                line["over_max_seq_len"] = True
+
+
+def over_max_seq_len_counts(used: list[Row]) -> dict:
+    """Validation rows (and their lines, per output kind) flagged over --max-seq-len."""
+    lines = Counter(kind for r in used for kind, out in r.outputs.items() for line in out if line.get("over_max_seq_len"))
+    rows = sum(1 for r in used if any(line.get("over_max_seq_len") for out in r.outputs.values() for line in out))
+    return {"rows": rows, "lines": dict(sorted(lines.items()))}
 
 
 def percentiles(values: list[int]) -> dict:
@@ -665,6 +685,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
         if subset == "edit":
             counts["feedback_items"] = dict(sorted(Counter(
                 str(len(r.record["feedback"])) for r in split_rows if r.reason is None or r.reason == LEAKED).items()))
+        if split == "validation" and options.max_seq_len is not None:
+            counts["over_max_seq_len"] = over_max_seq_len_counts(used)
         assert counts["read"] == counts["used"] + counts["rejected"], (subset, split, counts)
         manifest["counts"][f"{subset}/{split}"] = counts
     manifest["leakage"] = {
