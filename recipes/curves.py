@@ -46,7 +46,15 @@ def reporters(value: str) -> list[str]:
 def report_to(cfg) -> list[str]:
     """TrainingArguments.report_to for the stage; TensorBoard's event files go to OUT/tensorboard
     (transformers reads TENSORBOARD_LOGGING_DIR)."""
+    import importlib.util
+
+    from recipes.config import ConfigError
+
     names = reporters(cfg.train.report_to)
+    for name in names:
+        if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
+            raise ConfigError(f"train.report_to={cfg.train.report_to}: the {name} package is not installed "
+                              f"(pip install {name}; or train.report_to=none)")
     if "tensorboard" in names:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.out) / "tensorboard")
     if "wandb" in names:
