@@ -525,22 +525,30 @@ def write_outputs(tmp: Path, all_rows: list[Row], manifest: dict, progress: bool
     """Every output file into tmp, then manifest.json (with each file's line count and sha256)."""
     from tqdm import tqdm
 
-    with ThreadPoolExecutor(max_workers=1) as thread:  # one thread, so each file's chunks stay in order
-        kinds = output_kinds(manifest["options"].get("subsets", DEFAULT_SUBSETS))
-        writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl", thread)
-                   for kind in kinds for split in SPLITS}
-        rejected_writer = _Writer(tmp / "rejected.jsonl", thread)
-        for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
-            for kind, lines in row.outputs.items():
-                writer = writers[f"{kind}/{row.split}.jsonl"]
-                for text in sft_lines_json(lines) if kind == "sft" else map(dumps_json, lines):
-                    writer.write_json(text)
-            if row.reason is not None:
-                rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
-                                       "detail": row.detail,
-                                       "record": row.record if row.record is not None else row.raw_text})
-        manifest["outputs"] = {name: writer.close() for name, writer in writers.items()}
-        manifest["outputs"]["rejected.jsonl"] = rejected_writer.close()
+    writers: dict[str, _Writer] = {}
+    rejected_writer = None
+    try:
+        with ThreadPoolExecutor(max_workers=1) as thread:  # one thread, so each file's chunks stay in order
+            kinds = output_kinds(manifest["options"].get("subsets", DEFAULT_SUBSETS))
+            writers = {f"{kind}/{split}.jsonl": _Writer(tmp / kind / f"{split}.jsonl", thread)
+                       for kind in kinds for split in SPLITS}
+            rejected_writer = _Writer(tmp / "rejected.jsonl", thread)
+            for row in tqdm(all_rows, desc="write", unit="row", disable=None if progress else True):
+                for kind, lines in row.outputs.items():
+                    writer = writers[f"{kind}/{row.split}.jsonl"]
+                    for text in sft_lines_json(lines) if kind == "sft" else map(dumps_json, lines):
+                        writer.write_json(text)
+                if row.reason is not None:
+                    rejected_writer.write({"subset": row.subset, "split": row.split, "row": row.row, "reason": row.reason,
+                                           "detail": row.detail,
+                                           "record": row.record if row.record is not None else row.raw_text})
+            manifest["outputs"] = {name: writer.close() for name, writer in writers.items()}
+            manifest["outputs"]["rejected.jsonl"] = rejected_writer.close()
+    finally:  # after a failed write (a full disk) no file stays open (it would hold the space and the mount)
+        for writer in [*writers.values(), rejected_writer]:
+            if writer is not None:
+                with contextlib.suppress(OSError):
+                    writer.file.close()
     manifest["versions"] = versions()
     with open(tmp / "manifest.json", "w", encoding="utf-8", newline="\n") as f:
         f.write(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n")

@@ -262,7 +262,10 @@ def test_a_fault_is_one_line_and_leaves_nothing(name, tmp_path):
             assert not list(out.parent.glob(".data.tmp-*"))  # no temp dir left behind
     finally:
         if name in ("read-only OUT", "full disk"):
-            subprocess.run(["umount", str(out.parent)], capture_output=True)
+            unmounted = subprocess.run(["umount", str(out.parent)], capture_output=True, text=True)
+            if unmounted.returncode:  # busy: a file the build left open; detach it anyway, then fail
+                subprocess.run(["umount", "-l", str(out.parent)], capture_output=True)
+            assert unmounted.returncode == 0, f"the build left a file open on {out.parent}: {unmounted.stderr}"
 
 
 @pytest.mark.parametrize("args,message", [
