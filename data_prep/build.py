@@ -500,6 +500,20 @@ def damaged_outputs(out: Path, manifest: dict, verify: bool = False) -> list[str
 TMP_MARK = ".tmp-"
 
 
+def estimated_output_bytes(all_rows: list[Row], samples: int = 500) -> int:
+    """The build's output size, extrapolated from the JSON of an even sample of its rows (a few ms)."""
+    if not all_rows:
+        return 0
+    sample = all_rows[::max(1, len(all_rows) // samples)]
+    size = 0
+    for row in sample:
+        for lines in row.outputs.values():
+            size += sum(len(dumps_json(line).encode("utf-8")) + 1 for line in lines)
+        if row.reason is not None:
+            size += len(dumps_json(row.record if row.record is not None else row.raw_text).encode("utf-8")) + 200
+    return size * len(all_rows) // len(sample)
+
+
 def temp_dir_for(out: Path) -> Path:
     """A new temp dir beside OUT, named .OUT.tmp-HOST-PID-XXXX so that a later build can tell whose it is."""
     prefix = f".{out.name}{TMP_MARK}{platform.node()}-{os.getpid()}-"
@@ -719,6 +733,10 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temp_dirs(out)
+        needed, free = estimated_output_bytes(all_rows), shutil.disk_usage(out.parent).free
+        if needed > free:  # checked up front: a full disk would otherwise fail the build at its very end
+            raise UserError(f"output dir {out}: the build needs about {needed / 1e6:.1f} MB and {out.parent} has "
+                            f"{free / 1e6:.1f} MB free")
         tmp = temp_dir_for(out)
     except OSError as exc:
         raise UserError(f"output dir {out}: cannot create it: {exc.strerror or exc}") from None

@@ -244,7 +244,7 @@ FAULTS = {
     "foreign manifest (deep)": (_foreign_manifest_deep, "holds no data_prep build"),
     "foreign files": (_foreign_files, "holds no data_prep build"),
     "read-only OUT": (_read_only_out, "cannot create it: Read-only file system"),
-    "full disk": (_full_disk, "writing failed: No space left on device"),
+    "full disk": (_full_disk, "the build needs about"),
 }
 
 
@@ -288,6 +288,21 @@ def test_cli_fault_exits_2_with_one_line(tmp_path):
     proc = run_cli("-m", "data_prep", "--source", str(src), "--out", str(tmp_path / "out"), "--no-progress")
     assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
     assert proc.stderr.startswith("error: cannot read ")
+
+
+def test_a_file_too_large_for_the_limit_is_one_line_and_leaves_nothing(tmp_path):
+    """EFBIG (RLIMIT_FSIZE; Python ignores SIGXFSZ) while writing: exit 2, one line, no temp dir."""
+    import resource
+
+    src = write_source(tmp_path / "src", {"edit/train": [json.dumps(edit_row(i, original_response="y" * 2000)).encode()
+                                                         for i in range(40)]})
+    proc = subprocess.run([sys.executable, "-m", "data_prep", "--source", str(src), "--out", str(tmp_path / "data"),
+                           "--no-progress"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120,
+                          preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000)))
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert "writing failed: File too large" in proc.stderr and "the temp dir" in proc.stderr
+    assert not (tmp_path / "data").exists() and not list(tmp_path.glob(".data.tmp-*"))
 
 
 def test_two_builds_into_one_out_at_once(tmp_path):
