@@ -108,3 +108,11 @@ def test_a_killed_holder_releases_the_lock_and_the_next_start_takes_it(tmp_path,
     assert OutputLock(tmp_path).holder() is None
     with OutputLock(tmp_path):
         assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_an_out_dir_that_cannot_hold_the_lock_is_one_line(tmp_path, clean_env):
+    (tmp_path / "file").write_text("not a dir")
+    with pytest.raises(Exception) as caught:
+        OutputLock(tmp_path / "file" / "sft").acquire()
+    assert type(caught.value).__name__ == "UserError" and str(caught.value).startswith("cannot lock ")
+    assert "\n" not in str(caught.value)
