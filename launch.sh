@@ -27,6 +27,8 @@ usage: ./launch.sh COMMAND [key=value ...] [--dry-run]
   plan                      print and check a Megatron parallel plan
   pipeline                  data -> sft -> rm -> rl -> eval (executor=local|slurm)
   status RUN_DIR            each stage's job, state and last log line
+  doctor cluster=NAME       on a SLURM login node: check what a 70B run needs (partition, GPUs,
+                            container, shared file system, HF_TOKEN and the model, disk)
 USAGE
 }
 

@@ -36,6 +36,7 @@ COMMANDS = {
     "pipeline": "recipes.pipeline:main",
     "smoke": "recipes.pipeline:smoke_main",
     "status": "recipes.slurm:status_main",
+    "doctor": "recipes.doctor:main",
     "eval-compare": "eval.compare:main",
     "its-eval": "its.evaluate:main",
 }

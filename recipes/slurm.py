@@ -48,7 +48,7 @@ RAY_PORT = 6379
 
 def launch_kind(cfg) -> str:
     """hf | megatron | nemo_rl | single (one process: data, eval, convert)."""
-    if cfg.stage in ("data", "eval", "convert"):
+    if cfg.stage in ("data", "eval", "convert", "its"):
         return "single"
     if cfg.engine == "megatron":
         return "nemo_rl" if cfg.stage in NEMO_RL_STAGES else "megatron"
@@ -94,17 +94,22 @@ def container_image(cfg) -> str | None:
 
 def srun_prefix(cfg, *srun_args: str) -> str:
     """`srun ARGS [--container-image ... --container-mounts ...]`: pyxis/enroot flags when the stage
-    runs in a container (the repo and the run dir are mounted at the same paths)."""
+    runs in a container (the repo and the run dir are mounted at the same paths). Every argument is
+    quoted for the shell (a path with a space stays one argument, `$(...)` in a path stays text); only
+    the launcher's own variables ("--exclude=$MASTER_ADDR") expand, see shell_join."""
     parts = ["srun", *srun_args]
     image = container_image(cfg)
     if image:
         mounts = list(cfg.cluster.container_mounts)
         for path in (str(REPO_ROOT), str(Path(cfg.run_dir).resolve())):
+            if any(c in path for c in ",:"):  # pyxis splits --container-mounts on both
+                raise ConfigError(f"{path!r} cannot be mounted into the container (pyxis --container-mounts "
+                                  f"splits on ',' and ':'); use a run_dir without them")
             if not any(m.split(":")[0] == path or path.startswith(m.split(":")[0] + "/") for m in mounts):
                 mounts.append(f"{path}:{path}")
         parts += [f"--container-image={image}", f"--container-mounts={','.join(mounts)}",
                   f"--container-workdir={REPO_ROOT}", "--no-container-mount-home"]
-    return " ".join(shlex.quote(p) if not p.startswith("--container") else p for p in parts)
+    return shell_join(parts)
 
 
 def task_setup(cfg) -> str:
@@ -118,6 +123,10 @@ def task_setup(cfg) -> str:
 def stage_command(cfg, config_file: Path) -> list[str]:
     """The stage's command: the Megatron engine's own (it renders its files into cfg.out first), else
     one process of the stage running the frozen config."""
+    if cfg.stage == "its":  # its/slurm.py: one model server per local model inside the job
+        from its.slurm import job_command
+
+        return job_command(cfg, config_file)
     if launch_kind(cfg) in ("megatron", "nemo_rl") or (cfg.engine == "megatron" and cfg.stage == "convert"):
         from recipes.megatron import build_command
 
@@ -147,13 +156,22 @@ def tasks_per_node(cfg, command: list[str] | str) -> int:
     return 1
 
 
+# The launcher's own variables, the only text that expands in a rendered command: an argument that is
+# exactly one of them, optionally after `--flag=` and before `:PORT` (`--exclude=$MASTER_ADDR`,
+# `$RAY_HEAD_IP:6379`). Anything else, paths from the config included, is single-quoted: never expanded.
+EXPANDED = ("MASTER_ADDR", "MASTER_PORT", "SLURM_NODEID", "SLURM_PROCID", "SLURM_LOCALID", "SLURM_NTASKS",
+            "SLURM_JOB_ID", "RAY_HEAD_IP", "RAY_CPUS", "RAY_DIR")
+_EXPANDED_ARG = re.compile(r"(--[\w-]+=)?\$(%s)(:\d+)?" % "|".join(EXPANDED))
+
+
 def shell_join(args: list[str] | str) -> str:
-    """shlex.join, except that arguments with $VARIABLES are double-quoted so the shell expands them."""
+    """shlex.join, except that an argument that is one of the launcher's variables (EXPANDED) is
+    double-quoted, so that the shell expands it (and it stays one word)."""
     if isinstance(args, str):
         return args
     def quote(arg: str) -> str:
-        if re.search(r"\$[A-Z_{]", arg):
-            return '"' + re.sub(r'(["\\`])', r"\\\1", arg) + '"'
+        if _EXPANDED_ARG.fullmatch(arg):
+            return '"' + arg + '"'
         return shlex.quote(arg)
     return " ".join(quote(a) for a in args)
 
@@ -197,26 +215,45 @@ def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
 
 def ray_block(cfg, command: str) -> str:
     """NeMo-RL: Ray head on the first node, a worker per other node (as NeMo-RL's ray.sub lays them
-    out), the stage command on the head once every node's GPUs have joined; ENDED stops the workers."""
+    out), the stage command on the head once every node's GPUs have joined; ENDED stops the workers.
+    As in ray.sub (NeMo-RL v0.7.0): the head's address is the first node's IP, not its hostname
+    (ray.sub:271-313 resolves each node with host/getent, falling back to the name), and each Ray node
+    gets its whole node: the job is --exclusive (ray.sub:3) and each Ray srun and `ray start` gets the
+    node's CPUTot (ray.sub:64-93, 860, 876), not cluster.cpus_per_task."""
     nodes, gpus = job_shape(cfg)
     gpus = max(gpus, 1)
     ray_dir = '"$RAY_DIR"'
-    head = (f"ray start --head --node-ip-address=$MASTER_ADDR --port={RAY_PORT} --num-gpus={gpus} --disable-usage-stats; "
-            f"touch $RAY_DIR/STARTED_RAY_HEAD; "
+    ray_start = f'--num-cpus="$RAY_CPUS" --num-gpus={gpus} --disable-usage-stats'
+    # a worker that cannot join says so (WORKER_FAILED): the head stops waiting for its GPUs and fails
+    head = (f'ray start --head --node-ip-address="$RAY_HEAD_IP" --port={RAY_PORT} {ray_start} || '
+            f'{{ touch "$RAY_DIR/ENDED"; exit 1; }}; touch "$RAY_DIR/STARTED_RAY_HEAD"; '
             f"until python -c \"import ray; ray.init(address='auto'); import sys; "
-            f"sys.exit(ray.cluster_resources().get('GPU', 0) < {nodes * gpus})\" 2>/dev/null; do sleep 5; done; "
-            f"{command}; rc=$?; touch $RAY_DIR/ENDED; ray stop; exit $rc")
-    worker = (f"until [ -f $RAY_DIR/STARTED_RAY_HEAD ]; do sleep 2; done; "
-              f"ray start --address=$MASTER_ADDR:{RAY_PORT} --num-gpus={gpus} --disable-usage-stats; "
-              f"until [ -f $RAY_DIR/ENDED ]; do sleep 5; done; ray stop")
+            f"sys.exit(ray.cluster_resources().get('GPU', 0) < {nodes * gpus})\" 2>/dev/null; do "
+            f'if [ -f "$RAY_DIR/WORKER_FAILED" ]; then echo "[hs3] a Ray worker failed to start" >&2; '
+            f'touch "$RAY_DIR/ENDED"; ray stop; exit 1; fi; sleep 5; done; '
+            f'{command}; rc=$?; touch "$RAY_DIR/ENDED"; ray stop; exit $rc')
+    worker = (f'until [ -f "$RAY_DIR/STARTED_RAY_HEAD" ] || [ -f "$RAY_DIR/ENDED" ]; do sleep 2; done; '
+              f'[ -f "$RAY_DIR/ENDED" ] && exit 1; '
+              f'ray start --address="$RAY_HEAD_IP:{RAY_PORT}" {ray_start} || '
+              f'{{ touch "$RAY_DIR/WORKER_FAILED"; exit 1; }}; '
+              f'until [ -f "$RAY_DIR/ENDED" ]; do sleep 5; done; ray stop')
+    cpus = "'s/.*CPUTot=\\([0-9]*\\).*/\\1/p'"
     lines = [f"# NeMo-RL: Ray cluster over {nodes} node(s), {nodes * gpus} GPUs; the stage runs on the head node",
+             "# The head's IP (Ray binds to an address, not a name; as ray.sub: host, else getent, else the name)",
+             'RAY_HEAD_IP=$(host "$MASTER_ADDR" 2>/dev/null | awk \'/has address/ { print $4; exit }\' || true)',
+             '[ -n "$RAY_HEAD_IP" ] || RAY_HEAD_IP=$(getent hosts "$MASTER_ADDR" | awk \'{ print $1; exit }\' || true)',
+             'export RAY_HEAD_IP=${RAY_HEAD_IP:-$MASTER_ADDR}',
+             "# Each Ray node claims its node's CPUs (CPUTot of the first node; the nodes are alike)",
+             f'export RAY_CPUS=$(scontrol show node "$MASTER_ADDR" -o | sed -n {cpus})',
+             '[ -n "$RAY_CPUS" ] || { echo "[hs3] cannot read CPUTot of $MASTER_ADDR from scontrol" >&2; exit 1; }',
              f"export RAY_DIR={shlex.quote(str(job_files(cfg)['script'].parent))}/ray-$SLURM_JOB_ID",
              f"rm -rf {ray_dir}; mkdir -p {ray_dir}"]
     if nodes > 1:
-        lines.append(f"{srun_prefix(cfg, f'--nodes={nodes - 1}', f'--ntasks={nodes - 1}', '--ntasks-per-node=1', '--exclude=$MASTER_ADDR')} \\\n"
-                     f"    {in_task(cfg, worker)} &")
-    lines.append(f"{srun_prefix(cfg, '--nodes=1', '--ntasks=1', '-w', '$MASTER_ADDR', '--overlap')} \\\n"
-                 f"    {in_task(cfg, head)} &")
+        worker_srun = srun_prefix(cfg, f'--nodes={nodes - 1}', f'--ntasks={nodes - 1}', '--ntasks-per-node=1',
+                                  '--cpus-per-task=$RAY_CPUS', '--exclude=$MASTER_ADDR')
+        lines.append(f"{worker_srun} \\\n    {in_task(cfg, worker)} &")
+    head_srun = srun_prefix(cfg, '--nodes=1', '--ntasks=1', '--cpus-per-task=$RAY_CPUS', '-w', '$MASTER_ADDR', '--overlap')
+    lines.append(f"{head_srun} \\\n    {in_task(cfg, head)} &")
     return "\n".join(lines)
 
 
@@ -226,6 +263,10 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
     c = cfg.cluster
     kind = launch_kind(cfg)
     files = job_files(cfg)
+    for path in (str(Path(cfg.run_dir).resolve()), str(Path(cfg.out).resolve())):
+        # #SBATCH lines take a double-quoted value; a line break would end a comment or an #SBATCH line
+        if any(ch in path for ch in '"\n\r'):
+            raise ConfigError(f"run_dir/out {path!r} contains a double quote or a line break (not usable in a batch script)")
     out = Path(cfg.out).resolve()
     command = command or stage_command(cfg, files["config"])
     nodes, gpus = job_shape(cfg)
@@ -236,11 +277,14 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
     sbatch += [f"--time={c.time}", f"--nodes={nodes}", f"--ntasks-per-node={tasks_per_node(cfg, command)}"]
     if gpus > 0 and c.request_gpus:
         sbatch.append(f"--gpus-per-node={gpus}")
-    if c.cpus_per_task:
+    if kind == "nemo_rl":  # Ray nodes take whole nodes (ray.sub:3); cpus_per_task does not limit them
+        if "--exclusive" not in c.extra_sbatch:
+            sbatch.append("--exclusive")
+    elif c.cpus_per_task:
         sbatch.append(f"--cpus-per-task={c.cpus_per_task}")
     if c.mem:
         sbatch.append(f"--mem={c.mem}")
-    sbatch += [f"--output={files['log']}", "--open-mode=append",
+    sbatch += [f'--output="{files["log"]}"', "--open-mode=append",
                f"--signal=B:USR1@{c.signal_seconds}", "--requeue", "--kill-on-invalid-dep=yes",
                *c.extra_sbatch]
     image = container_image(cfg)
@@ -253,7 +297,7 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
     else:  # nothing to checkpoint: the stage runs on until the limit
         request = f'echo "[hs3] USR1 at $(date -u +%FT%TZ): {cfg.stage} has no checkpoint; it may hit the time limit"'
     return f"""#!/bin/bash
-# {cfg.stage} (engine={cfg.engine}, {kind} launch) for run_dir={cfg.run_dir}
+# {cfg.stage} (engine={cfg.engine}, {kind} launch) for run_dir={shlex.quote(str(cfg.run_dir))}
 # Rendered by recipes/slurm.py from conf/cluster/{c.name}.yaml; the job runs the frozen config
 # {files['config']}
 {chr(10).join('#SBATCH ' + s for s in sbatch)}
@@ -268,6 +312,12 @@ export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
 export HS3_RUN_DIR={shlex.quote(str(Path(cfg.run_dir).resolve()))}
 {'export CUDA_DEVICE_MAX_CONNECTIONS=1  # Megatron TP/SP overlap on Hopper' if cfg.engine == 'megatron' else ''}
 {'# container: ' + image if image else '# no container: each task runs the setup lines, then the stage'}
+# The gated base model: HF_TOKEN reaches every task through the environment (sbatch and srun export it;
+# pyxis passes it into the container). The container does not mount $HOME (--no-container-mount-home):
+# without HF_TOKEN, the login's token file is read here, on the host, into the environment, never into a file.
+HF_TOKEN_FILE="${{HF_TOKEN_PATH:-${{HF_HOME:-$HOME/.cache/huggingface}}/token}}"
+if [ -z "${{HF_TOKEN:-}}" ] && [ -r "$HF_TOKEN_FILE" ]; then export HF_TOKEN="$(cat "$HF_TOKEN_FILE")"; fi
+[ -n "${{HF_TOKEN:-}}" ] || echo "[hs3] note: HF_TOKEN is not set (a gated model such as Llama-3.3-70B cannot be downloaded; see ./launch.sh doctor)"
 
 # Preemption / time limit: USR1 arrives {c.signal_seconds}s before the end; the stage checkpoints,
 # exits {code}, and this script requeues the job (it resumes from the latest checkpoint).

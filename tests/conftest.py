@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -141,3 +142,35 @@ def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     model.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
     return out
+
+
+# --- a real SLURM of 2 nodes on this machine (tests/slurm_cluster.sh), shared by every SLURM test ----
+SLURM_CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm_cluster.sh"
+
+
+@pytest.fixture(scope="session")
+def slurm(tmp_path_factory):
+    """SLURM_CONF of a running 2-node cluster (nodes n1, n2, each in its own network namespace)."""
+    state = tmp_path_factory.mktemp("slurm-state")
+    # Free ports, so that a second test session on the same machine gets its own cluster.
+    ports = {}
+    for name in ("HS3_SLURMCTLD_PORT", "HS3_SLURMD_PORT"):
+        with socket.socket() as sock:
+            sock.bind(("", 0))
+            ports[name] = str(sock.getsockname()[1])
+    proc = subprocess.run([str(SLURM_CLUSTER_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, **ports})
+    if proc.returncode != 0:
+        reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        print(f"SLURM could not start: {reason}", file=sys.stderr)
+        subprocess.run([str(SLURM_CLUSTER_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
+        pytest.skip(f"SLURM could not start here: {reason}")
+    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
+    previous = os.environ.get("SLURM_CONF")
+    os.environ["SLURM_CONF"] = conf  # sbatch/scontrol here, and inside the jobs, talk to this cluster
+    yield conf
+    if previous is None:
+        os.environ.pop("SLURM_CONF", None)
+    else:
+        os.environ["SLURM_CONF"] = previous
+    subprocess.run([str(SLURM_CLUSTER_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)

@@ -1,4 +1,5 @@
-"""Real jobs on a real single-node SLURM (tests/slurm_cluster.sh starts it once per test session).
+"""Real jobs on a real 2-node SLURM (tests/slurm_cluster.sh, started once per test session by the `slurm`
+fixture in tests/conftest.py).
 
 Skipped, with the reason, only when SLURM cannot start at all here (e.g. not root and not installed).
 Job ids restart at 1 with every fresh cluster: each test uses its own run dir.
@@ -25,38 +26,10 @@ from tests.conftest import SAMPLE_DIR, run_cli
 
 pytestmark = pytest.mark.slurm
 
-CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm_cluster.sh"
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
 # Every job of these tests: the test cluster's single partition, no GPUs, the repo's venv.
 # model=tiny: without it a SLURM job defaults to the paper's 70B model.
 ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny"]
-
-
-@pytest.fixture(scope="session")
-def slurm(tmp_path_factory):
-    state = tmp_path_factory.mktemp("slurm-state")
-    # Free ports, so that a second test session on the same machine gets its own cluster.
-    ports = {}
-    for name in ("HS3_SLURMCTLD_PORT", "HS3_SLURMD_PORT"):
-        with socket.socket() as sock:
-            sock.bind(("", 0))
-            ports[name] = str(sock.getsockname()[1])
-    proc = subprocess.run([str(CLUSTER_SCRIPT), "start", str(state)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, **ports})
-    if proc.returncode != 0:
-        reason = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        print(f"SLURM could not start: {reason}", file=sys.stderr)
-        subprocess.run([str(CLUSTER_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
-        pytest.skip(f"SLURM could not start here: {reason}")
-    conf = proc.stdout.strip().splitlines()[-1].split("=", 1)[1]
-    previous = os.environ.get("SLURM_CONF")
-    os.environ["SLURM_CONF"] = conf  # sbatch/scontrol here, and inside the jobs, talk to this cluster
-    yield conf
-    if previous is None:
-        os.environ.pop("SLURM_CONF", None)
-    else:
-        os.environ["SLURM_CONF"] = previous
-    subprocess.run([str(CLUSTER_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
 
 
 def wait_for(job_ids, timeout: float) -> dict[str, dict]:

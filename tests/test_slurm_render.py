@@ -22,7 +22,9 @@ def dry_run(*args: str) -> str:
 
 
 def sbatch_options(script: str) -> dict[str, str]:
-    return dict(re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, re.M))
+    """#SBATCH --key=value lines; sbatch drops the double quotes around a value (a path with a space)."""
+    return {k: v[1:-1] if v[:1] == v[-1:] == '"' and len(v) > 1 else v
+            for k, v in re.findall(r"^#SBATCH --([\w-]+)=?(.*)$", script, re.M)}
 
 
 def srun_lines(script: str) -> list[list[str]]:
@@ -106,14 +108,18 @@ def test_nemo_rl_stage_starts_a_ray_cluster_and_runs_on_the_head(tmp_path):
     assert_bash_syntax(script, tmp_path)
     assert sbatch_options(script)["nodes"] == str(nodes)
     workers, head = srun_lines(script)
-    assert workers[1:5] == [f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1", "--exclude=$MASTER_ADDR"]
-    assert "ray start --address=$MASTER_ADDR:6379 --num-gpus=8" in workers[-1]
-    assert head[1:6] == ["--nodes=1", "--ntasks=1", "-w", "$MASTER_ADDR", "--overlap"]
-    assert "ray start --head --node-ip-address=$MASTER_ADDR --port=6379 --num-gpus=8" in head[-1]
+    # (tests/test_slurm_exec.py runs these on a real 2-node SLURM and records what srun receives)
+    assert workers[1:6] == [f"--nodes={nodes - 1}", f"--ntasks={nodes - 1}", "--ntasks-per-node=1",
+                            "--cpus-per-task=$RAY_CPUS", "--exclude=$MASTER_ADDR"]
+    assert 'ray start --address="$RAY_HEAD_IP:6379" --num-cpus="$RAY_CPUS" --num-gpus=8' in workers[-1]
+    assert head[1:7] == ["--nodes=1", "--ntasks=1", "--cpus-per-task=$RAY_CPUS", "-w", "$MASTER_ADDR", "--overlap"]
+    assert 'ray start --head --node-ip-address="$RAY_HEAD_IP" --port=6379 --num-cpus="$RAY_CPUS" --num-gpus=8' in head[-1]
+    opts = sbatch_options(script)
+    assert "exclusive" in opts and "cpus-per-task" not in opts  # whole nodes for Ray (ray.sub:3)
     # the stage waits for every node's GPUs, then runs; the workers stop when it has ended
     wait = f"< {nodes * 8}"
     assert wait in head[-1] and head[-1].index(wait) < head[-1].index("python run_rl.py")
-    assert "touch $RAY_DIR/ENDED" in head[-1] and "until [ -f $RAY_DIR/ENDED ]" in workers[-1]
+    assert 'touch "$RAY_DIR/ENDED"' in head[-1] and 'until [ -f "$RAY_DIR/ENDED" ]' in workers[-1]
     assert "--container-image=nvcr.io/nvidia/nemo-rl:v0.7.0" in head
 
 

@@ -1,0 +1,4 @@
+"""PROBE, not NeMo-RL's examples/run_dpo.py: see tests/probes/nemo_rl_entry.py."""
+from tests.probes.nemo_rl_entry import main
+
+main()

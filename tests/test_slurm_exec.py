@@ -1,0 +1,196 @@
+"""Execution tests: the scripts `executor=slurm` renders, run by real bash on a real 2-node SLURM
+(tests/slurm_cluster.sh: nodes n1 and n2, each in its own network namespace), with real Ray and a real
+torch.distributed group across the nodes. Every srun the batch script runs goes through a recording
+wrapper (PATH-prepended `srun`) that logs the argv srun receives, then runs the real srun (without the
+pyxis --container-* flags: no pyxis here).
+
+Only the upstream entry points cannot run here (NeMo-RL's examples/run_*.py need GPUs and NeMo-RL's
+container): at those paths (megatron.nemo_rl_dir=tests/probes/nemo_rl) a PROBE records what it received.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from recipes.config import REPO_ROOT, compose
+from recipes.slurm import render_script, sbatch, write_job
+from tests.conftest import write_edit_data
+from tests.test_slurm_jobs import wait_for
+
+pytestmark = pytest.mark.slurm
+
+NEMO_RL_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+RL/repo")
+PROBES = REPO_ROOT / "tests" / "probes"
+ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny"]
+RECORDER = """#!/bin/bash
+# Records the argv srun receives (one JSON list per line), then runs the real srun without the pyxis flags.
+python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$SRUN_RECORD"
+args=()
+for a in "$@"; do
+  case "$a" in --container-*|--no-container-mount-home) ;; *) args+=("$a") ;; esac
+done
+exec {real} "${{args[@]}}"
+"""
+
+
+@pytest.fixture
+def srun_recorder(tmp_path):
+    """(env for sbatch, path of the record): PATH starts with a recording `srun`."""
+    real = shutil.which("srun")
+    assert real, "srun not found"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(RECORDER.format(real=shlex.quote(real)))
+    (bin_dir / "srun").chmod(0o755)
+    record = tmp_path / "srun-argv.jsonl"
+    return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_RECORD": str(record)}, record
+
+
+def submit(script: Path, env: dict) -> str:
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **env})
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout.strip().split(";")[0]
+
+
+def recorded_sruns(record: Path) -> list[list[str]]:
+    return [json.loads(line) for line in record.read_text().splitlines()]
+
+
+@pytest.fixture(scope="session")
+def nemo_rl_src(tmp_path_factory) -> Path:
+    """NeMo-RL v0.7.0's nemo_rl package from the mirror: our wrapper imports its pure-Python parts."""
+    if not NEMO_RL_MIRROR.is_dir():
+        pytest.skip("no NeMo-RL mirror (the wrapper imports nemo_rl.utils.timer)")
+    root = tmp_path_factory.mktemp("nemo_rl_v0.7.0")
+    archive = subprocess.run(["git", f"--git-dir={NEMO_RL_MIRROR}", "archive", "v0.7.0", "nemo_rl"],
+                             capture_output=True, check=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    return root
+
+
+def nemo_rl_cfg(stage: str, run_dir: Path, *extra: str):
+    return compose(stage, [
+        "engine=megatron", f"run_dir={run_dir}", *ON_SLURM, "cluster.signal_seconds=60", "megatron.setup_minutes=1",
+        "parallel.nodes=2", "parallel.gpus_per_node=1", "cluster.gpus_per_node=1", "cluster.request_gpus=false",
+        "tp=1", "pp=1", "sp=false", "gbs=2", "mbs=1", "megatron.reward_model_nodes=1",
+        f"megatron.nemo_rl_dir={PROBES / 'nemo_rl'}", "megatron.nemo_rl_container=", "megatron.container=",
+        # a container image, so that the --container-mounts argument is rendered (the recorder drops it)
+        "cluster.container_image=example/nemo-rl:probe", f"cluster.setup=[source {REPO_ROOT}/.venv/bin/activate]",
+        *(["parallel.fsdp=true"] if stage == "rm" else []), *extra])
+
+
+# A run dir with a space and a command substitution: quoted, it is one word and never executed.
+HOSTILE = "run dir $(touch PWNED) `touch PWNED2`"
+
+
+@pytest.mark.parametrize("stage", ["rl", "rm", "dpo"])
+def test_nemo_rl_stage_runs_ray_across_two_nodes(stage, slurm, nemo_rl_src, srun_recorder, tmp_path):
+    """The rendered rm/rl/dpo script on 2 nodes: srun gets the expanded head node (-w/--exclude), never
+    `$MASTER_ADDR`; Ray's head binds the first node's IP (ray.sub:271-313, 567) and a worker on the other
+    node joins; each Ray node has its node's CPUTot (ray.sub:64-93, 860, 876), not cpus_per_task; the
+    probe at NeMo-RL's entry point sees both nodes and runs a task on each."""
+    run_dir = tmp_path / (HOSTILE if stage == "rl" else "run")
+    write_edit_data(run_dir / "data", n_train=8, n_validation=2)
+    cfg = nemo_rl_cfg(stage, run_dir, "cluster.cpus_per_task=1")
+    files = write_job(cfg)
+    env, record = srun_recorder
+    env.update({"PYTHONPATH": str(nemo_rl_src), "PROBE_RECORD": str(tmp_path / "probe.json"), "PROBE_EXPECT_NODES": "2",
+                "HF_TOKEN": "hf_probe_secret_123"})
+    job = submit(files["script"], env)
+    info = wait_for([job], timeout=240)[job]
+    log = Path(str(files["log"]).replace("%j", job)).read_text()
+    assert info["JobState"] == "COMPLETED", log[-4000:]
+    assert not list(tmp_path.rglob("PWNED*")) and not (REPO_ROOT / "PWNED").exists()  # nothing executed
+
+    nodes = subprocess.run(["scontrol", "show", "hostnames", info["NodeList"]], capture_output=True, text=True,
+                           check=True).stdout.split()
+    assert nodes == ["n1", "n2"]
+    sruns = [argv[:argv.index("bash")] for argv in recorded_sruns(record)]  # srun's options (the task expands its own)
+    assert not [a for argv in sruns for a in argv if "$" in a and HOSTILE not in a], sruns  # every variable expanded
+    [head] = [argv for argv in sruns if "-w" in argv]
+    [worker] = [argv for argv in sruns if argv is not head]
+    assert "--exclude=n1" in worker and "--cpus-per-task=2" in worker  # CPUTot of a test node: 2
+    assert head[head.index("-w") + 1] == "n1" and "--cpus-per-task=2" in head
+    mounts = next(a for a in head if a.startswith("--container-mounts="))
+    assert f"{run_dir}:{run_dir}" in mounts.split("=", 1)[1].split(",")  # one argument, space and all
+
+    probe = json.loads((tmp_path / "probe.json").read_text())
+    assert probe["errors"] == [] and probe["host"] == "n1"
+    ips = subprocess.run(["awk", "{print $1, $2}", str(Path(slurm).parent / "hosts-n1")], capture_output=True,
+                         text=True).stdout.split("\n")
+    addr = {name: ip for ip, name in (line.split() for line in ips if line)}
+    assert probe["env"]["MASTER_ADDR"] == "n1" and probe["env"]["RAY_HEAD_IP"] == addr["n1"]
+    assert sorted(n["address"] for n in probe["ray_nodes"]) == [addr["n1"], addr["n2"]]
+    assert all(n["resources"]["CPU"] == 2 and n["resources"]["GPU"] == 1 for n in probe["ray_nodes"])
+    assert sorted(probe["task_hosts"]) == ["n1", "n2"]  # a task really ran on the worker node
+    assert probe["argv"][1:] == ["--config", str(run_dir / stage / f"nemo_rl_{stage}.yaml")]
+    assert "policy" in probe["config"]["keys"]
+    assert probe["hf_token_sha256"] == hashlib.sha256(b"hf_probe_secret_123").hexdigest()
+    for path in run_dir.rglob("*"):  # the token went through the environment, into no file
+        if path.is_file():
+            assert b"hf_probe_secret_123" not in path.read_bytes(), path
+
+
+def test_megatron_layout_forms_one_gloo_group_across_two_nodes(slurm, srun_recorder, tmp_path):
+    """The Megatron layout (one task per GPU) on 2 nodes x 2 tasks: RANK/WORLD_SIZE/LOCAL_RANK from SLURM,
+    MASTER_ADDR the first node, and the 4 ranks form one torch.distributed (gloo) group over the network."""
+    run_dir = tmp_path / "run dir"
+    cfg = compose("sft", ["engine=megatron", "megatron.container=", f"run_dir={run_dir}", *ON_SLURM, "nodes=2",
+                          "parallel.nodes=2", "cluster.gpus_per_node=2", "parallel.gpus_per_node=2",
+                          "cluster.request_gpus=false", "gbs=8", "mbs=1"])
+    probe = textwrap.dedent("""
+        import json, os, socket, torch, torch.distributed as dist
+        dist.init_process_group("gloo")
+        total = torch.tensor([dist.get_rank() + 1]); dist.all_reduce(total)
+        hosts = [None] * dist.get_world_size(); dist.all_gather_object(hosts, socket.gethostname())
+        keys = ["RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR"]
+        print("PROBE " + json.dumps({**{k: os.environ.get(k) for k in keys}, "sum": int(total), "hosts": hosts,
+                                     "host": socket.gethostname()}), flush=True)
+        dist.destroy_process_group()
+    """)
+    (run_dir / "slurm").mkdir(parents=True)
+    script = run_dir / "slurm" / "probe.sbatch"
+    script.write_text(render_script(cfg, command=f"python -c {shlex.quote(probe)}"))
+    env, record = srun_recorder
+    job = submit(script, env)
+    info = wait_for([job], timeout=180)[job]
+    log = (run_dir / "slurm" / f"sft-{job}.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    probes = [json.loads(line.split("PROBE ", 1)[1]) for line in log.splitlines() if line.startswith("PROBE ")]
+    assert sorted(int(p["RANK"]) for p in probes) == [0, 1, 2, 3]
+    assert {p["host"] for p in probes} == {"n1", "n2"} and {p["MASTER_ADDR"] for p in probes} == {"n1"}
+    assert all(p["WORLD_SIZE"] == "4" and p["sum"] == 10 for p in probes)  # 1+2+3+4 over both nodes
+    assert sorted(p["hosts"][0] for p in probes) == ["n1"] * 4
+    [srun] = recorded_sruns(record)
+    assert srun[:4] == ["--nodes=2", "--ntasks-per-node=2", "--kill-on-bad-exit=1", "bash"]
+
+
+def test_hf_token_reaches_the_task_from_the_login_token_file(slurm, tmp_path):
+    """Containers run with --no-container-mount-home: the batch script reads the login's token file on the
+    host into HF_TOKEN (environment only); the rendered files never hold the value."""
+    home = tmp_path / "home"
+    (home / ".cache" / "huggingface").mkdir(parents=True)
+    (home / ".cache" / "huggingface" / "token").write_text("hf_file_secret_456")
+    cfg = compose("data", [f"run_dir={tmp_path}", *ON_SLURM])
+    probe = "python -c 'import hashlib, os; print(\"PROBE\", hashlib.sha256(os.environ[\"HF_TOKEN\"].encode()).hexdigest())'"
+    (tmp_path / "slurm").mkdir()
+    script = tmp_path / "slurm" / "probe.sbatch"
+    script.write_text(render_script(cfg, command=probe))
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HOME", "HF_TOKEN_PATH")}
+    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, env={**env, "HOME": str(home)})
+    assert proc.returncode == 0, proc.stderr
+    job = proc.stdout.strip()
+    info = wait_for([job], timeout=120)[job]
+    log = (tmp_path / "slurm" / f"data-{job}.log").read_text()
+    assert info["JobState"] == "COMPLETED", log[-2000:]
+    assert f"PROBE {hashlib.sha256(b'hf_file_secret_456').hexdigest()}" in log
+    assert "hf_file_secret_456" not in script.read_text() + log
