@@ -190,7 +190,7 @@ def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
     if kind == "megatron":
         per_node = tasks_per_node(cfg, command)
         srun = srun_prefix(cfg, f"--nodes={nodes}", f"--ntasks-per-node={per_node}", "--kill-on-bad-exit=1")
-        if per_node == 1:  # torchrun on each node starts that node's ranks
+        if is_torchrun(command):  # torchrun on each node starts that node's ranks (one GPU per node too)
             return (f"# one torchrun per node: {nodes} nodes x {max(gpus, 1)} GPUs\n"
                     f"{srun} \\\n    {in_task(cfg, 'exec ' + shell_join(command))} &")
         ranks = "export RANK=$SLURM_PROCID WORLD_SIZE=$SLURM_NTASKS LOCAL_RANK=$SLURM_LOCALID; "

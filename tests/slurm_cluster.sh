@@ -4,8 +4,9 @@
 #   tests/slurm_cluster.sh start [STATE_DIR]   install slurm-wlm + munge + iproute2 if missing (apt-get,
 #                                              as root); make one network namespace per node (n1, n2, ...)
 #                                              joined by veth pairs to a bridge; write STATE_DIR/slurm.conf;
-#                                              start munged, slurmctld (on the bridge address: this machine
-#                                              is the "login node") and one slurmd per node (in its
+#                                              start its own munged (own key and socket), slurmctld (on the
+#                                              bridge address: this machine is the "login node") and one
+#                                              slurmd per node (in its
 #                                              namespace, with its own hostname and /etc/hosts); wait until
 #                                              every node is idle; prints SLURM_CONF=STATE_DIR/slurm.conf
 #   tests/slurm_cluster.sh stop  [STATE_DIR]   stop the daemons this script started (by their PIDs) and
@@ -47,18 +48,18 @@ install_if_missing() {
     || die "apt-get install slurm-wlm munge iproute2 failed"
 }
 
-start_munge() {
-  if munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1; then
-    return 0  # a munged already runs (not ours: we leave it alone)
-  fi
-  [ -f /etc/munge/munge.key ] || { mungekey --create >&2 || die "cannot create /etc/munge/munge.key"; }
-  mkdir -p /run/munge /var/log/munge /var/lib/munge
-  chown munge:munge /run/munge /var/log/munge /var/lib/munge /etc/munge/munge.key
-  runuser -u munge -- /usr/sbin/munged || die "munged did not start"
-  local pid
+MUNGE_DIR="/run/hs3-munge-$TAG"   # the socket's directory must be reachable by all (munged checks)
+
+start_munge() {  # this cluster's own munged (own key and socket): another cluster's stop cannot break it
+  mkdir -p -m 755 "$MUNGE_DIR"
+  [ -f "$STATE/munge.key" ] || mungekey --create --keyfile "$STATE/munge.key" >&2 || die "cannot create a munge key"
+  /usr/sbin/munged --socket="$MUNGE_DIR/munge.socket" --key-file="$STATE/munge.key" --pid-file="$MUNGE_DIR/munged.pid" \
+    --log-file="$STATE/munged.log" --seed-file="$STATE/munged.seed" || die "munged did not start: $(tail -n 1 "$STATE/munged.log")"
+  local pid=""
   for _ in $(seq 50); do
-    pid="$(cat /run/munge/munged.pid 2>/dev/null || true)"
-    [ -n "$pid" ] && munge -n </dev/null 2>/dev/null | unmunge >/dev/null 2>&1 && break
+    pid="$(cat "$MUNGE_DIR/munged.pid" 2>/dev/null || true)"
+    [ -n "$pid" ] && munge -n -S "$MUNGE_DIR/munge.socket" </dev/null 2>/dev/null \
+      | unmunge -S "$MUNGE_DIR/munge.socket" >/dev/null 2>&1 && break
     sleep 0.1
   done
   [ -n "$pid" ] || die "munged wrote no PID file"
@@ -129,7 +130,7 @@ MailProg=/bin/true
 AuthType=auth/munge
 CredType=cred/munge
 # Requeued jobs wait cred_expire before they can run again (120 s by default).
-AuthInfo=cred_expire=10
+AuthInfo=cred_expire=10,socket=$MUNGE_DIR/munge.socket
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres
@@ -217,6 +218,7 @@ stop() {
     done
     rm -f "$PIDS"
   fi
+  rm -rf "$MUNGE_DIR"
   remove_network
 }
 

@@ -194,3 +194,38 @@ def test_hf_token_reaches_the_task_from_the_login_token_file(slurm, tmp_path):
     assert info["JobState"] == "COMPLETED", log[-2000:]
     assert f"PROBE {hashlib.sha256(b'hf_file_secret_456').hexdigest()}" in log
     assert "hf_file_secret_456" not in script.read_text() + log
+
+
+MEGATRON_PROBE = REPO_ROOT / "tests" / "megatron_probe"  # PROBE of megatron.bridge (tests/test_megatron_chain.py)
+
+
+def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder, tmp_path):
+    """engine=megatron's own scripts, rendered and submitted as `./launch.sh` does (write_job): convert
+    (hf_to_megatron, one task) hands Megatron-Bridge's conversion worker (a PROBE at
+    megatron.megatron_bridge_dir) an empty destination; sft runs our bridge_sft wrapper as one task per
+    GPU on 2 nodes (megatron.bridge is a PROBE: tests/megatron_probe) and every rank reaches finetune."""
+    run_dir = tmp_path / "run dir"
+    write_edit_data(run_dir / "data", n_train=8, n_validation=2)
+    common = ["engine=megatron", f"run_dir={run_dir}", *ON_SLURM, "megatron.container=", "cluster.signal_seconds=60"]
+    convert = write_job(compose("convert", [*common, f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}"]))
+    sft = write_job(compose("sft", [*common, "parallel.nodes=2", "parallel.gpus_per_node=1", "cluster.gpus_per_node=1",
+                                    "cluster.request_gpus=false", "tp=1", "pp=1", "sp=false", "gbs=2", "mbs=1"]))
+    env, record = srun_recorder
+    env.update({"PROBE_RECORD": str(tmp_path / "convert.json"), "PROBE_LOG": str(tmp_path / "sft.jsonl"),
+                "PROBE_MODE": "complete", "PYTHONPATH": str(MEGATRON_PROBE)})
+    jobs = {"convert": submit(convert["script"], env), "sft": submit(sft["script"], env)}
+    infos = wait_for(jobs.values(), timeout=180)
+    logs = {s: Path(str(f["log"]).replace("%j", jobs[s])).read_text() for s, f in (("convert", convert), ("sft", sft))}
+    assert {s: infos[j]["JobState"] for s, j in jobs.items()} == {"convert": "COMPLETED", "sft": "COMPLETED"}, logs
+
+    conversion = json.loads((tmp_path / "convert.json").read_text())
+    assert conversion["errors"] == [] and conversion["dest_was_empty"]
+    assert conversion["argv"][0] == "import"
+    assert conversion["argv"][conversion["argv"].index("--megatron-path") + 1] == str(run_dir / "convert" / "converted")
+
+    events = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
+    finetunes = [e for e in events if e["event"] == "finetune"]
+    assert sorted(e["rank"] for e in finetunes) == ["0", "1"]  # SLURM_PROCID of a task on each node
+    sruns = {tuple(a for a in argv[:argv.index("bash")]) for argv in recorded_sruns(record)}
+    assert ("--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1") in sruns
+    assert ("--nodes=1", "--ntasks=1") in sruns
