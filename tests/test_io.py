@@ -28,3 +28,34 @@ def test_a_failed_write_leaves_the_old_file_and_no_temp(tmp_path):
             raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["report.json"]
+
+
+def test_follow_umask_gives_owner_only_outputs_the_usual_mode(tmp_path):
+    import os
+    import stat
+
+    from recipes.io import follow_umask
+
+    (tmp_path / "d").mkdir(mode=0o700)
+    (tmp_path / "d" / "model.safetensors").write_bytes(b"x")
+    os.chmod(tmp_path / "d" / "model.safetensors", 0o600)  # what safetensors' save_file leaves
+    old = os.umask(0o027)
+    try:
+        follow_umask(tmp_path / "d")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "d").stat().st_mode) == 0o750
+    assert stat.S_IMODE((tmp_path / "d" / "model.safetensors").stat().st_mode) == 0o640
+
+
+def test_pid_alive_tells_a_running_process_from_a_finished_one():
+    import os
+    import subprocess
+    import sys
+
+    from recipes.io import pid_alive
+
+    assert pid_alive(os.getpid())
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    assert not pid_alive(child.pid)
