@@ -199,6 +199,8 @@ class Models:
         its = cfg.its
         if is_endpoint(spec):
             return HTTPEngine(spec, None, its.concurrency, its.max_retries, its.request_timeout_s, its.api_key_env)
+        if spec == str(cfg.model.path) and not Path(spec).is_dir():  # the configured model itself (builtin:tiny, a hub id)
+            return HFEngine.load(cfg.model, None, batch_size=its.batch_size)
         if not Path(spec).is_dir():
             raise UserError(f"{role}={spec}: no such directory (a checkpoint dir or an http(s) endpoint)")
         return HFEngine.load(cfg.model, spec, batch_size=its.batch_size)
