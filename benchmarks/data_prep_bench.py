@@ -2,8 +2,10 @@
 
     .venv/bin/python benchmarks/data_prep_bench.py [--fraction 1.0] [--skip-baseline] [--workdir DIR]
 
-1. Writes a synthetic input in the HelpSteer3 layout (14,461 edit and 3,274 edit_quality rows, split
-   95/5; multi-turn contexts; responses of 1-8k characters; 3 feedback items, some rows with 4-5).
+1. Writes a synthetic input in the HelpSteer3 layout (14,461 edit, 3,274 edit_quality, 40,821 feedback and
+   40,476 preference rows, split 95/5; multi-turn contexts; responses of 1-8k characters; 3 feedback items,
+   some rows with 4-5; feedback rows 1-3 helpfulness-prefixed texts per response; preference -3..3, ~10%
+   ties). `--subsets` picks which (default all four).
 2. Times `data_prep.build` on it: all 6 feedback orders, token counting with a ~128k-vocabulary
    tokenizer (Llama-3's, from the `llama-models` wheel, converted by transformers; the project's
    Llama-3-format chat template).
@@ -34,6 +36,8 @@ from data_prep.feedback import data_step_feedback  # noqa: E402
 from recipes.tiny_model import CHAT_TEMPLATE  # noqa: E402
 
 EDIT_ROWS, EDIT_QUALITY_ROWS, VALIDATION_SHARE = 14_461, 3_274, 0.05
+ROWS = {"edit": EDIT_ROWS, "edit_quality": EDIT_QUALITY_ROWS, "feedback": 40_821, "preference": 40_476}
+LEVELS = ("not", "slightly", "partially", "mostly", "perfectly")
 
 WORDS = (
     "the of and to in is that for it as with was on be by this are or from at an which but not have has "
@@ -73,10 +77,14 @@ def feedback(rng: random.Random) -> list[str]:
     return [f"{rng.choice(FEEDBACK_OPENERS)} {text(rng, 150, 600)}" for _ in range(n)]
 
 
-def write_input(root: Path, fraction: float, seed: int = 0) -> dict[str, int]:
+def annotator_feedback(rng: random.Random) -> list[str]:
+    return [f"The response is {rng.choice(LEVELS)} helpful. {text(rng, 150, 600)}" for _ in range(rng.randint(1, 3))]
+
+
+def write_input(root: Path, fraction: float, seed: int = 0, subsets=tuple(ROWS)) -> dict[str, int]:
     rng = random.Random(seed)
     sizes = {}
-    for subset, total in (("edit", EDIT_ROWS), ("edit_quality", EDIT_QUALITY_ROWS)):
+    for subset, total in ((s, ROWS[s]) for s in subsets):
         total = max(int(total * fraction), 20)
         n_val = round(total * VALIDATION_SHARE)
         for split, n in (("train", total - n_val), ("validation", n_val)):
@@ -85,7 +93,14 @@ def write_input(root: Path, fraction: float, seed: int = 0) -> dict[str, int]:
                 row = {"domain": rng.choice(["general", "stem", "code", "multilingual"]),
                        "language": rng.choice(["english", "python", "german", "japanese", "chinese"]),
                        "context": context(rng), "original_response": text(rng, 1000, 8000)}
-                if subset == "edit":
+                if subset in ("feedback", "preference"):
+                    row["response1"], row["response2"] = row.pop("original_response"), text(rng, 1000, 8000)
+                if subset == "feedback":
+                    row.update(feedback1=annotator_feedback(rng), feedback2=annotator_feedback(rng))
+                elif subset == "preference":
+                    row.update(overall_preference=rng.choices(range(-3, 4), weights=[10, 15, 15, 10, 15, 15, 10])[0],
+                               individual_preference=[{"score": 1, "reasoning": text(rng, 50, 300)}])
+                elif subset == "edit":
                     row.update(edited_response=text(rng, 1000, 8000), feedback=feedback(rng),
                                change_summary=text(rng, 50, 300))
                 else:
@@ -134,7 +149,7 @@ def make_tokenizer(root: Path, corpus_dir: Path) -> tuple[Path, str]:
     return root, f"{what}, vocab {len(tokenizer)}"
 
 
-def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> tuple[int, list[int]]:
+def naive_baseline(source: Path, out: Path, tokenizer_dir: Path, subsets=tuple(ROWS)) -> tuple[int, list[int]]:
     """The straightforward way: datasets.map per row, apply_chat_template per conversation, one process."""
     import datasets
     from transformers import AutoTokenizer
@@ -163,13 +178,27 @@ def naive_baseline(source: Path, out: Path, tokenizer_dir: Path) -> tuple[int, l
                    for k in ("good_edited_response", "bad_edited_response", "original_response")]
         return {"prompt": prompt, "lengths": lengths}
 
-    for subset, fn in (("edit", edit_row), ("edit_quality", quality_row)):
+    def feedback_row(row):
+        from data_prep.feedback_prompt import build_feedback_request
+
+        lengths = [len(tokenizer.apply_chat_template(
+            build_feedback_request(row["context"], row[f"response{r}"]) + [{"role": "assistant", "content": row[f"feedback{r}"][0]}],
+            tokenize=True, return_dict=False)) for r in (1, 2)]
+        return {"lengths": lengths}
+
+    def preference_row(row):
+        lengths = [len(tokenizer.apply_chat_template(row["context"] + [{"role": "assistant", "content": row[k]}],
+                                                     tokenize=True, return_dict=False)) for k in ("response1", "response2")]
+        return {"lengths": lengths}
+
+    functions = {"edit": edit_row, "edit_quality": quality_row, "feedback": feedback_row, "preference": preference_row}
+    for subset, fn in ((s, functions[s]) for s in subsets):
         for split in ("train", "validation"):
             ds = datasets.load_dataset("json", data_files=str(source / subset / f"{split}.jsonl.gz"), split="train",
                                        cache_dir=str(out / "cache"))
             mapped = ds.map(fn, num_proc=None, load_from_cache_file=False)
             mapped.to_json(out / f"{subset}-{split}.jsonl", force_ascii=False)
-            conversations += len(mapped) * (6 if subset == "edit" else 3)
+            conversations += len(mapped) * {"edit": 6, "edit_quality": 3}.get(subset, 2)
             if (subset, split) == ("edit", "train"):
                 sft_train_lengths = [n for lengths in mapped["sft_lengths"] for n in lengths]
     return conversations, sft_train_lengths
@@ -179,13 +208,15 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--fraction", type=float, default=1.0, help="share of the full row counts (default 1.0)")
     ap.add_argument("--skip-baseline", action="store_true")
+    ap.add_argument("--subsets", default=",".join(ROWS), help="HelpSteer3 subsets to generate and build (default: all four)")
     ap.add_argument("--workdir", help="where to put the synthetic input and outputs (default: a temp dir)")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="data_prep_bench-"))
     work.mkdir(parents=True, exist_ok=True)
     try:
         t = time.perf_counter()
-        sizes = write_input(work / "input", args.fraction)
+        subsets = tuple(s for s in ROWS if s in args.subsets.split(","))
+        sizes = write_input(work / "input", args.fraction, subsets=subsets)
         size_mb = sum(p.stat().st_size for p in (work / "input").rglob("*.gz")) / 1e6
         print(f"[bench] synthetic input: {sizes} ({size_mb:.0f} MB gzipped) in {time.perf_counter() - t:.1f} s")
         tokenizer_dir, what = make_tokenizer(work / "tokenizer", work / "input")
@@ -195,7 +226,8 @@ def main() -> None:
         t = time.perf_counter()
         timings = {}
         manifest = build(str(work / "input"), work / "out", progress=True, timings=timings,
-                         options=Options(feedback_orders="all", tokenizer=str(tokenizer_dir), max_seq_len=16_384))
+                         options=Options(feedback_orders="all", tokenizer=str(tokenizer_dir), max_seq_len=16_384,
+                                         subsets=subsets))
         ours = time.perf_counter() - t
         lines = {k: v["lines"] for k, v in manifest["outputs"].items()}
         print(f"[bench] data_prep.build: {ours:.1f} s (phases {timings})  outputs {lines}")
@@ -205,7 +237,7 @@ def main() -> None:
         shutil.rmtree(work / "baseline", ignore_errors=True)
         (work / "baseline").mkdir()
         t = time.perf_counter()
-        conversations, naive_lengths = naive_baseline(work / "input", work / "baseline", tokenizer_dir)
+        conversations, naive_lengths = naive_baseline(work / "input", work / "baseline", tokenizer_dir, subsets)
         naive = time.perf_counter() - t
         same = percentiles(naive_lengths) == manifest["token_lengths"]["sft/train"]
         print(f"[bench] token counts of sft/train agree with per-conversation apply_chat_template: {same}")
