@@ -3,20 +3,23 @@
 Shared by the Feedback recipe (its SFT data and eval) and the Feedback-Edit inference loop (its/),
 so the model is asked at inference exactly as it was trained.
 
-FEEDBACK_INSTRUCTION is OUR RECONSTRUCTION, not NVIDIA's string: the model cards of
-Llama-3.3-Nemotron-70B-Feedback and arXiv 2503.04378's secondary summaries give the message layout
-([context..., assistant response, user <evaluation instruction>]) and that every HelpSteer3 feedback
-item begins "The response is {not|slightly|partially|mostly|perfectly} helpful", but the exact
-instruction text could not be read from this project's machines. It is a config value wherever it is
-used (`prep.feedback_instruction`, `its.feedback_instruction`); a model trained with one string should
-be asked with the same one.
+FEEDBACK_INSTRUCTION is OUR RECONSTRUCTION, not NVIDIA's string. What the sources give: the message
+layout [context..., assistant response, user <evaluation instruction>] (the Llama-3.3-Nemotron-70B-Feedback
+model card's quick start, seen here through a mirror of the card: model.aibase.cn/models/details/
+1915694010448109569), the instruction's opening words there, "Evaluate the response to the previous prompt
+in terms of how helpful it is" (the rest of the sentence was cut off in every copy this project could
+read), and the HelpSteer3 dataset card's statement that every feedback item begins "The response is
+{not|slightly|partially|mostly|perfectly} helpful". So the string below keeps those opening words and
+completes them with our own request for that format. It is a config value wherever it is used
+(`prep.feedback_instruction`, `its.feedback_instruction`); a model trained with one string should be
+asked with the same one, and with NVIDIA's released checkpoint, pass the card's full string.
 """
 from __future__ import annotations
 
 HELPFULNESS_LEVELS = ("not", "slightly", "partially", "mostly", "perfectly")
 
 FEEDBACK_INSTRUCTION = (
-    "Evaluate the helpfulness of the response to the previous prompt. Begin with \"The response is "
+    "Evaluate the response to the previous prompt in terms of how helpful it is. Begin with \"The response is "
     "{not / slightly / partially / mostly / perfectly} helpful\", then explain what the response does "
     "well and what it should improve."
 )
