@@ -17,7 +17,8 @@ Prompts go through in steps of its.chunk_prompts, each model called once per ste
 (batched locally, concurrent against an endpoint). Every generation and score is cached under
 OUT/cache as it arrives, and every finished prompt is appended to OUT/progress.jsonl, so a rerun after a
 crash resumes where it stopped. A request that fails after its retries is recorded with its error in
-the prompt's record and counted in summary.json; it does not stop the run.
+the prompt's record and counted in summary.json; it does not stop the run (a rerun asks again for the
+prompts with a failed request, from their cached calls).
 
 Outputs: OUT/results.jsonl (one line per prompt, in the prompts' order), OUT/summary.json (calls,
 tokens and seconds per model; mean select score of the first response vs the final; share of finals
@@ -192,6 +193,18 @@ def run_chunk(cfg, models, prompts: list[dict]) -> list[dict]:
     return records
 
 
+def has_failure(record: dict) -> bool:
+    """A request of this prompt failed (a rerun asks again: failures are never cached)."""
+    for c in record["candidates"]:
+        if "error" in c:
+            return True
+        items = [c, *c.get("edits", [])]
+        if any("error" in x for x in [*c.get("feedback", []), *c.get("edits", [])]) or \
+                any(x.get("score") is None for x in items if "error" not in x):
+            return True
+    return False
+
+
 def choose(candidates: list[dict]) -> Optional[dict]:
     """The highest-scored candidate: responses in order, each followed by its edits; the first of equal
     scores wins. None when nothing was scored."""
@@ -259,7 +272,7 @@ def _run(cfg, out: Path, prompts: list[dict], rejected: list[dict], endpoints) -
                 entry = json.loads(line)
             except ValueError:
                 continue  # a line cut by a crash
-            if entry.get("settings") == key:
+            if entry.get("settings") == key and not has_failure(entry["record"]):
                 done[entry["record"]["id"]] = entry["record"]
     wanted = {p["id"] for p in prompts}
     resumed = len(wanted & set(done))

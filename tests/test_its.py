@@ -312,3 +312,81 @@ def test_win_rate_counts_both_orders_and_has_a_bootstrap_ci():
     messages = judge_messages([{"role": "user", "content": "Q?"}], "ans A", "ans B")
     assert messages[0]["role"] == "system" and "[[A>>B]]" in messages[0]["content"]
     assert "<|User Prompt|>\nQ?" in messages[1]["content"] and messages[1]["content"].index("ans A") < messages[1]["content"].index("ans B")
+
+
+# ---- a flaky endpoint: retried, then recorded ----------------------------------------------------
+
+@pytest.fixture()
+def flaky_proxy(gen_server):
+    """A real HTTP proxy in front of eval.serve that answers 503 to the first 2 chat requests and to
+    every chat request about a haiku (the openai client retries 503s)."""
+    import threading
+    import urllib.error
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"failed": 0, "haiku": 0, "forwarded": 0}
+    lock = threading.Lock()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _forward(self, body: bytes | None):
+            request = urllib.request.Request(gen_server.removesuffix("/v1") + self.path, data=body, method=self.command,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request) as reply:
+                    status, data = reply.status, reply.read()
+            except urllib.error.HTTPError as exc:
+                status, data = exc.code, exc.read()
+            self._send(status, data)
+
+        def _send(self, status: int, data: bytes):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._forward(None)
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            with lock:
+                fail = seen["failed"] < 2 or b"haiku" in body
+                seen["haiku"] += b"haiku" in body
+                seen["failed"] += fail
+                seen["forwarded"] += not fail
+            if fail:
+                return self._send(503, b'{"error": {"message": "overloaded", "type": "server_error"}}')
+            self._forward(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_flaky_endpoint_is_retried_and_a_request_that_keeps_failing_is_recorded(tmp_path, flaky_proxy, gen_server,
+                                                                                   tiny_model_dir, prompts_file):
+    url, seen = flaky_proxy
+    args = [f"prompts={prompts_file}", f"policy={url}", f"feedback_model={gen_server}", f"edit_model={gen_server}",
+            f"select_model={tiny_model_dir}", "its.feedbacks=2", "its.max_retries=2", "its.concurrency=1"]
+    _run(tmp_path, args)
+    records = {r["id"]: r for r in _results(tmp_path)}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    # one request at a time, in prompt order: p0 got the two 503s and passed on its second retry; p1 (the
+    # haiku) failed its try and both retries and is recorded; p2 passed at once; the run finished
+    assert "error" not in records["p0"]["candidates"][0] and records["p0"]["final"] is not None
+    assert seen["haiku"] == 3 and "InternalServerError" in records["p1"]["candidates"][0]["error"]
+    assert records["p1"]["final"] is None and records["p2"]["final"] is not None
+    assert summary["models"]["policy"]["errors"] == 1 and summary["models"]["policy"]["calls"] == 3
+    assert seen["forwarded"] == 2  # only p0 and p2 reached the model through the proxy
+    # a rerun resumes the finished prompts and asks again only for the one with a failed request
+    _run(tmp_path, args)
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["resumed_prompts"] == 2 and seen["haiku"] == 6 and seen["forwarded"] == 2
+    assert summary["models"]["policy"]["calls"] == 1 and summary["models"]["policy"]["errors"] == 1
