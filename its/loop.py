@@ -292,6 +292,7 @@ def _run(cfg, out: Path, prompts: list[dict], rejected: list[dict], endpoints) -
     atomic_write_jsonl(out / "results.jsonl", records)
     atomic_write_jsonl(out / "rejected.jsonl", rejected)
     summary = summarize(cfg, records, models, rejected, resumed, time.monotonic() - started)
+    summary = {"stage": "its", "metric": "score_lift", "value": summary["score"]["lift"], "out": str(out), **summary}
     atomic_write_json(out / "summary.json", summary)
     write_report(summary, records, out)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done

@@ -8,7 +8,7 @@ import pytest
 
 from tests.conftest import REPO_ROOT
 
-STAGES = ("data", "sft", "rm", "rl", "eval")
+STAGES = ("data", "sft", "rm", "rl", "eval", "its")
 
 
 @pytest.mark.slow
@@ -35,6 +35,9 @@ def test_smoke_pipeline_runs_every_stage_and_prints_the_table():
     assert lineage["init"].endswith("sft/final")
     assert 0.0 <= summaries["rm"]["value"] <= 1.0 and 0.0 <= summaries["rl"]["copy_rate"] <= 1.0
     assert (run_dir / "eval" / "report.json").is_file()
+    its = [json.loads(line) for line in (run_dir / "its" / "results.jsonl").read_text().splitlines()]
+    assert len(its) == 4 and all(len(r["candidates"]) == 2 and r["final"] for r in its)
+    assert "mean nothing" in summaries["its"]["notes"][0]
 
     # the closing table: one row per stage with its wall time, key metric and output dir
     table = proc.stderr[proc.stderr.index("pipeline summary"):]
