@@ -95,7 +95,10 @@ class Generator:
                                      on_result=lambda i, g: arrived(todo[i], g))
         finally:
             self.stats.seconds += time.monotonic() - started
-        if todo and len(failed) == len(todo) and len(todo) > 1:
+        # A model that has never answered (nothing cached, nothing succeeded) and failed every request of a
+        # step is unusable: stop with one line. Otherwise failures are the rows' own (recorded, run goes on).
+        never_answered = not self.cache.entries and self.stats.errors == self.stats.calls
+        if todo and len(failed) == len(todo) and len(todo) > 1 and never_answered:
             raise UserError(f"{self.role} model {self.spec}: every one of {len(todo)} requests failed after retries "
                             f"({next(iter(failed.values())).error})")
         return [self.cache.entries[k] if k in self.cache.entries else failed[k] for k in keys]
@@ -147,7 +150,9 @@ class Selector:
             try:
                 scores = self.scorer.score([conversations[first[k]] for k in todo])
             except UserError:
-                raise
+                if not self.cache.entries:  # it never answered: unusable, stop with its one line
+                    raise
+                scores = [None] * len(todo)  # an endpoint that answered before: this step's rows are recorded
             finally:
                 self.stats.seconds += time.monotonic() - started
             self.stats.calls += len(todo)

@@ -149,6 +149,12 @@ def test_config_errors_are_one_line(tmp_path, prompts_file):
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = run_cli("-m", "recipes", "its", f"prompts={prompts_file}", "policy=http://127.0.0.1:9/v1", f"out={tmp_path}")
     assert proc.returncode == 2 and "select_model=M" in proc.stderr and "Traceback" not in proc.stderr
+    # an endpoint that is down: one line naming it, exit 2, before any prompt is asked
+    dead = "http://127.0.0.1:9/v1"
+    proc = run_cli("-m", "recipes", "its", f"prompts={prompts_file}", f"policy={dead}", f"feedback_model={dead}",
+                   f"edit_model={dead}", f"select_model={dead}", "its.max_retries=0", f"out={tmp_path}")
+    assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
 
 
 # ---- the loop with local dirs: both reward-model kinds ---------------------------------------------
