@@ -21,7 +21,6 @@ Writes OUT/its_eval.json (default OUT: DIR_A/its-eval/<B's name>) and OUT/judgme
 from __future__ import annotations
 
 import re
-import sys
 from pathlib import Path
 from typing import Optional
 

@@ -38,7 +38,7 @@ from data_prep import build_edit_conversation
 from data_prep.feedback_prompt import build_feedback_request, helpfulness_level
 from eval.engines import Sampling
 from its.feedback import pick_sets
-from recipes.config import ConfigError, to_yaml
+from recipes.config import to_yaml
 from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, dumps_json, read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -240,12 +240,14 @@ def run(cfg, endpoints: Optional[dict[str, str]] = None) -> dict:
     (its/slurm.py); OUT/config.yaml keeps the config as given."""
     from recipes.preemption import OutputLock
 
-    from its.models import Models
-
     out = Path(cfg.out)
     prompts, rejected = load_prompts(cfg)
     if cfg.dry_run:
         its = cfg.its
+        missing = [r for r in ("policy", "feedback_model", "edit_model", "select_model") if not its[r]]
+        if missing:
+            raise UserError("its needs " + ", ".join(f"{r}=M" for r in missing) +
+                            " (a checkpoint dir or an OpenAI-compatible endpoint)")
         print(f"its: {len(prompts)} prompts ({len(rejected)} rejected) x {its.responses} responses x {its.feedbacks} "
               f"feedback -> {its.feedback_sets} set(s) of <= {its.max_kept} ({its.feedback_pick}) x {its.edits} edits; "
               f"policy={its.policy} feedback={its.feedback_model} edit={its.edit_model} select={its.select_model}")
