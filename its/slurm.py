@@ -14,7 +14,8 @@ recipes/slurm.py renders the batch script (a single task holding the node's GPUs
      its.server_start_timeout_s is an error naming its log);
   4. runs the loop against them (endpoints already given as URLs are used as they are);
   5. stops every server (SIGTERM, then SIGKILL after 30 s), also when the loop fails.
-All models must fit one node (cluster.gpus_per_node GPUs): the plan is checked when the job is rendered.
+All models must fit one node (cluster.gpus_per_node GPUs): the plan is checked when the job is rendered
+(for the model dirs that exist by then: a pipeline's own checkpoints are checked in the job).
 """
 from __future__ import annotations
 
@@ -62,8 +63,10 @@ def gpus_for(path: str, cfg) -> int:
     return tp
 
 
-def plan(cfg) -> list[dict]:
-    """The servers the job starts: [{name, roles, model, kind: generate|score, gpus: n}], checked to fit a node."""
+def plan(cfg, at_submit: bool = False) -> list[dict]:
+    """The servers the job starts: [{name, roles, model, kind: generate|score, gpus: n}], checked to fit a node.
+    At submission a model dir may not exist yet (an earlier job of the pipeline writes it): it is planned
+    then with gpus None and checked in the job, where the plan is made again from the files."""
     its = cfg.its
     servers: list[dict] = []
     for role in (*GENERATOR_ROLES, "select_model"):
@@ -72,7 +75,8 @@ def plan(cfg) -> list[dict]:
             raise ConfigError(f"its.{role} is not set (a checkpoint dir or an endpoint)")
         if is_endpoint(str(spec)):
             continue
-        if not Path(spec).is_dir():
+        exists = Path(spec).is_dir()
+        if not exists and not at_submit:
             raise ConfigError(f"its.{role}={spec}: no such directory")
         kind = "score" if role == "select_model" else "generate"
         same = next((s for s in servers if s["model"] == str(spec) and s["kind"] == kind), None)
@@ -80,8 +84,8 @@ def plan(cfg) -> list[dict]:
             same["roles"].append(role)
             continue
         servers.append({"name": f"{role.removesuffix('_model')}-{Path(spec).name}", "roles": [role], "model": str(spec),
-                        "kind": kind, "gpus": gpus_for(str(spec), cfg)})
-    total = sum(s["gpus"] for s in servers)
+                        "kind": kind, "gpus": gpus_for(str(spec), cfg) if exists else None})
+    total = sum(s["gpus"] or 0 for s in servers)
     if cfg.cluster.gpus_per_node > 0 and total > cfg.cluster.gpus_per_node:
         layout = ", ".join(f"{s['name']}: {s['gpus']}" for s in servers)
         raise ConfigError(f"its on SLURM: the model servers need {total} GPUs ({layout}), a node has "
@@ -91,7 +95,7 @@ def plan(cfg) -> list[dict]:
 
 def job_command(cfg, config_file: Path) -> list[str]:
     """What recipes/slurm.py runs in the job (the plan is checked now, before the queue wait)."""
-    plan(cfg)
+    plan(cfg, at_submit=True)
     return ["python", "-m", "its.slurm", str(config_file)]
 
 

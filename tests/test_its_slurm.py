@@ -42,6 +42,11 @@ def test_plan_gives_each_model_its_tensor_parallel_size_and_checks_the_node(tmp_
     with pytest.raises(ConfigError, match="no tensor-parallel size"):
         plan(compose("its", args + [f"policy={odd}"]))
     assert all(s["gpus"] == 0 for s in plan(compose("its", args + ["cluster.gpus_per_node=0"])))
+    # a pipeline's checkpoint that an earlier job will write: planned at submission, sized in the job
+    later = compose("its", args + [f"policy={tmp_path}/sft/final"])
+    assert job_command(later, Path("x.yaml"))[-3:] == ["-m", "its.slurm", "x.yaml"]
+    with pytest.raises(ConfigError, match="sft/final: no such directory"):
+        plan(later)
 
 
 @pytest.mark.slurm
