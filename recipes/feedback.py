@@ -52,6 +52,19 @@ def megatron_view(cfg):
     return viewed
 
 
+def render(cfg) -> None:
+    """The SLURM executor's hook (recipes.megatron.build_command): bridge_sft's files, on feedback/."""
+    from recipes.megatron import bridge_sft
+
+    bridge_sft.render(megatron_view(cfg))
+
+
+def build_command(cfg) -> list[str]:
+    from recipes.megatron import bridge_sft
+
+    return bridge_sft.build_command(megatron_view(cfg))
+
+
 def run_megatron(cfg) -> dict:
     """engine=megatron: Megatron-Bridge SFT as the Edit model's sft, on feedback/ (megatron_view)."""
     from recipes.megatron import bridge_sft

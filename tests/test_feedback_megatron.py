@@ -41,3 +41,18 @@ def test_feedback_plan_and_select_on_megatron(tmp_path):
     assert plan.returncode == 0 and "plan TP8 PP4" in plan.stdout and "valid" in plan.stdout
     select = run_cli("-m", "recipes", "select", "engine=megatron", f"run_dir={tmp_path}")
     assert select.returncode == 2 and "no megatron engine" in select.stderr
+
+
+def test_feedback_on_megatron_submits_through_slurm(tmp_path):
+    """executor=slurm goes through recipes.megatron.build_command: the job runs bridge_sft (one task per
+    GPU) with the config rendered on feedback/ rows, not the Edit sft's."""
+    run_dir = tmp_path / "run"
+    proc = run_cli("-m", "recipes", "feedback", "engine=megatron", "executor=slurm", "cluster=example",
+                   f"run_dir={run_dir}", "--dry-run", env={"HF_TOKEN": "probe-token"})
+    assert proc.returncode == 0, proc.stderr
+    script = proc.stdout  # a dry run prints the batch script it would submit
+    config = run_dir / "feedback" / "megatron_bridge_sft.yaml"
+    assert f"python -m recipes.megatron.bridge_sft --config {config}" in script
+    assert "--ntasks-per-node=8" in script
+    text = config.read_text()
+    assert f"train: {run_dir.resolve()}/data/feedback/train.jsonl" in text and "/sft/train.jsonl" not in text

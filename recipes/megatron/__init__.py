@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import importlib
 
-STAGE_MODULES = {"sft": "bridge_sft", "convert": "convert", "rm": "nemo_rl", "rl": "nemo_rl", "dpo": "nemo_rl"}
+STAGE_MODULES = {"sft": "recipes.megatron.bridge_sft", "convert": "recipes.megatron.convert",
+                 "rm": "recipes.megatron.nemo_rl", "rl": "recipes.megatron.nemo_rl", "dpo": "recipes.megatron.nemo_rl",
+                 "feedback": "recipes.feedback"}  # the Feedback model: bridge_sft's job on feedback/
 
 
 def stage_module(cfg):
@@ -30,7 +32,7 @@ def stage_module(cfg):
         from recipes.config import ConfigError
 
         raise ConfigError(f"stage {cfg.stage} has no Megatron-engine command (stages: {', '.join(STAGE_MODULES)})")
-    return importlib.import_module(f"recipes.megatron.{STAGE_MODULES[cfg.stage]}")
+    return importlib.import_module(STAGE_MODULES[cfg.stage])
 
 
 def build_command(cfg) -> list[str]:
