@@ -27,6 +27,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from recipes.io import UserError, atomic_write_json
@@ -215,6 +216,7 @@ class OutputLock:
 
     def acquire(self) -> "OutputLock":
         me = _my_identity()
+        unwritten = 0  # a holder between its flock and writing its identity (another node's rank of our job)
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -228,6 +230,10 @@ class OutputLock:
                 os.close(fd)
                 if owner and _token(owner) in (os.environ.get(LOCK_ENV), _token(me)):
                     return self  # a child process of the holder (or our own job's earlier step)
+                if not owner and unwritten < 100:
+                    unwritten += 1
+                    time.sleep(0.05)
+                    continue
                 raise UserError(f"{self.path.parent} is being written by {self._describe(owner)} "
                                 f"(lock {self.path}; delete it if that is wrong)") from None
             except OSError as exc:

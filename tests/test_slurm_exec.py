@@ -229,3 +229,33 @@ def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder,
     sruns = {tuple(a for a in argv[:argv.index("bash")]) for argv in recorded_sruns(record)}
     assert ("--nodes=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1") in sruns
     assert ("--nodes=1", "--ntasks=1") in sruns
+
+
+@pytest.mark.slow
+def test_hf_sft_script_trains_one_deepspeed_group_across_two_nodes(slurm, srun_recorder, tmp_path):
+    """engine=hf on 2 nodes: one task per node runs `accelerate launch` with its node's rank and the first
+    node as rendezvous; torchrun's static rendezvous (accelerate's standard multi-node launcher) only
+    proceeds once both nodes joined, and the sft stage trains and writes its final model.
+    The accelerate config is conf/accelerate/zero3_cpu.yaml with zero3.yaml's
+    `deepspeed_multinode_launcher: standard` (accelerate's default, pdsh, needs ssh between nodes)."""
+    run_dir = tmp_path / "run dir"
+    write_edit_data(run_dir / "data", n_train=8, n_validation=2)
+    accelerate_config = tmp_path / "zero3_cpu_multinode.yaml"
+    text = (REPO_ROOT / "conf" / "accelerate" / "zero3_cpu.yaml").read_text()
+    accelerate_config.write_text(text.replace("  offload_param_device: none\n",
+                                              "  offload_param_device: none\n  deepspeed_multinode_launcher: standard\n"))
+    cfg = compose("sft", [f"run_dir={run_dir}", *ON_SLURM, "nodes=2", "hf.num_processes=1", "train.max_steps=2", "gbs=2",
+                          "mbs=1", f"hf.accelerate_config={accelerate_config}"])
+    files = write_job(cfg)
+    env, record = srun_recorder
+    # c10d logs each TCPStore client that connects to the rendezvous
+    env.update({"TORCH_CPP_LOG_LEVEL": "INFO", "TORCH_DISTRIBUTED_DEBUG": "INFO"})
+    job = submit(files["script"], env)
+    info = wait_for([job], timeout=300)[job]
+    log = Path(str(files["log"]).replace("%j", job)).read_text()
+    assert info["JobState"] == "COMPLETED", log[-3000:]
+    [srun] = recorded_sruns(record)
+    assert srun[:srun.index("bash")] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
+    assert log.count("TCP client connected to host n1:") >= 2  # clients on both nodes reached n1's store
+    assert json.loads((run_dir / "sft" / "summary.json").read_text())["steps"] == 2
+    assert (run_dir / "sft" / "final" / "config.json").is_file()
