@@ -79,6 +79,8 @@ def test_doctor_names_each_failure_and_what_to_do(slurm, hub, tmp_path):
     checks = lines(proc.stdout)
     assert checks["partition"].startswith("FAIL partition nope does not exist (partitions: test) -> set cluster.partition")
     assert checks["gpus"].startswith("FAIL cannot read the partition's nodes")
+    # the Megatron engine's pinned image is configured, and this SLURM has no pyxis
+    assert checks["container"].startswith("FAIL srun has no --container-image (pyxis is not installed)")
     assert checks["shared-fs"].startswith("FAIL the one-minute test job was refused")
     assert checks["hf-model"].startswith(f"FAIL {MODEL}: HTTP 401 -> accept the license")
     # the paper's 70B (the doctor's default model): ~1 TB per checkpoint, more than this machine's disk
