@@ -54,8 +54,9 @@ def srun_recorder(tmp_path):
     return {"PATH": f"{bin_dir}:{os.environ['PATH']}", "SRUN_RECORD": str(record)}, record
 
 
-def submit(script: Path, env: dict) -> str:
-    proc = subprocess.run(["sbatch", "--parsable", str(script)], capture_output=True, text=True, timeout=60,
+def submit(script: Path, env: dict, after: str | None = None) -> str:
+    dependency = [f"--dependency=afterok:{after}"] if after else []
+    proc = subprocess.run(["sbatch", "--parsable", *dependency, str(script)], capture_output=True, text=True, timeout=60,
                           env={**os.environ, **env})
     assert proc.returncode == 0, proc.stderr
     return proc.stdout.strip().split(";")[0]
@@ -203,7 +204,8 @@ def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder,
     """engine=megatron's own scripts, rendered and submitted as `./launch.sh` does (write_job): convert
     (hf_to_megatron, one task) hands Megatron-Bridge's conversion worker (a PROBE at
     megatron.megatron_bridge_dir) an empty destination; sft runs our bridge_sft wrapper as one task per
-    GPU on 2 nodes (megatron.bridge is a PROBE: tests/megatron_probe) and every rank reaches finetune."""
+    GPU on 2 nodes (megatron.bridge is a PROBE: tests/megatron_probe) and every rank reaches finetune; the
+    export (megatron_to_hf) runs after sft (afterok) into an empty sft/final."""
     run_dir = tmp_path / "run dir"
     write_edit_data(run_dir / "data", n_train=8, n_validation=2)
     common = ["engine=megatron", f"run_dir={run_dir}", *ON_SLURM, "megatron.container=", "cluster.signal_seconds=60"]
@@ -213,10 +215,22 @@ def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder,
     env, record = srun_recorder
     env.update({"PROBE_RECORD": str(tmp_path / "convert.json"), "PROBE_LOG": str(tmp_path / "sft.jsonl"),
                 "PROBE_MODE": "complete", "PYTHONPATH": str(MEGATRON_PROBE)})
+    # the export after sft (afterok), as the pipeline chains it: Megatron checkpoints -> sft/final (HF)
+    export = write_job(compose("convert", [*common, "name=sft_export", f"out={run_dir}/sft_export",
+                                           "megatron.convert_direction=megatron_to_hf", f"init={run_dir}/sft/checkpoints",
+                                           f"megatron.convert_dest={run_dir}/sft/final", "megatron.hf_model_id=org/model",
+                                           f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}"]))
     jobs = {"convert": submit(convert["script"], env), "sft": submit(sft["script"], env)}
+    jobs["sft_export"] = submit(export["script"], {**env, "PROBE_RECORD": str(tmp_path / "export.json")}, after=jobs["sft"])
     infos = wait_for(jobs.values(), timeout=180)
-    logs = {s: Path(str(f["log"]).replace("%j", jobs[s])).read_text() for s, f in (("convert", convert), ("sft", sft))}
-    assert {s: infos[j]["JobState"] for s, j in jobs.items()} == {"convert": "COMPLETED", "sft": "COMPLETED"}, logs
+    logs = {s: Path(str(f["log"]).replace("%j", jobs[s])).read_text()
+            for s, f in (("convert", convert), ("sft", sft), ("sft_export", export))}
+    assert {s: infos[j]["JobState"] for s, j in jobs.items()} == dict.fromkeys(jobs, "COMPLETED"), logs
+    assert infos[jobs["sft"]]["EndTime"] <= infos[jobs["sft_export"]]["StartTime"]
+    exported = json.loads((tmp_path / "export.json").read_text())
+    assert exported["errors"] == [] and exported["argv"][:1] == ["export"]
+    assert exported["argv"][exported["argv"].index("--hf-path") + 1] == str(run_dir / "sft" / "final")
+    assert (run_dir / "sft" / "final" / "PROBE_CONVERTED").is_file()
 
     conversion = json.loads((tmp_path / "convert.json").read_text())
     assert conversion["errors"] == [] and conversion["dest_was_empty"]
