@@ -203,9 +203,13 @@ def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
         if nodes * per_node == 1 and not cfg.hf.accelerate_config:
             body = "exec " + shell_join(command)
         else:  # the $VARIABLES expand inside each task: its node's rank, the first node's address
+            if gpus == 0 and nodes > 1 and not cfg.hf.accelerate_config:
+                raise ConfigError(f"{cfg.stage} on {nodes} CPU nodes needs hf.accelerate_config (e.g. "
+                                  "conf/accelerate/zero3_cpu.yaml): without one accelerate starts an independent "
+                                  "process per node")
             accelerate = accelerate_command(config_file, per_node, cfg.hf.accelerate_config, nodes,
                                             machine_rank="$SLURM_NODEID", main_process_ip="$MASTER_ADDR",
-                                            main_process_port="$MASTER_PORT")
+                                            main_process_port="$MASTER_PORT", multi_gpu=gpus > 0)
             body = f"export {CHILD_ENV}=1; exec " + shell_join(["python", *accelerate[1:]])
         return (f"# one task per node, each starting {per_node} process(es): {nodes * per_node} in all\n"
                 f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks={nodes}', '--ntasks-per-node=1', '--kill-on-bad-exit=1')} \\\n"

@@ -465,12 +465,20 @@ def accelerate_command(
     machine_rank: int = 0,
     main_process_ip: Optional[str] = None,
     main_process_port: Optional[int] = None,
+    multi_gpu: bool = False,
 ) -> list[str]:
     """`accelerate launch ... -m recipes.training CONFIG_FILE`: every process runs the stage whose resolved
-    config is CONFIG_FILE. num_processes is per machine (accelerate itself wants the total)."""
+    config is CONFIG_FILE. num_processes is per machine (accelerate itself wants the total).
+
+    multi_gpu: one process per GPU, on GPU nodes, without an accelerate config. accelerate only picks its
+    distributed launcher by itself when the node sees more than one GPU (accelerate/commands/launch.py,
+    _validate_launch_command: `args.multi_gpu = True` only for device_count() > 1; else simple_launcher,
+    which ignores --num_machines), so nodes with one GPU each would train as independent jobs."""
     command = [sys.executable, "-m", "accelerate.commands.launch"]
     if accelerate_config:
         command += ["--config_file", str(REPO_ROOT / accelerate_config if not Path(accelerate_config).is_absolute() else accelerate_config)]
+    elif multi_gpu:
+        command += ["--multi_gpu"]
     command += ["--num_processes", str(num_processes * num_machines), "--num_machines", str(num_machines)]
     if num_machines > 1:
         command += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_process_ip)]

@@ -178,3 +178,24 @@ def test_submit_refuses_an_output_dir_that_another_process_writes(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}/sft is being written by process {writer.pid} on {socket.gethostname()} (lock {tmp_path}/sft/.lock)"
     assert not (tmp_path / "slurm").exists()  # refused before anything was rendered
+
+
+def test_hf_on_one_gpu_nodes_asks_accelerate_for_its_distributed_launcher(tmp_path):
+    """accelerate enables multi-GPU by itself only when a node sees more than one GPU
+    (accelerate/commands/launch.py, _validate_launch_command; else simple_launcher, which ignores
+    --num_machines): 2 nodes x 1 GPU without an accelerate config must pass --multi_gpu."""
+    script = dry_run("sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2", "gpus_per_node=1",
+                     "gbs=8", "mbs=2", f"run_dir={tmp_path}")
+    [srun] = srun_lines(script)
+    launch = shlex.split(srun[-1].split("exec ", 1)[1])
+    assert "--multi_gpu" in launch and "--config_file" not in launch
+    assert launch[launch.index("--num_machines") + 1] == "2" and launch[launch.index("--num_processes") + 1] == "2"
+
+
+def test_hf_on_cpu_nodes_needs_an_accelerate_config(tmp_path):
+    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2",
+                   "gpus_per_node=0", "hf.num_processes=1", "gbs=8", "mbs=2", f"run_dir={tmp_path}", "--dry-run")
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: sft on 2 CPU nodes needs hf.accelerate_config (e.g. conf/accelerate/zero3_cpu.yaml): without one "
+        "accelerate starts an independent process per node"]
