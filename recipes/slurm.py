@@ -84,8 +84,11 @@ def job_config(cfg):
 
 def container_image(cfg) -> str | None:
     """Megatron stages run in the Megatron engine's pinned containers (Megatron-Bridge for sft and
-    convert, NeMo-RL for rm/rl/dpo) when it names them; everything else in cluster.container_image."""
-    if cfg.engine == "megatron":
+    convert, NeMo-RL for rm/rl/dpo) when it names them; everything else (data, eval, its: our own code
+    and its dependencies, which those images do not carry) in cluster.container_image."""
+    from recipes.megatron import STAGE_MODULES
+
+    if cfg.engine == "megatron" and cfg.stage in STAGE_MODULES:
         pinned = cfg.megatron.get("nemo_rl_container") if launch_kind(cfg) == "nemo_rl" else None
         if pinned or cfg.megatron.container:
             return pinned or cfg.megatron.container

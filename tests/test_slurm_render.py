@@ -199,3 +199,12 @@ def test_hf_on_cpu_nodes_needs_an_accelerate_config(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         "error: sft on 2 CPU nodes needs hf.accelerate_config (e.g. conf/accelerate/zero3_cpu.yaml): without one "
         "accelerate starts an independent process per node"]
+
+
+@pytest.mark.parametrize("stage", ["data", "eval"])
+def test_our_own_stages_run_in_the_clusters_image_on_the_megatron_engine(tmp_path, stage):
+    """data and eval run our code and its dependencies (datasets, sacrebleu, rouge-score...), which the
+    pinned Megatron-Bridge / NeMo-RL images do not carry: they use cluster.container_image."""
+    script = dry_run(stage, "engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}")
+    [srun] = srun_lines(script)
+    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in srun
