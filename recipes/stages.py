@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
 from omegaconf import OmegaConf
 
 from recipes.config import CONF_DIR, STAGES, ConfigError, to_yaml
@@ -71,8 +72,19 @@ def load_preset(name: str) -> tuple[list[str], dict[str, Entry]]:
     return [str(a) for a in preset.get("args") or ()], chain
 
 
+# How a run was launched, not what it computes: a stage rendered for SLURM (executor=slurm in its
+# config.yaml: the Megatron engine renders its files at submission) is the same run as its job's config.
+LAUNCH_KEYS = ("executor", "dry_run")
+
+
+def _what_runs(config_text: str) -> dict:
+    config = yaml.safe_load(config_text) or {}
+    return {k: v for k, v in config.items() if k not in LAUNCH_KEYS}
+
+
 def is_finished(cfg) -> bool:
-    """A stage is finished when it wrote summary.json under the very same config."""
+    """A stage is finished when it wrote summary.json under the same config (launch keys aside)."""
     out = Path(cfg.out)
     config_file = out / "config.yaml"
-    return (out / "summary.json").is_file() and config_file.is_file() and config_file.read_text() == to_yaml(cfg)
+    return ((out / "summary.json").is_file() and config_file.is_file()
+            and _what_runs(config_file.read_text()) == _what_runs(to_yaml(cfg)))

@@ -105,3 +105,23 @@ def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     report = json.loads((tmp_path / "eval" / "report.json").read_text())
     assert {"copy_rate", "proxy_reward_win_rate", "chrf", "rouge_l", "rm_accuracy"} <= set(report)
     assert "pipeline summary" in rerun.stderr and "(skipped)" in rerun.stderr
+
+
+def test_a_megatron_stage_rendered_for_slurm_counts_as_finished_for_its_job(tmp_path):
+    """The Megatron engine renders config.yaml at submission (executor=slurm); when the job has written
+    summary.json, resubmitting the chain must not run it again (is_finished(job_config(cfg)))."""
+    import json
+
+    from recipes.config import compose
+    from recipes.megatron import build_command
+    from recipes.slurm import job_config
+    from recipes.stages import is_finished
+
+    cfg = compose("sft", ["engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}"])
+    build_command(cfg)  # what submission renders into OUT
+    assert "executor: slurm" in (Path(cfg.out) / "config.yaml").read_text()
+    assert not is_finished(job_config(cfg))  # no summary yet
+    (Path(cfg.out) / "summary.json").write_text(json.dumps({"stage": "sft"}))
+    assert is_finished(job_config(cfg))
+    changed = compose("sft", ["engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}", "train.lr=3e-6"])
+    assert not is_finished(job_config(changed))
