@@ -20,12 +20,14 @@ usage: ./launch.sh COMMAND [key=value ...] [--dry-run]
   data [options]            HelpSteer3 -> SFT conversations, preference pairs, RL prompts
                             (python -m data_prep --help for the options)
   sft|rm|rl|dpo|convert     one training stage (python -m recipes STAGE key=value ...)
+  feedback|select           the Feedback model (SFT) / the Select model (scaled Bradley-Terry)
   eval | eval-compare       score a checkpoint on the held-out splits / compare eval dirs
   its [key=value ...]       Feedback-Edit inference-time scaling: policy -> feedback -> edit -> select
                             (prompts= policy= feedback_model= edit_model= select_model= out=)
   its-eval DIR_A DIR_B judge=URL   pairwise judge of two its runs (DIR:first = a run's first responses)
   plan                      print and check a Megatron parallel plan
-  pipeline                  data -> sft -> rm -> rl -> eval (executor=local|slurm)
+  pipeline                  data -> sft -> rm -> rl -> eval (executor=local|slurm; preset=NAME:
+                            conf/pipeline/NAME.yaml, e.g. preset=system; engine=megatron: the 70B chain)
   status RUN_DIR            each stage's job, state and last log line
   doctor cluster=NAME       on a SLURM login node: check what a 70B run needs (partition, GPUs,
                             container, shared file system, HF_TOKEN and the model, disk)

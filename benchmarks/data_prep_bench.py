@@ -12,8 +12,9 @@
 3. Times the naive baseline on the same input: the same conversations, each counted with
    `apply_chat_template` per row inside a single-process `datasets.map`, written with `to_json`.
 Prints both times and the ratio. Goal: the build under 60 s on 2 cores and >= 3x faster.
-Needs: pip install --no-deps llama-models; pip install tiktoken (without them a 128k-vocab
-byte-level BPE is trained on the synthetic text instead, and the script says so).
+Needs the `bench` extra (llama-models, tiktoken): `EXTRAS=hf,eval,megatron,test,bench ./launch.sh setup`.
+Without it a byte-level BPE is trained on the synthetic text instead (its vocabulary is far below 128k),
+and the script says so: figures from such a run are not comparable.
 """
 from __future__ import annotations
 
