@@ -47,15 +47,20 @@ def score_conversations(model, tokenizer, conversations: list[list[dict]], max_l
     return reward.score_conversations(model, tokenizer, conversations, max_len, batch_size)
 
 
-def pair_accuracy(model, tokenizer, pairs, max_len: int, batch_size: int = 8) -> dict[str, float]:
-    """Share of pairs with r(prompt + chosen) > r(prompt + rejected): overall ("all") and per kind."""
+def by_kind(pair: dict) -> str:
+    return pair["kind"]
+
+
+def pair_accuracy(model, tokenizer, pairs, max_len: int, batch_size: int = 8, group=by_kind) -> dict[str, float]:
+    """Share of pairs with r(prompt + chosen) > r(prompt + rejected): overall ("all") and per group(pair)
+    (the pair's kind here; select groups by weight)."""
     chosen = score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_len, batch_size)
     rejected = score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_len, batch_size)
     wins: dict[str, list[bool]] = {"all": []}
     for pair, good, bad in zip(pairs, chosen, rejected):
         wins["all"].append(good > bad)
-        wins.setdefault(pair["kind"], []).append(good > bad)
-    return {kind: sum(w) / len(w) for kind, w in wins.items() if w}
+        wins.setdefault(group(pair), []).append(good > bad)
+    return {key: sum(w) / len(w) for key, w in sorted(wins.items()) if w}
 
 
 def check_keep_best(cfg) -> None:
@@ -65,7 +70,7 @@ def check_keep_best(cfg) -> None:
         )
 
 
-def selection_split(dataset, fraction: float, seed: int):
+def selection_split(dataset, fraction: float, seed: int, source: str = "pairs/train.jsonl"):
     """(train, selection, counts): `fraction` of the distinct prompts, with all their pairs (both kinds
     of an edit_quality row, and rows repeating a prompt, stay on one side), drawn with `seed`; at least
     one prompt when fraction > 0."""
@@ -75,34 +80,41 @@ def selection_split(dataset, fraction: float, seed: int):
     keys = sorted(groups)
     n = min(len(keys) - 1, max(1, math.ceil(fraction * len(keys)))) if fraction > 0 else 0
     if fraction > 0 and n < 1:
-        raise ConfigError(f"rm.selection_fraction={fraction}: pairs/train.jsonl has {len(keys)} prompt(s), too few to hold one out")
+        raise ConfigError(f"rm.selection_fraction={fraction}: {source} has {len(keys)} prompt(s), too few to hold one out")
     held = set(random.Random(seed).sample(keys, n))
     selection = sorted(i for key in held for i in groups[key])
     train = sorted(i for key in keys if key not in held for i in groups[key])
     return dataset.select(train), dataset.select(selection), {"prompts": n, "pairs": len(selection)}
 
 
-def tokenize_pairs(dataset, tokenizer):
-    """RewardTrainer's processed form (chosen_ids, rejected_ids): reward_input_ids of each side."""
+def tokenize_pairs(dataset, tokenizer, keep: tuple[str, ...] = ()):
+    """RewardTrainer's processed form (chosen_ids, rejected_ids): reward_input_ids of each side, plus the
+    columns in `keep` (select's weight)."""
     def ids(row):
         return {"chosen_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["chosen"]),
-                "rejected_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["rejected"])}
+                "rejected_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["rejected"]),
+                **{column: row[column] for column in keep}}
 
     return dataset.map(ids, remove_columns=dataset.column_names)
 
 
-def build_trainer(cfg):
+def build_trainer(cfg, split_dir: str = "pairs", source: str = "edit_quality/train", trainer_classes=None,
+                  keep: tuple[str, ...] = ()):
+    """The RewardTrainer for cfg on DATA/split_dir (select passes its own split, its (trainer, collator)
+    classes and the columns its loss needs)."""
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    train_file = training.data_file(cfg, "pairs/train.jsonl")
-    training.data_file(cfg, "pairs/validation.jsonl")
+    train_file = training.data_file(cfg, f"{split_dir}/train.jsonl")
+    training.data_file(cfg, f"{split_dir}/validation.jsonl")
     training.model_dir(cfg, "init")
     check_keep_best(cfg)
     tokenizer = training.load_tokenizer(cfg)
     pairs = load_split(train_file)
-    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len, "pairs/train")
-    train_pairs, selection_pairs, held_out = selection_split(pairs, cfg.rm.selection_fraction, cfg.seed)
+    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len,
+                                            f"{split_dir}/train")
+    train_pairs, selection_pairs, held_out = selection_split(pairs, cfg.rm.selection_fraction, cfg.seed,
+                                                             f"{split_dir}/train.jsonl")
     evaluate = len(selection_pairs) > 0
     args = training.common_args(
         cfg, RewardConfig, evaluate=evaluate,
@@ -116,43 +128,50 @@ def build_trainer(cfg):
     )
     model = training.load_model(cfg, AutoModelForSequenceClassification, num_labels=1)
     model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token: <|eot_id|>
-    trainer = RewardTrainer(
+    trainer_class, collator = RewardTrainer, None
+    if trainer_classes:
+        trainer_class, collator_class = trainer_classes()
+        collator = collator_class(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of)
+    trainer = trainer_class(
         model=model,
         args=args,
-        train_dataset=tokenize_pairs(train_pairs, tokenizer),
-        eval_dataset=tokenize_pairs(selection_pairs, tokenizer) if evaluate else None,
+        data_collator=collator,
+        train_dataset=tokenize_pairs(train_pairs, tokenizer, keep),
+        eval_dataset=tokenize_pairs(selection_pairs, tokenizer, keep) if evaluate else None,
         processing_class=tokenizer,
         peft_config=training.lora_config(cfg, "SEQ_CLS"),
         callbacks=training.callbacks(cfg),
     )
     trainer.skipped_too_long = {"train": skipped}
-    trainer.selection = {"split": "edit_quality/train", "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
+    trainer.selection = {"split": source, "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
     return trainer
 
 
-def run(cfg) -> dict:
+def run(cfg, split_dir: str = "pairs", trained_on: list[str] | None = None, group=by_kind, build=build_trainer) -> dict:
+    """Train, keep the selected checkpoint in final/, report accuracy on DATA/split_dir/validation.jsonl
+    (select runs this with its split, its grouping by weight and its trainer)."""
     check_keep_best(cfg)
-    finished = training.preflight(cfg, "pairs/train.jsonl", "pairs/validation.jsonl")  # dry run; checks; or run under accelerate
+    finished = training.preflight(cfg, f"{split_dir}/train.jsonl", f"{split_dir}/validation.jsonl")  # dry run; checks; or run under accelerate
     if finished:
         return finished
     start = time.monotonic()
     training.prepare_output_dir(cfg)
-    trainer = build_trainer(cfg)
+    trainer = build(cfg)
     from transformers import AutoModelForSequenceClassification
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     final = training.save_final(trainer, cfg, AutoModelForSequenceClassification)  # the best checkpoint's weights
-    training.write_training_record(final, cfg, training.STAGE_SPLITS["rm"], rm_selection=trainer.selection)
+    training.write_training_record(final, cfg, trained_on or training.STAGE_SPLITS["rm"], rm_selection=trainer.selection)
 
     # Accuracy of the saved model on edit_quality/validation, exact per pair; reported, not selected on.
     model = AutoModelForSequenceClassification.from_pretrained(str(final))
     tokenizer = trainer.processing_class
-    validation_set = load_split(training.data_file(cfg, "pairs/validation.jsonl"))
+    validation_set = load_split(training.data_file(cfg, f"{split_dir}/validation.jsonl"))
     validation = list(validation_set)
     over = sum(n > cfg.train.seq_len for n in training.pair_lengths(tokenizer, validation_set)) if validation else 0
-    accuracy = pair_accuracy(model, tokenizer, validation, cfg.train.seq_len, cfg.train.micro_batch)
+    accuracy = pair_accuracy(model, tokenizer, validation, cfg.train.seq_len, cfg.train.micro_batch, group)
     return training.write_summary(
-        cfg, "val_accuracy", accuracy.pop("all"), start,
+        cfg, "val_accuracy", accuracy.pop("all", None), start,
         **{f"val_accuracy_{kind}": value for kind, value in sorted(accuracy.items())},
         best_checkpoint=trainer.state.best_model_checkpoint, steps=trainer.state.global_step,
         selection=trainer.selection, seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long,

@@ -24,10 +24,7 @@ response (no edit request), one float out, and that it may not work well past 4,
 """
 from __future__ import annotations
 
-import time
-from collections import defaultdict
-
-from recipes import reward, rm, training
+from recipes import rm
 
 SPLIT_DIR = "select"
 TRAINED_ON = ["preference/train"]
@@ -79,84 +76,15 @@ def trainer_classes():
     return ScaledBTTrainer, WeightedPreferenceCollator
 
 
-def tokenize_pairs(dataset, tokenizer):
-    """(chosen_ids, rejected_ids, weight): reward_input_ids of each side, the pair's weight kept."""
-    def ids(row):
-        return {"chosen_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["chosen"]),
-                "rejected_ids": reward.reward_input_ids(tokenizer, row["prompt"] + row["rejected"]),
-                "weight": float(row["weight"])}
-
-    return dataset.map(ids, remove_columns=dataset.column_names)
+def by_weight(pair: dict) -> str:
+    return f"weight_{int(pair['weight'])}"
 
 
 def build_trainer(cfg):
-    from transformers import AutoModelForSequenceClassification
-    from trl import RewardConfig
-
-    train_file = training.data_file(cfg, f"{SPLIT_DIR}/train.jsonl")
-    training.data_file(cfg, f"{SPLIT_DIR}/validation.jsonl")
-    training.model_dir(cfg, "init")
-    rm.check_keep_best(cfg)
-    tokenizer = training.load_tokenizer(cfg)
-    pairs = rm.load_split(train_file)
-    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len,
-                                            f"{SPLIT_DIR}/train")
-    train_pairs, selection_pairs, held_out = rm.selection_split(pairs, cfg.rm.selection_fraction, cfg.seed)
-    evaluate = len(selection_pairs) > 0
-    args = training.common_args(
-        cfg, RewardConfig, evaluate=evaluate, max_length=None,  # longer pairs skipped and counted above
-        center_rewards_coefficient=cfg.rm.center_rewards_coefficient,
-        load_best_model_at_end=cfg.rm.keep_best, metric_for_best_model="eval_loss", greater_is_better=False,
-    )
-    model = training.load_model(cfg, AutoModelForSequenceClassification, num_labels=1)
-    model.config.pad_token_id = tokenizer.pad_token_id  # the head reads the last non-pad token: <|eot_id|>
-    trainer_class, collator_class = trainer_classes()
-    trainer = trainer_class(
-        model=model,
-        args=args,
-        data_collator=collator_class(pad_token_id=tokenizer.pad_token_id, pad_to_multiple_of=args.pad_to_multiple_of),
-        train_dataset=tokenize_pairs(train_pairs, tokenizer),
-        eval_dataset=tokenize_pairs(selection_pairs, tokenizer) if evaluate else None,
-        processing_class=tokenizer,
-        peft_config=training.lora_config(cfg, "SEQ_CLS"),
-        callbacks=training.callbacks(cfg),
-    )
-    trainer.skipped_too_long = {"train": skipped}
-    trainer.selection = {"split": "preference/train", "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
-    return trainer
-
-
-def accuracy_by_weight(model, tokenizer, pairs: list[dict], max_len: int, batch_size: int = 8) -> dict[str, float]:
-    """Share of pairs with r(chosen) > r(rejected): overall ("all") and per weight ("weight_1".."weight_3")."""
-    chosen = reward.score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_len, batch_size)
-    rejected = reward.score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_len, batch_size)
-    wins: dict[str, list[bool]] = defaultdict(list)
-    for pair, good, bad in zip(pairs, chosen, rejected):
-        wins["all"].append(good > bad)
-        wins[f"weight_{int(pair['weight'])}"].append(good > bad)
-    return {key: sum(w) / len(w) for key, w in sorted(wins.items())}
+    """rm's trainer on select/, with ScaledBTTrainer and the weight column."""
+    return rm.build_trainer(cfg, SPLIT_DIR, "preference/train", trainer_classes=trainer_classes, keep=("weight",))
 
 
 def run(cfg) -> dict:
-    rm.check_keep_best(cfg)
-    finished = training.preflight(cfg, f"{SPLIT_DIR}/train.jsonl", f"{SPLIT_DIR}/validation.jsonl")
-    if finished:
-        return finished
-    start = time.monotonic()
-    training.prepare_output_dir(cfg)
-    trainer = build_trainer(cfg)
-    from transformers import AutoModelForSequenceClassification
-
-    trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
-    final = training.save_final(trainer, cfg, AutoModelForSequenceClassification)
-    training.write_training_record(final, cfg, TRAINED_ON, rm_selection=trainer.selection)
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(final))
-    validation = list(rm.load_split(training.data_file(cfg, f"{SPLIT_DIR}/validation.jsonl")))
-    accuracy = accuracy_by_weight(model, trainer.processing_class, validation, cfg.train.seq_len, cfg.train.micro_batch)
-    return training.write_summary(
-        cfg, "val_accuracy", accuracy.pop("all", None), start,
-        **{f"val_accuracy_{key}": value for key, value in accuracy.items()},
-        best_checkpoint=trainer.state.best_model_checkpoint, steps=trainer.state.global_step,
-        selection=trainer.selection, seq_len=cfg.train.seq_len, skipped_too_long=trainer.skipped_too_long,
-    )
+    """rm's run on select/: accuracy on select/validation overall and per weight ("weight_1".."weight_3")."""
+    return rm.run(cfg, SPLIT_DIR, TRAINED_ON, group=by_weight, build=build_trainer)
