@@ -19,7 +19,7 @@ import json
 import random
 
 from data_prep.feedback_prompt import build_feedback_request, helpfulness_level
-from data_prep.schema import EMPTY_RESPONSE, MISSING_FIELD, WRONG_TYPE, check_context
+from data_prep.schema import FEEDBACK_NOT_STRING, check_typed_row
 
 FEEDBACK_TARGETS = ("one", "all")
 RESPONSES = ("response1", "response2")
@@ -34,27 +34,16 @@ FEEDBACK_NO_LEVEL = "feedback_without_helpfulness"  # a text does not begin "The
 
 def check_feedback_row(record) -> tuple[str, str] | None:
     """None when the row follows the feedback subset's schema, else (reason, detail)."""
-    if not isinstance(record, dict):
-        return "not_an_object", f"a row must be a JSON object, got {type(record).__name__}"
-    for name, expected in FIELDS.items():
-        value = record.get(name)
-        if value is None:
-            return MISSING_FIELD, f"{name} is missing"
-        if not isinstance(value, expected):
-            return WRONG_TYPE, f"{name} must be a {expected.__name__}, got {type(value).__name__}"
-    problem = check_context(record["context"])
+    problem = check_typed_row(record, FIELDS, RESPONSES)
     if problem:
         return problem
-    for name in RESPONSES:
-        if not record[name].strip():
-            return EMPTY_RESPONSE, f"{name} is empty"
     for name in FEEDBACKS:
         items = record[name]
         if not items:
             return NO_FEEDBACK, f"{name} has no feedback text"
         for i, item in enumerate(items):
             if not isinstance(item, str):
-                return "feedback_item_not_string", f"{name}[{i}] must be a str, got {type(item).__name__}"
+                return FEEDBACK_NOT_STRING, f"{name}[{i}] must be a str, got {type(item).__name__}"
             if helpfulness_level(item) is None:
                 return FEEDBACK_NO_LEVEL, (f"{name}[{i}] does not begin 'The response is "
                                            f"{{not|slightly|partially|mostly|perfectly}} helpful': {item[:60]!r}")

@@ -66,6 +66,26 @@ def check_row(subset: str, record) -> tuple[str, str] | None:
     return None
 
 
+def check_typed_row(record, fields: dict[str, type], responses: tuple[str, ...]) -> tuple[str, str] | None:
+    """The checks every subset's row starts with: a JSON object, each of `fields` present with its type
+    (a bool is not an int), a well-formed context, each of `responses` holding text."""
+    if not isinstance(record, dict):
+        return NOT_AN_OBJECT, f"a row must be a JSON object, got {type(record).__name__}"
+    for name, expected in fields.items():
+        value = record.get(name)
+        if value is None:
+            return MISSING_FIELD, f"{name} is missing"
+        if not isinstance(value, expected) or isinstance(value, bool):
+            return WRONG_TYPE, f"{name} must be a {expected.__name__}, got {type(value).__name__}"
+    problem = check_context(record["context"])
+    if problem:
+        return problem
+    for name in responses:
+        if not record[name].strip():
+            return EMPTY_RESPONSE, f"{name} is empty"
+    return None
+
+
 def check_context(context: list) -> tuple[str, str] | None:
     """Turns are {role, content}; roles alternate, starting and ending with the user."""
     if not context:

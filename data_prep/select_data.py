@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from data_prep import is_copy
 from data_prep.feedback_data import RESPONSES, leak_keys
-from data_prep.schema import EMPTY_RESPONSE, EQUAL_PAIRS, MISSING_FIELD, WRONG_TYPE, check_context
+from data_prep.schema import EQUAL_PAIRS, check_typed_row
 
 __all__ = ["check_preference_row", "emit_select", "leak_keys"]
 
@@ -29,20 +29,9 @@ BAD_PREFERENCE = "preference_out_of_range"
 
 def check_preference_row(record) -> tuple[str, str] | None:
     """None when the row follows the preference subset's schema and orders its responses, else (reason, detail)."""
-    if not isinstance(record, dict):
-        return "not_an_object", f"a row must be a JSON object, got {type(record).__name__}"
-    for name, expected in FIELDS.items():
-        value = record.get(name)
-        if value is None:
-            return MISSING_FIELD, f"{name} is missing"
-        if not isinstance(value, expected) or isinstance(value, bool):
-            return WRONG_TYPE, f"{name} must be a {expected.__name__}, got {type(value).__name__}"
-    problem = check_context(record["context"])
+    problem = check_typed_row(record, FIELDS, RESPONSES)
     if problem:
         return problem
-    for name in RESPONSES:
-        if not record[name].strip():
-            return EMPTY_RESPONSE, f"{name} is empty"
     preference = record["overall_preference"]
     if not -3 <= preference <= 3:
         return BAD_PREFERENCE, f"overall_preference is {preference}, must be in -3..3"
