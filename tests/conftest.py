@@ -27,6 +27,26 @@ def tiny_model_dir() -> Path:
     return Path(resolve_model_path(compose("sft", []).model))
 
 
+@pytest.fixture(scope="session")
+def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
+    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt
+    (the freshly initialised one answers every prompt with the same token), so comparing outputs
+    can catch a padding mistake, and feedback, edits and scores differ between candidates."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() > 1:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
+    out = tmp_path_factory.mktemp("varied_model")
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
+    return out
+
+
 def run_cli(*args: str, cwd: Path = REPO_ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m ...` the way a user would, capturing output."""
     return subprocess.run(

@@ -8,7 +8,6 @@ import subprocess
 import sys
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -22,26 +21,6 @@ CONVERSATIONS = [
      {"role": "user", "content": "Edit the response to the previous prompt based on the following feedback:\n\n<None>"}]
     for i in range(6)
 ]
-
-
-@pytest.fixture(scope="module")
-def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with larger random weights: its greedy outputs differ from prompt to prompt
-    (the freshly initialised one answers every prompt with the same token), so comparing outputs
-    can catch a padding mistake."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    out = tmp_path_factory.mktemp("varied_model")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -25,24 +25,6 @@ SMALL = ["its.max_new_tokens=8", "its.feedback_max_new_tokens=8", "its.batch_siz
 
 
 @pytest.fixture(scope="module")
-def varied_dir(tiny_model_dir, tmp_path_factory) -> Path:
-    """The tiny model with larger random weights, so that its outputs differ from prompt to prompt."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for param in model.parameters():
-            if param.dim() > 1:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.3)
-    out = tmp_path_factory.mktemp("its_varied")
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(tiny_model_dir).save_pretrained(out)
-    return out
-
-
-@pytest.fixture(scope="module")
 def prompts_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("its_prompts") / "prompts.jsonl"
     path.write_text("\n".join([json.dumps(p) for p in PROMPTS] + BAD_ROWS) + "\n")
@@ -60,9 +42,9 @@ def _serve(module: str, model: Path, *extra: str):
 
 
 @pytest.fixture(scope="module")
-def gen_server(varied_dir):
+def gen_server(varied_model_dir):
     """eval.serve on 127.0.0.1; --max-model-len 1024 makes it refuse (400) a long prompt's request."""
-    proc, url = _serve("eval.serve", varied_dir, "--name", "tiny", "--max-batch", "8", "--max-model-len", "1024")
+    proc, url = _serve("eval.serve", varied_model_dir, "--name", "tiny", "--max-batch", "8", "--max-model-len", "1024")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -160,7 +142,7 @@ def test_config_errors_are_one_line(tmp_path, prompts_file):
 # ---- the loop with local dirs: both reward-model kinds ---------------------------------------------
 
 @pytest.mark.parametrize("select", ["first_logit", "seqcls"])
-def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_path, varied_dir, tiny_model_dir,
+def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_path, varied_model_dir, tiny_model_dir,
                                                                   tiny_rm_dir, prompts_file):
     from data_prep import build_edit_conversation
     from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION, build_feedback_request
@@ -169,8 +151,8 @@ def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_pa
     from its.models import Generator
 
     select_dir = tiny_model_dir if select == "first_logit" else tiny_rm_dir
-    cfg, result = _run(tmp_path, [f"prompts={prompts_file}", f"policy={varied_dir}", f"feedback_model={varied_dir}",
-                                  f"edit_model={varied_dir}", f"select_model={select_dir}", "its.responses=2",
+    cfg, result = _run(tmp_path, [f"prompts={prompts_file}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
+                                  f"edit_model={varied_model_dir}", f"select_model={select_dir}", "its.responses=2",
                                   "its.feedbacks=3", "its.feedback_sets=2", "its.edits=2", "its.feedback_temperature=1.0"])
     records = _results(tmp_path)
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -219,12 +201,12 @@ def _model_ids(out: Path, role: str) -> list[str]:
 
 # ---- resume after a crash ------------------------------------------------------------------------
 
-def test_a_crash_resumes_from_finished_prompts_and_cached_calls(tmp_path, varied_dir, tiny_model_dir, prompts_file,
+def test_a_crash_resumes_from_finished_prompts_and_cached_calls(tmp_path, varied_model_dir, tiny_model_dir, prompts_file,
                                                                monkeypatch):
     from its import models as its_models
 
-    args = [f"prompts={prompts_file}", f"policy={varied_dir}", f"feedback_model={varied_dir}",
-            f"edit_model={varied_dir}", f"select_model={tiny_model_dir}", "its.chunk_prompts=2", "its.feedbacks=2"]
+    args = [f"prompts={prompts_file}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
+            f"edit_model={varied_model_dir}", f"select_model={tiny_model_dir}", "its.chunk_prompts=2", "its.feedbacks=2"]
     real = its_models.Generator.generate
     edit_calls = []
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from recipes.config import ConfigError, compose
-from tests.test_its import PROMPTS, varied_dir  # noqa: F401  (fixture)
+from tests.test_its import PROMPTS
 from tests.test_slurm_jobs import wait_for
 
 
@@ -50,14 +50,14 @@ def test_plan_gives_each_model_its_tensor_parallel_size_and_checks_the_node(tmp_
 
 
 @pytest.mark.slurm
-def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path, varied_dir, tiny_rm_dir):
+def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path, varied_model_dir, tiny_rm_dir):
     from recipes.slurm import submit_stage
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))
     cfg = compose("its", ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny", f"run_dir={tmp_path}",
-                          f"prompts={prompts}", f"policy={varied_dir}", f"feedback_model={varied_dir}",
-                          f"edit_model={varied_dir}", f"select_model={tiny_rm_dir}", "its.feedbacks=2",
+                          f"prompts={prompts}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
+                          f"edit_model={varied_model_dir}", f"select_model={tiny_rm_dir}", "its.feedbacks=2",
                           "its.max_new_tokens=8", "its.feedback_max_new_tokens=8", "its.server_start_timeout_s=300",
                           # the stand-in for `vllm serve` (same flags the template fills: model, port, name)
                           "its.server_command=python -m eval.serve --model {model} --port {port} --name {name}"])
@@ -69,11 +69,11 @@ def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path,
     summary = json.loads((out / "summary.json").read_text())
     # one generator server for the three roles, one scorer server; the loop talked to them
     logs = sorted(p.name for p in (out / "servers").iterdir())
-    assert logs == [f"policy-{varied_dir.name}.log", f"select-{tiny_rm_dir.name}.log"]
+    assert logs == [f"policy-{varied_model_dir.name}.log", f"select-{tiny_rm_dir.name}.log"]
     urls = {role: m["model"] for role, m in summary["models"].items()}
     assert urls["policy"] == urls["feedback_model"] == urls["edit_model"] and urls["policy"].startswith("http://127.0.0.1:")
     assert summary["models"]["select_model"]["kind"] == "endpoint" and summary["prompts"] == 2
     assert all(r["final"] for r in map(json.loads, (out / "results.jsonl").read_text().splitlines()))
     # config.yaml keeps the dirs as given (a rerun with the same config is finished); servers stopped
-    assert f"policy: {varied_dir}" in (out / "config.yaml").read_text()
+    assert f"policy: {varied_model_dir}" in (out / "config.yaml").read_text()
     assert log.count("is up on port") == 2 and log.count("[its] stopped") == 2
