@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from data_prep_bench import make_tokenizer, write_input  # noqa: E402
 
 from data_prep.build import Options, build  # noqa: E402
-from recipes.io import read_jsonl  # noqa: E402
+from hs3.io import read_jsonl  # noqa: E402
 from recipes.tiny_model import llama3_chat_template  # noqa: E402
 
 

@@ -5,7 +5,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from recipes.io import UserError, cli_main
+from hs3.io import UserError, cli_main
 
 CONF_FILE = Path(__file__).resolve().parent.parent / "conf" / "stage" / "data.yaml"
 

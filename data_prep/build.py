@@ -30,7 +30,7 @@ from data_prep.feedback import selected_indices
 from data_prep.schema import (EQUAL_PAIRS, LEAKED, SPLITS, SUBSETS, TOO_LONG, check_row, extra_fields)
 from data_prep.sources import ALL_SUBSETS, open_source
 from data_prep import feedback_data, select_data
-from recipes.io import UserError, dumps_json, follow_umask
+from hs3.io import UserError, dumps_json, follow_umask
 
 FORMAT_VERSION = 2  # 2: validation rows over --max-seq-len are kept and flagged (1 rejected them)
 OUTPUT_KINDS = ("sft", "pairs", "prompts")
@@ -483,7 +483,7 @@ def damaged_outputs(out: Path, manifest: dict, verify: bool = False) -> list[str
     """The output files of the build in OUT that do not match its manifest: missing, another size, or
     (verify, or a manifest that records no size) another sha256. Sizes cost a stat per file; hashes
     read every byte (~1 GB at full scale, a second or two)."""
-    from recipes.io import sha256_file
+    from hs3.io import sha256_file
 
     damaged = []
     for name, entry in manifest.get("outputs", {}).items():
@@ -523,7 +523,7 @@ def temp_dir_for(out: Path) -> Path:
 def remove_stale_temp_dirs(out: Path) -> list[Path]:
     """Remove the temp dirs that builds into OUT killed on this host (kill -9, power loss) left behind:
     those whose PID is no longer running. Another host's, or a live process's, are left alone."""
-    from recipes.io import pid_alive
+    from hs3.io import pid_alive
 
     removed = []
     host = platform.node()

@@ -18,7 +18,7 @@ from typing import Any, Iterator
 from data_prep.schema import INVALID_UTF8, MALFORMED_JSON, SPLITS, SUBSETS
 
 ALL_SUBSETS = SUBSETS + ("feedback", "preference")  # HelpSteer3's subsets the data step reads (--subsets)
-from recipes.io import UserError, sha256_file
+from hs3.io import UserError, sha256_file
 
 HUB_DATASET = "nvidia/HelpSteer3"
 LAYOUT = "edit/{train,validation}.jsonl.gz and edit_quality/{train,validation}.jsonl.gz (or plain .jsonl)"

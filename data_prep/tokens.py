@@ -32,7 +32,7 @@ GPT2_PATTERN = r"""'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|
 
 
 def load_tokenizer(name_or_path: str):
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     try:
         from transformers import AutoTokenizer

@@ -20,7 +20,7 @@ import argparse
 import json
 from pathlib import Path
 
-from recipes.io import UserError, atomic_write_json, atomic_write_text, cli_main, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_text, cli_main, read_jsonl
 
 from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS, ROW_FIELD, paired_difference
 from eval.report import LABELS, fmt, fmt_ci, md_table, plot_metrics, plot_proxy_vs_gold

@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 from typing import Optional
 
-from recipes.io import UserError, read_jsonl, sha256_file
+from hs3.io import UserError, read_jsonl, sha256_file
 
 TRAINING_RECORD = "hs3_training.json"
 

@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from recipes.io import UserError, dumps_json
+from hs3.io import UserError, dumps_json
 
 Messages = list[dict]
 OnResult = Optional[Callable[[int, "Generation"], None]]

@@ -27,7 +27,7 @@ from typing import Optional
 
 from data_prep.feedback_prompt import HELPFULNESS_LEVELS, helpfulness_level
 from recipes.config import to_yaml
-from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 from eval import metrics as M
 

@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Optional
 
 from eval.metrics import GENERATION_METRICS, LIKELIHOOD_METRICS, PROXY_GOLD
-from recipes.io import atomic_path
+from hs3.io import atomic_path
 
 # Shown as percentages; chrF is already 0-100; ROUGE-L and length ratio as plain numbers.
 NUMBERS = {"chrf", "chrf_sentence_mean", "rouge_l", "length_ratio"}

@@ -49,7 +49,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from recipes.io import UserError
+from hs3.io import UserError
 
 Messages = list[dict]
 Progress = Optional[Callable[[int], None]]

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Optional
 
 from recipes.config import to_yaml
-from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text
 
 from eval import metrics as M
 from eval.data import check_held_out, load_edit_rows, load_pairs, manifest_notes, training_record

@@ -18,7 +18,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from recipes.io import UserError, read_jsonl
+from hs3.io import UserError, read_jsonl
 
 from eval import metrics as M
 from eval.feedback_eval import dry_run, finish, grouped, render, summarize

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from recipes.io import UserError, cli_main
+from hs3.io import UserError, cli_main
 
 from eval.engines import Generation, HFEngine, Sampling, gpu_device_map
 

@@ -20,7 +20,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from recipes.io import UserError, cli_main
+from hs3.io import UserError, cli_main
 
 from eval.reward_scorers import KINDS, load_scorer
 

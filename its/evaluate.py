@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, cli_main, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, cli_main, read_jsonl
 
 JUDGE_SYSTEM = (
     "You are an impartial judge of two AI assistants' answers to the user prompt shown below. "

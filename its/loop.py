@@ -39,7 +39,7 @@ from data_prep.feedback_prompt import build_feedback_request, helpfulness_level
 from eval.engines import Sampling
 from its.feedback import pick_sets
 from recipes.config import to_yaml
-from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, dumps_json, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, dumps_json, read_jsonl
 
 ROLES = ("system", "user", "assistant")
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from eval.engines import GenerationCache, Generation, HFEngine, HTTPEngine, Sampling, is_endpoint
-from recipes.io import UserError, dumps_json
+from hs3.io import UserError, dumps_json
 
 Messages = list[dict]
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from recipes.io import atomic_write_text
+from hs3.io import atomic_write_text
 
 
 def write_report(summary: dict, records: list[dict], out: Path) -> None:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 from eval.engines import is_endpoint
 from recipes.config import ConfigError
-from recipes.io import UserError, cli_main
+from hs3.io import UserError, cli_main
 
 GENERATOR_ROLES = ("policy", "feedback_model", "edit_model")
 

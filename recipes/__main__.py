@@ -6,7 +6,7 @@ import os
 import sys
 
 from recipes.config import STAGES, compose
-from recipes.io import UserError, cli_main
+from hs3.io import UserError, cli_main
 
 # (stage, engine) -> "module:function"; each function takes the resolved config and returns a
 # summary dict for the closing table ({"metric": name, "value": number, "out": dir}).

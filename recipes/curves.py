@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from recipes.io import atomic_path, atomic_write_json, follow_umask
+from hs3.io import atomic_path, atomic_write_json, follow_umask
 
 PROGRESS_FILE = "progress.json"
 CURVES_FILE = "curves.png"

@@ -13,7 +13,7 @@ import time
 from pathlib import Path
 
 from recipes.config import REPO_ROOT, to_yaml
-from recipes.io import atomic_write_json, atomic_write_text
+from hs3.io import atomic_write_json, atomic_write_text
 
 
 def run(cfg) -> dict:

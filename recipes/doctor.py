@@ -30,7 +30,7 @@ import uuid
 from pathlib import Path
 
 from recipes.config import compose
-from recipes.io import UserError
+from hs3.io import UserError
 
 CHECKPOINT_BYTES_PER_PARAM = 2 + 12  # bf16 weights; fp32 master + Adam m, v (recipes/megatron/plan.py memory_per_gpu)
 HF_ENDPOINT = "https://huggingface.co"

@@ -13,7 +13,7 @@ import os
 from pathlib import Path
 
 from recipes.config import REPO_ROOT
-from recipes.io import UserError
+from hs3.io import UserError
 
 CACHE_DIR = Path(os.environ.get("HS3_CACHE", REPO_ROOT / ".cache"))
 

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from recipes.config import REPO_ROOT, compose, to_yaml
-from recipes.io import UserError
+from hs3.io import UserError
 from recipes.stages import Entry, is_finished, load_preset  # noqa: F401  (is_finished: re-exported)
 
 DEFAULT_PRESET = "default"

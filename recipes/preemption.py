@@ -30,7 +30,7 @@ import sys
 import time
 from pathlib import Path
 
-from recipes.io import UserError, atomic_write_json
+from hs3.io import UserError, atomic_write_json
 
 # Stages that train: they checkpoint, can be preempted and resume, and lock their output dir.
 TRAINING_STAGES = ("sft", "rm", "rl", "dpo", "feedback", "select")

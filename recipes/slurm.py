@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from recipes import preemption
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
-from recipes.io import UserError, atomic_write_json, atomic_write_text
+from hs3.io import UserError, atomic_write_json, atomic_write_text
 from recipes.stages import is_finished
 
 NEMO_RL_STAGES = ("rm", "rl", "dpo")  # on engine=megatron: NeMo-RL, driven through Ray

@@ -27,7 +27,7 @@ from omegaconf import OmegaConf
 
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, to_yaml, validate
 from recipes import curves
-from recipes.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
+from hs3.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
 
 # Set in the processes that `accelerate launch` starts for us, so that they do not relaunch again.
 CHILD_ENV = "HS3_UNDER_ACCELERATE"
@@ -497,7 +497,7 @@ def relaunch_under_accelerate(
     """Run this stage in cfg.hf.num_processes processes per machine under accelerate; returns the exit code.
     The resolved config travels as a file beside OUT (on the shared file system) so every process, on
     every machine, runs exactly the same config."""
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     if cfg.hf.accelerate_config and not (REPO_ROOT / cfg.hf.accelerate_config).is_file() and not Path(cfg.hf.accelerate_config).is_file():
         raise ConfigError(f"hf.accelerate_config={cfg.hf.accelerate_config}: no such file")
@@ -540,6 +540,6 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    from recipes.io import cli_main
+    from hs3.io import cli_main
 
     sys.exit(cli_main(main)(sys.argv[1:]))

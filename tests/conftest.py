@@ -88,7 +88,7 @@ def _edit_rows(split: str, n: int) -> tuple[list, list, list]:
 
 
 def write_edit_data(data_dir: Path, n_train: int = 16, n_validation: int = 4) -> Path:
-    from recipes.io import atomic_write_json, atomic_write_jsonl
+    from hs3.io import atomic_write_json, atomic_write_jsonl
 
     for split, n in (("train", n_train), ("validation", n_validation)):
         sft, pairs, prompts = _edit_rows(split, n)
@@ -115,7 +115,7 @@ def write_eval_data(data_dir: Path, leakage: dict | None = None) -> Path:
     import json
 
     from data_prep import build_edit_conversation
-    from recipes.io import atomic_write_json, atomic_write_jsonl
+    from hs3.io import atomic_write_json, atomic_write_jsonl
 
     def sample(subset: str) -> list[dict]:
         text = (SAMPLE_DIR / subset / "validation.jsonl").read_text(encoding="utf-8")

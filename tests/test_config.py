@@ -122,7 +122,7 @@ def test_default_model_follows_engine_and_executor():
 def test_convert_defaults_to_the_megatron_engine():
     assert compose("convert", []).engine == "megatron"
     from recipes.__main__ import run_stage
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     with pytest.raises(UserError, match="stage convert has no hf engine"):
         run_stage(compose("convert", ["engine=hf"]))

@@ -10,7 +10,7 @@ import pytest
 
 from tests.conftest import SAMPLE_DIR, run_cli
 from data_prep.build import Options, build
-from recipes.io import UserError, read_jsonl
+from hs3.io import UserError, read_jsonl
 
 PREFIX = "Edit the response to the previous prompt based on the following feedback:\n\n"
 

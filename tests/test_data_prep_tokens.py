@@ -121,7 +121,7 @@ def test_max_seq_len_rejects_train_rows_and_keeps_every_validation_row(tmp_path,
     """--max-seq-len is a training limit: train rows over it are rejected (too_long); validation rows are
     all kept, their longer lines flagged "over_max_seq_len" and counted per split. Before, validation
     rows were rejected too (with 200, every edit/validation row of the sample was dropped)."""
-    from recipes.io import read_jsonl
+    from hs3.io import read_jsonl
     from tests.conftest import SAMPLE_DIR
 
     counted = build(str(SAMPLE_DIR), tmp_path / "all", options=Options(tokenizer=str(tiny_model_dir)), progress=False)

@@ -134,7 +134,7 @@ def test_http_engine_against_local_server_matches_in_process_greedy(server, engi
 
 def test_http_engine_errors_are_one_line_user_errors(server):
     from eval.engines import HTTPEngine, Sampling
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     bad = HTTPEngine(server, model="tiny", max_retries=0)
     with pytest.raises(UserError, match="BadRequest"):
@@ -202,7 +202,7 @@ def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(s
     is recorded with its error and counted, the other rows are scored, and the eval exits 0. A prompt over
     eval.max_prompt_tokens is shortened (tokenizer from model.tokenizer for an endpoint) and the data step's
     over_max_seq_len flag counted."""
-    from recipes.io import atomic_write_jsonl
+    from hs3.io import atomic_write_jsonl
 
     from .conftest import run_cli
 

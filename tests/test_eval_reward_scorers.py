@@ -83,7 +83,7 @@ def test_seqcls_reads_the_last_token_even_when_pad_is_the_end_of_turn_token(tiny
 
 def test_kinds_and_bad_specs(tiny_model_dir, tiny_rm_dir, tmp_path):
     from eval.reward_scorers import detect_kind, load_scorer
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     assert detect_kind(str(tiny_rm_dir)) == "seqcls" and detect_kind(str(tiny_model_dir)) == "first_logit"
     with pytest.raises(UserError, match="kind 'pairwise'"):
@@ -111,7 +111,7 @@ def rm_server(gold_dir):
 
 def test_endpoint_scores_equal_the_local_scorer_and_a_failed_row_is_recorded(rm_server, gold_dir):
     from eval.reward_scorers import HTTPScorer, load_scorer
-    from recipes.io import UserError
+    from hs3.io import UserError
 
     local = load_scorer(gold_dir).score(CONVERSATIONS)
     remote = load_scorer(rm_server + "/v1", concurrency=3, max_retries=0)  # /v1 suffix tolerated

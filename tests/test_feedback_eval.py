@@ -9,7 +9,7 @@ import pytest
 from data_prep.build import Options, build
 from eval import feedback_eval, select_eval
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 from tests.conftest import SAMPLE_DIR, run_cli
 
 

@@ -10,7 +10,7 @@ import pytest
 
 from data_prep.build import Options, build
 from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION, build_feedback_request
-from recipes.io import UserError, read_jsonl
+from hs3.io import UserError, read_jsonl
 from tests.conftest import SAMPLE_DIR, run_cli
 
 ALL = "edit,edit_quality,feedback,preference"

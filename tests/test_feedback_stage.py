@@ -7,7 +7,7 @@ from data_prep.build import Options, build
 from data_prep.feedback_prompt import helpfulness_level
 from recipes import feedback
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 from tests.conftest import SAMPLE_DIR
 
 

@@ -7,7 +7,7 @@ import torch
 
 from recipes import dpo
 from recipes.config import compose
-from recipes.io import sha256_file
+from hs3.io import sha256_file
 
 
 def test_lora_dpo_writes_a_merged_plain_model(edit_data_dir, tmp_path, tiny_model_dir):
@@ -37,7 +37,7 @@ def test_dpo_skips_and_counts_pairs_over_seq_len(edit_data_dir, tmp_path, tiny_m
     """A pair whose prompt + chosen or prompt + rejected is over train.seq_len is skipped and counted;
     none is cut (before, DPOTrainer kept the start: trl/trainer/dpo_trainer.py:141-160, keep_start)."""
     from recipes import training
-    from recipes.io import read_jsonl
+    from hs3.io import read_jsonl
 
     pairs = read_jsonl(edit_data_dir / "pairs" / "train.jsonl")
     tokenizer = training.load_tokenizer(compose("dpo", [f"run_dir={tmp_path}", f"init={tiny_model_dir}"]))

@@ -6,7 +6,7 @@ import torch
 
 from recipes import rl
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -7,7 +7,7 @@ import pytest
 
 from recipes import rm
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 
 
 def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path, tiny_model_dir):

@@ -9,7 +9,7 @@ import torch
 from tests.conftest import run_cli
 from recipes import sft
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 
 
 def sft_cfg(tmp_path, data_dir, *args):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from data_prep.build import Options, build
-from recipes.io import UserError, read_jsonl
+from hs3.io import UserError, read_jsonl
 from tests.conftest import REPO_ROOT, run_cli
 from tests.test_data_prep_build import edit_row, quality_row, write_source
 

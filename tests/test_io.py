@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from recipes.io import atomic_path, atomic_write_text
+from hs3.io import atomic_path, atomic_write_text
 
 
 def test_outputs_get_the_umask_mode_not_mkstemps_0600(tmp_path):
@@ -34,7 +34,7 @@ def test_follow_umask_gives_owner_only_outputs_the_usual_mode(tmp_path):
     import os
     import stat
 
-    from recipes.io import follow_umask
+    from hs3.io import follow_umask
 
     (tmp_path / "d").mkdir(mode=0o700)
     (tmp_path / "d" / "model.safetensors").write_bytes(b"x")
@@ -53,7 +53,7 @@ def test_pid_alive_tells_a_running_process_from_a_finished_one():
     import subprocess
     import sys
 
-    from recipes.io import pid_alive
+    from hs3.io import pid_alive
 
     assert pid_alive(os.getpid())
     child = subprocess.Popen([sys.executable, "-c", "pass"])

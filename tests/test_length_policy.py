@@ -8,7 +8,7 @@ import torch
 
 from recipes import reward, rl, rm, sft, training
 from recipes.config import compose
-from recipes.io import read_jsonl
+from hs3.io import read_jsonl
 
 
 @pytest.fixture(scope="module")

@@ -26,7 +26,7 @@ ROUNDS = 10
 WORKER = textwrap.dedent("""
     import json, os, sys, time
     from pathlib import Path
-    from recipes.io import UserError
+    from hs3.io import UserError
     from recipes.preemption import OutputLock
 
     base, me, n, rounds = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), int(sys.argv[4])

@@ -13,7 +13,7 @@ import pytest
 import yaml
 
 from recipes.config import ConfigError, compose
-from recipes.io import UserError, read_jsonl
+from hs3.io import UserError, read_jsonl
 from recipes.megatron import bridge_sft, convert, nemo_rl
 from tests.conftest import run_cli
 

@@ -11,7 +11,7 @@ import textwrap
 
 import pytest
 
-from recipes.io import UserError
+from hs3.io import UserError
 from recipes.preemption import (LOCK_ENV, LOCK_FILE, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE,
                                 PREEMPT_REQUEST_FILE, OutputLock)
 

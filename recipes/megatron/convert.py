@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from recipes.config import ConfigError, to_yaml
-from recipes.io import UserError, atomic_write_text
+from hs3.io import UserError, atomic_write_text
 from recipes.megatron import job_nodes
 from recipes.training import write_summary
 
@@ -184,6 +184,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from recipes.io import cli_main
+    from hs3.io import cli_main
 
     sys.exit(cli_main(main)(sys.argv[1:]))

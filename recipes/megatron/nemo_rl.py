@@ -51,7 +51,7 @@ import yaml
 
 from recipes import preemption
 from recipes.config import ConfigError, to_yaml
-from recipes.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import job_nodes, megatron_decay_style, slurm_time_seconds
 from recipes.megatron.plan import plan_from_cfg, validate_plan
 
@@ -482,6 +482,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from recipes.io import cli_main
+    from hs3.io import cli_main
 
     sys.exit(cli_main(main)(sys.argv[1:]))

@@ -315,7 +315,7 @@ def container_line(cfg) -> str:
 
 
 def main(argv: list[str]) -> int:
-    from recipes.io import cli_main
+    from hs3.io import cli_main
 
     return cli_main(_main)(argv)
 
