@@ -55,9 +55,15 @@ def launch_kind(cfg) -> str:
     return "hf"
 
 
+def entry_name(cfg) -> str:
+    """The pipeline entry's name (two convert or eval entries share a stage in one run dir), else the stage:
+    what the job's files, its jobs.json key and its SLURM job name are called."""
+    return cfg.get("name") or cfg.stage
+
+
 def job_files(cfg) -> dict[str, Path]:
     base = Path(cfg.run_dir).resolve() / "slurm"
-    name = cfg.get("name") or cfg.stage  # a pipeline entry's name (two convert entries, one run dir)
+    name = entry_name(cfg)
     return {"script": base / f"{name}.sbatch", "config": base / f"{name}.yaml", "log": base / f"{name}-%j.log"}
 
 
@@ -277,7 +283,7 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
     out = Path(cfg.out).resolve()
     command = command or stage_command(cfg, files["config"])
     nodes, gpus = job_shape(cfg)
-    sbatch = [f"--job-name=hs3-{cfg.stage}"]
+    sbatch = [f"--job-name=hs3-{entry_name(cfg)}"]
     for key in ("account", "partition", "qos"):
         if c[key]:
             sbatch.append(f"--{key}={c[key]}")
@@ -402,11 +408,11 @@ def check_not_running(cfg) -> None:
     """One job per output dir: refuse while this stage's earlier job is queued or running, or while
     another job or process holds the output dir's lock."""
     jobs_file = Path(cfg.run_dir).resolve() / "jobs.json"
-    entry = (json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}).get(cfg.stage)
+    entry = (json.loads(jobs_file.read_text()) if jobs_file.is_file() else {}).get(entry_name(cfg))
     if entry:
         state = scontrol_job(entry["job_id"]).get("JobState")
         if state in preemption.LIVE_JOB_STATES:
-            raise UserError(f"{cfg.stage} of {cfg.run_dir} is already {state} as job {entry['job_id']} "
+            raise UserError(f"{entry_name(cfg)} of {cfg.run_dir} is already {state} as job {entry['job_id']} "
                             f"(wait for it, or scancel {entry['job_id']})")
     holder = preemption.OutputLock(cfg.out).holder()
     if holder:
@@ -422,8 +428,8 @@ def submit_stage(cfg) -> dict:
     check_not_running(cfg)
     files = write_job(cfg)
     job_id = sbatch(files["script"])
-    record_jobs(cfg.run_dir, {cfg.stage: _entry(cfg, files, job_id, [])})
-    print(f"submitted {cfg.stage} as job {job_id}: log {str(files['log']).replace('%j', job_id)}; "
+    record_jobs(cfg.run_dir, {entry_name(cfg): _entry(cfg, files, job_id, [])})
+    print(f"submitted {entry_name(cfg)} as job {job_id}: log {str(files['log']).replace('%j', job_id)}; "
           f"./launch.sh status {cfg.run_dir}")
     return {"stage": cfg.stage, "metric": "job", "value": int(job_id) if job_id.isdigit() else None, "out": str(cfg.out)}
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from recipes.config import REPO_ROOT, compose
-from recipes.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch
+from recipes.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch, write_job
 from recipes.stages import load_preset
 from tests.conftest import SAMPLE_DIR, run_cli
 
@@ -185,3 +185,31 @@ def test_tiny_pipeline_through_sbatch(slurm, tmp_path):
         row = next(line for line in status.stdout.splitlines() if f" {stage} " in line and entry["job_id"] in line)
         assert "COMPLETED" in row
     assert status.stdout.strip().splitlines()[-1] == "5 stages: 5 completed"
+
+
+@pytest.mark.slow
+def test_system_chain_and_dpo_through_sbatch(slurm, tmp_path, tiny_model_dir):
+    """The stages the edit pipeline does not submit, as real jobs: the `system_smoke` chain (feedback,
+    select, their evals and its, three chains after data) and a dpo job after its sft. its starts
+    `python -m eval.serve` in vLLM's place; its policy is a model dir (a served model must be one)."""
+    run_dir = tmp_path / "run"
+    serve = "its.server_command=python -m eval.serve --model {model} --port {port} --name {name}"
+    proc = run_cli("-m", "recipes", "pipeline", "preset=system_smoke", f"run_dir={run_dir}", *ON_SLURM,
+                   f"its:{serve}", f"its:policy={tiny_model_dir}", "its:its.server_start_timeout_s=300", timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    jobs = json.loads((run_dir / "jobs.json").read_text())
+    assert list(jobs) == list(load_preset("system_smoke")[1])
+    assert set(jobs["its"]["after"]) == {jobs[n]["job_id"] for n in ("feedback", "rl", "select")}
+    dpo_files = write_job(compose("dpo", [f"run_dir={run_dir}", *ON_SLURM, "train.max_steps=2", "train.save_steps=2"]))
+    ids = {**{n: e["job_id"] for n, e in jobs.items()}, "dpo": sbatch(dpo_files["script"], after=[jobs["sft"]["job_id"]])}
+    infos = wait_for(ids.values(), timeout=900)
+    logs = {n: "".join(p.read_text() for p in (run_dir / "slurm").glob(f"{n}-*.log")) for n in ids}
+    assert {n: infos[j]["JobState"] for n, j in ids.items()} == dict.fromkeys(ids, "COMPLETED"), \
+        "\n".join(f"--- {n}\n{log[-1500:]}" for n, log in logs.items() if infos[ids[n]]["JobState"] != "COMPLETED")
+    for name in ("feedback", "select", "dpo"):
+        summary = json.loads((run_dir / name / "summary.json").read_text())
+        assert summary["stage"] == name and (run_dir / name / "final" / "config.json").is_file()
+    assert json.loads((run_dir / "eval_feedback" / "report.json").read_text())
+    assert json.loads((run_dir / "eval_select" / "report.json").read_text())
+    results = [json.loads(line) for line in (run_dir / "its" / "results.jsonl").read_text().splitlines()]
+    assert len(results) == 2 and all(r["final"] for r in results)
