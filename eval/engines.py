@@ -105,7 +105,9 @@ class HFEngine:
                     on_result(i, generation)
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, texts: list[str], sampling: Sampling) -> list[Generation]:
+    def _generate_batch(self, texts: list[str], sampling: Sampling, stopping_criteria=None) -> list[Generation]:
+        """One left-padded batch; `stopping_criteria` (transformers') can end rows early (eval.serve: a
+        client that has gone)."""
         import torch
 
         self.tokenizer.padding_side = "left"
@@ -117,7 +119,8 @@ class HFEngine:
             torch.manual_seed(sampling.seed)
         with torch.inference_mode():
             output = self.model.generate(
-                **inputs, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs)
+                **inputs, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
+                stopping_criteria=stopping_criteria, **kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
         return [self._finish(tokens, sampling.max_new_tokens) for tokens in new_tokens]
 

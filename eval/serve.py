@@ -125,7 +125,7 @@ def parse_request(body, default_max_tokens: int, max_model_len: int) -> tuple[Sa
         raise BadRequest(f"top_p must be in (0, 1], got {top_p}", "top_p")
     seed = _integer(body, "seed")
     if seed is not None and not INT64[0] <= seed <= INT64[1]:
-        raise BadRequest(f"seed must be a 64-bit signed integer", "seed")
+        raise BadRequest("seed must be a 64-bit signed integer", "seed")
     sampling = Sampling(max_new_tokens=max_tokens or default_max_tokens, temperature=temperature, top_p=top_p,
                         seed=seed or 0)
     return sampling, clean
@@ -193,21 +193,7 @@ class Batcher:
                 counters["decode_steps"] += 1
                 return torch.tensor([job.cancelled.is_set() for job in jobs], device=input_ids.device)
 
-        engine = self.engine
-        engine.tokenizer.padding_side = "left"
-        inputs = engine.tokenizer([job.prompt for job in jobs], return_tensors="pt", padding=True,
-                                  add_special_tokens=False).to(engine.model.device)
-        greedy = sampling.temperature <= 0
-        kwargs = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        if not greedy:
-            torch.manual_seed(sampling.seed)
-        with torch.inference_mode():
-            output = engine.model.generate(**inputs, max_new_tokens=sampling.max_new_tokens,
-                                           pad_token_id=engine.tokenizer.pad_token_id,
-                                           stopping_criteria=StoppingCriteriaList([Cancelled()]), **kwargs)
-        new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
-        return [engine._finish(tokens, sampling.max_new_tokens) for tokens in new_tokens]
+        return self.engine._generate_batch([job.prompt for job in jobs], sampling, StoppingCriteriaList([Cancelled()]))
 
 
 def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max_model_len: int):
