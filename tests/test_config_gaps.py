@@ -25,7 +25,9 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", CASES)
-def test_config_gap_is_one_line_and_writes_nothing(case, edit_data_dir, tmp_path, capsys, monkeypatch):
+def test_config_gap_is_one_line_and_writes_nothing(case, edit_data_dir, tmp_path, capsys, monkeypatch, tiny_model_dir):
+    # tiny_model_dir: the tiny model is built (and cached) first, so the first build's own progress bars
+    # (a fresh clone's first LoRA check loads it) are not mistaken for the error's output.
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     empty_dir = tmp_path / "empty_model"
     empty_dir.mkdir()

@@ -32,7 +32,8 @@ PROBES = REPO_ROOT / "tests" / "probes"
 ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny"]
 RECORDER = """#!/bin/bash
 # Records the argv srun receives (one JSON list per line), then runs the real srun without the pyxis flags.
-python3 -c 'import json, sys; print(json.dumps(sys.argv[1:]))' "$@" >> "$SRUN_RECORD"
+# (one write() of the whole line to an O_APPEND descriptor: the head's and the worker's srun start together)
+python3 -c 'import json, os, sys; fd = os.open(os.environ["SRUN_RECORD"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644); os.write(fd, (json.dumps(sys.argv[1:]) + "\\n").encode())' "$@"
 args=()
 for a in "$@"; do
   case "$a" in --container-*|--no-container-mount-home) ;; *) args+=("$a") ;; esac
