@@ -159,8 +159,8 @@ def dry_run(cfg, task: str) -> dict:
 
 def run(cfg) -> dict:
     from eval.data import check_held_out, manifest_notes, training_record
-    from eval.engines import GenerationCache, HFEngine, HTTPEngine, Sampling, generate_cached, is_endpoint
-    from eval.run import model_under_test
+    from eval.engines import GenerationCache, Sampling, generate_cached, is_endpoint
+    from eval.run import generation_engine, model_under_test
 
     if cfg.dry_run:
         return dry_run(cfg, "feedback")
@@ -173,10 +173,7 @@ def run(cfg) -> dict:
     notes = manifest_notes(cfg.data_dir, [(model_name, record)])
     items = load_items(cfg.data_dir, e.split, e.max_rows)
     sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
-    if target and is_endpoint(target):
-        engine = HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
-    else:
-        engine = HFEngine.load(cfg.model, target, e.batch_size)
+    engine = generation_engine(cfg, target)
     generations = generate_cached(engine, [i["prompt"] for i in items], sampling,
                                   GenerationCache(out / "cache" / "generations.jsonl"))
     records = []

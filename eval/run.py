@@ -45,6 +45,15 @@ HEADLINE = ("copy_rate", "gold_reward_win_rate", "gold_reward_win_rate_vs_refere
             "proxy_reward_win_rate_vs_reference", "gold_rm_accuracy", "rm_accuracy")
 
 
+def generation_engine(cfg, target: Optional[str]):
+    """The engine that generates with the model under test: an endpoint over HTTP, else in process
+    (target None: cfg.model itself)."""
+    e = cfg.eval
+    if target and is_endpoint(target):
+        return HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
+    return HFEngine.load(cfg.model, target, e.batch_size)
+
+
 def model_under_test(cfg, check: bool = True) -> Optional[str]:
     """A checkpoint dir or endpoint to score, or None for the configured model (see the docstring)."""
     path = str(cfg.model.path)
@@ -186,10 +195,7 @@ def run(cfg) -> dict:
     sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
 
     # 1. Generate an edit for every row (cached on disk as it goes).
-    if target and is_endpoint(target):
-        engine = HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
-    else:
-        engine = HFEngine.load(cfg.model, target, e.batch_size)
+    engine = generation_engine(cfg, target)
     prompts = shorten_prompts(cfg, engine, rows, notes)
     cache = GenerationCache(out / "cache" / "generations.jsonl")
     with _progress(len(rows), "generating edits") as bar:

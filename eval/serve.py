@@ -330,13 +330,20 @@ def main(argv: Optional[list[str]] = None) -> int:
     for flag in ("max_batch", "max_tokens", "max_model_len"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    return serve(lambda: build_server(args.model, args.host, args.port, args.max_batch, args.batch_wait_ms,
+                                      args.max_tokens, args.name, args.dtype, args.max_model_len),
+                 args, what="", path="/v1")
+
+
+def serve(build, args, what: str, path: str) -> int:
+    """Build the server (a port in use is a one-line error), say where it listens, serve until stopped.
+    eval.serve_rm serves reward models through this too."""
     try:
-        server = build_server(args.model, args.host, args.port, args.max_batch, args.batch_wait_ms, args.max_tokens,
-                              args.name, args.dtype, args.max_model_len)
+        server = build()
     except OSError as exc:
         raise UserError(f"cannot serve {args.model} on {args.host}:{args.port}: {exc}") from None
     host, port = server.server_address[:2]
-    print(f"serving {args.name or args.model} on http://{host}:{port}/v1", flush=True)
+    print(f"serving {what}{args.name or args.model} on http://{host}:{port}{path}", flush=True)
     try:
         server.serve_forever()
     finally:

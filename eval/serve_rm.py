@@ -20,7 +20,7 @@ import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
-from hs3.io import UserError, cli_main
+from hs3.io import cli_main
 
 from eval.reward_scorers import KINDS, load_scorer
 
@@ -97,17 +97,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--name", help="model name to serve under (default: --model)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
     args = parser.parse_args(argv)
-    try:
-        server = build_server(args.model, args.kind, args.host, args.port, args.name, args.dtype)
-    except OSError as exc:
-        raise UserError(f"cannot serve {args.model} on {args.host}:{args.port}: {exc}") from None
-    host, port = server.server_address[:2]
-    print(f"serving reward model {args.name or args.model} on http://{host}:{port}", flush=True)
-    try:
-        server.serve_forever()
-    finally:
-        server.server_close()
-    return 0
+    from eval.serve import serve
+
+    return serve(lambda: build_server(args.model, args.kind, args.host, args.port, args.name, args.dtype),
+                 args, what="reward model ", path="")
 
 
 if __name__ == "__main__":
