@@ -61,5 +61,5 @@ case "$cmd" in
   setup) setup ;;
   test)  setup; cd "$ROOT"; exec "$PY" -m pytest "$@" ;;
   data)  setup; cd "$ROOT"; exec "$PY" -m data_prep "$@" ;;
-  *)     setup; cd "$ROOT"; exec "$PY" -m recipes "$cmd" "$@" ;;
+  *)     setup; cd "$ROOT"; exec "$PY" -m launcher "$cmd" "$@" ;;
 esac

@@ -4,7 +4,7 @@
            -> Edit model -> E edits per kept set -> Select model scores every candidate -> the best
 
 its.loop (the `its` stage), its.feedback (which feedback is kept), its.models (generation and scoring
-clients with their caches), its.evaluate (`its-eval`: pairwise judge of two runs), its.slurm (one
+clients with their caches), its.evaluate (`its-eval`: pairwise judge of two runs), launcher.its_job (one
 model server per model inside a SLURM job). README "Feedback-Edit inference-time scaling" has the
 procedure and its sources.
 """

@@ -237,7 +237,7 @@ def is_tiny(spec: str) -> bool:
 
 def run(cfg, endpoints: Optional[dict[str, str]] = None) -> dict:
     """The `its` stage. `endpoints` (role -> URL) replaces model dirs by servers started for them
-    (its/slurm.py); OUT/config.yaml keeps the config as given."""
+    (launcher/its_job.py); OUT/config.yaml keeps the config as given."""
     from recipes.preemption import OutputLock
 
     out = Path(cfg.out)

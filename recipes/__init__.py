@@ -1,4 +1,4 @@
-"""Training stages (sft, rm, rl, dpo, convert), the pipeline and its launchers.
+"""Training stages (sft, rm, rl, dpo, feedback, select, convert) on both engines, and what they share.
 
-Kept import-light: `python -m recipes plan` or `--dry-run` must not import torch.
+Kept import-light: `python -m launcher plan` or `--dry-run` must not import torch.
 """

@@ -1,4 +1,4 @@
-"""The pipeline's data stage: `python -m recipes data [key=value ...]` runs data_prep on cfg.prep.
+"""The pipeline's data stage: `python -m launcher data [key=value ...]` runs data_prep on cfg.prep.
 
     prep.source      hf, or a directory in the HelpSteer3 layout (relative paths: from the repo root)
     prep.revision    hub revision for prep.source=hf

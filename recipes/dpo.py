@@ -1,6 +1,6 @@
 """dpo: offline preference optimisation on the edit pairs with TRL's DPOTrainer (an alternative to rl).
 
-    python -m recipes dpo [key=value ...]        (./launch.sh dpo ...)
+    python -m launcher dpo [key=value ...]        (./launch.sh dpo ...)
 
 Reads  DATA/pairs/{train,validation}.jsonl   TRL conversational preference format, both kinds mixed
        cfg.init                               the policy's start (default RUN_DIR/sft/final)

@@ -1,6 +1,6 @@
 """feedback: the Feedback model, SFT on the feedback subset (recipes/sft.py's trainer, another data dir).
 
-    python -m recipes feedback [key=value ...]        (./launch.sh feedback ...)
+    python -m launcher feedback [key=value ...]        (./launch.sh feedback ...)
 
 Reads  DATA/feedback/{train,validation}.jsonl   (python -m data_prep --subsets ...,feedback): rows
        {"id", "messages": context + assistant(response) + user(evaluation instruction) + assistant(feedback)}

@@ -1,7 +1,7 @@
 """Preemption and time limits: checkpoint, exit "requeue me", resume; and one writer per output dir.
 
 How a stage is stopped early (SLURM sends USR1 `cluster.signal_seconds` before the time limit,
-`--signal=B:USR1@N`, to the batch script; see recipes/slurm.py):
+`--signal=B:USR1@N`, to the batch script; see launcher/slurm.py):
 
   1. the batch script's USR1 trap writes the request file OUT/PREEMPT_REQUEST_FILE (a file reaches
      every rank on every node, and launchers such as `accelerate launch` do not forward USR1);
@@ -47,6 +47,19 @@ LIVE_JOB_STATES = {"PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FE
 
 _requested = False
 _installed = False
+
+
+def run_guarded(cfg, runner):
+    """Run a stage's runner on this machine with what every training stage needs: SIGUSR1 / the batch
+    script's request file -> checkpoint, exit 75, requeue; and one writer per output dir (OutputLock).
+    Other stages (data, eval, its, convert) and dry runs run as they are."""
+    if cfg.stage not in TRAINING_STAGES or cfg.dry_run:
+        return runner(cfg)
+    install_signal_handler()
+    with OutputLock(cfg.out):
+        if "SLURM_JOB_ID" not in os.environ:  # in a job, the batch script clears it before starting
+            clear_request(cfg.out)
+        return runner(cfg)
 
 
 def _on_usr1(signum, frame) -> None:

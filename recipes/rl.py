@@ -1,6 +1,6 @@
 """rl: RLOO against the edit reward model, with TRL's RLOOTrainer.
 
-    python -m recipes rl [key=value ...]        (./launch.sh rl ...)
+    python -m launcher rl [key=value ...]        (./launch.sh rl ...)
 
 Reads  DATA/prompts/train.jsonl   {"id", "prompt", "original_response", "reference_edit"}: the conversation
                                    up to the edit request

@@ -1,6 +1,6 @@
 """rm: Bradley-Terry edit reward model with TRL's RewardTrainer.
 
-    python -m recipes rm [key=value ...]        (./launch.sh rm ...)
+    python -m launcher rm [key=value ...]        (./launch.sh rm ...)
 
 Reads  DATA/pairs/{train,validation}.jsonl   {"id", "prompt", "chosen", "rejected", "kind"} in TRL's
                                               conversational preference format; both kinds mixed

@@ -1,6 +1,6 @@
 """select: the Select model, a scaled Bradley-Terry reward model on the preference subset.
 
-    python -m recipes select [key=value ...]        (./launch.sh select ...)
+    python -m launcher select [key=value ...]        (./launch.sh select ...)
 
 Reads  DATA/select/{train,validation}.jsonl   (python -m data_prep --subsets ...,preference): pairs
        {"id", "prompt": context, "chosen", "rejected", "weight": |overall_preference| in 1..3, ...}

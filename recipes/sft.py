@@ -1,6 +1,6 @@
 """sft: supervised edit fine-tuning with TRL's SFTTrainer.
 
-    python -m recipes sft [key=value ...]        (./launch.sh sft ...)
+    python -m launcher sft [key=value ...]        (./launch.sh sft ...)
 
 Reads  DATA/sft/{train,validation}.jsonl   rows {"id", "messages", ...}: the context, the original
                                              response, the edit request, and last the edited response.

@@ -529,13 +529,23 @@ def load_resolved_config(path: str | os.PathLike):
     return cfg
 
 
+# Training stages on the HF engine: what each accelerate process runs (`python -m recipes.training CONFIG`).
+HF_RUNNERS = {"sft": "recipes.sft", "rm": "recipes.rm", "rl": "recipes.rl", "dpo": "recipes.dpo",
+              "feedback": "recipes.feedback", "select": "recipes.select"}
+
+
 def main(argv: list[str]) -> int:
     """`python -m recipes.training CONFIG.yaml`: one process of a stage started by accelerate."""
-    from recipes.__main__ import run_stage
+    import importlib
+
+    from recipes import preemption
 
     if len(argv) != 1:
         raise SystemExit("usage: python -m recipes.training RESOLVED_CONFIG.yaml")
-    run_stage(load_resolved_config(argv[0]))
+    cfg = load_resolved_config(argv[0])
+    if cfg.stage not in HF_RUNNERS or cfg.engine != "hf":
+        raise SystemExit(f"python -m recipes.training runs the HF engine's training stages, not {cfg.stage} on {cfg.engine}")
+    preemption.run_guarded(cfg, importlib.import_module(HF_RUNNERS[cfg.stage]).run)
     return 0
 
 

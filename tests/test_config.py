@@ -92,7 +92,7 @@ def test_rloo_needs_two_rollouts():
 
 
 def test_cli_error_is_one_line_without_traceback():
-    proc = run_cli("-m", "recipes", "sft", "train.lr=fast", timeout=120)
+    proc = run_cli("-m", "launcher", "sft", "train.lr=fast", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert proc.stderr.startswith("error: train.lr:")
@@ -100,14 +100,14 @@ def test_cli_error_is_one_line_without_traceback():
 
 
 def test_cli_unknown_command():
-    proc = run_cli("-m", "recipes", "train", timeout=120)
+    proc = run_cli("-m", "launcher", "train", timeout=120)
     assert proc.returncode == 2
     assert "unknown command 'train'" in proc.stderr
 
 
 def test_config_errors_do_not_import_torch():
     """Config mistakes must be reported before any heavy import (let alone a model load)."""
-    proc = run_cli("-c", "import sys\nfrom recipes.__main__ import main\nrc = main(['sft', 'gbs=3'])\n"
+    proc = run_cli("-c", "import sys\nfrom launcher.__main__ import main\nrc = main(['sft', 'gbs=3'])\n"
                    "print(rc, 'torch' in sys.modules)", timeout=120)
     assert proc.stdout.split() == ["2", "False"], proc.stdout + proc.stderr
 
@@ -121,7 +121,7 @@ def test_default_model_follows_engine_and_executor():
 
 def test_convert_defaults_to_the_megatron_engine():
     assert compose("convert", []).engine == "megatron"
-    from recipes.__main__ import run_stage
+    from launcher.__main__ import run_stage
     from hs3.io import UserError
 
     with pytest.raises(UserError, match="stage convert has no hf engine"):

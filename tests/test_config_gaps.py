@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from recipes.__main__ import main
+from launcher.__main__ import main
 from tests.conftest import write_edit_data
 
 CASES = {

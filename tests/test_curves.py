@@ -42,7 +42,7 @@ def test_progress_and_eta_from_the_trainer_state(tmp_path):
 
     (tmp_path / "run" / "sft").mkdir(parents=True)
     (tmp_path / "run" / "sft" / "progress.json").write_text(json.dumps(progress))
-    status = run_cli("-m", "recipes", "status", str(tmp_path / "run"))
+    status = run_cli("-m", "launcher", "status", str(tmp_path / "run"))
     assert status.returncode == 0, status.stderr
     assert status.stdout.startswith("sft: step 40/100 (40%), 1m00s elapsed, ETA "), status.stdout
 
@@ -73,7 +73,7 @@ def test_a_stage_writes_tensorboard_curves_progress_and_umask_modes(edit_data_di
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run_dir = tmp_path / "run"
-    proc = run_cli("-c", "import os, sys; os.umask(0o022); from recipes.__main__ import main; "
+    proc = run_cli("-c", "import os, sys; os.umask(0o022); from launcher.__main__ import main; "
                    f"sys.exit(main(['sft', 'data={edit_data_dir}', 'run_dir={run_dir}', 'train.max_steps=3', "
                    "'train.save_steps=2', 'train.eval_steps=2']))", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -84,7 +84,7 @@ def test_a_stage_writes_tensorboard_curves_progress_and_umask_modes(edit_data_di
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     progress = curves.read_progress(out)
     assert progress["step"] == progress["max_steps"] == 3 and progress["finished"]
-    status = run_cli("-m", "recipes", "status", str(run_dir))
+    status = run_cli("-m", "launcher", "status", str(run_dir))
     assert status.stdout.startswith("sft: step 3/3 (100%)") and status.stdout.strip().endswith("finished")
     for weights in (out / "final" / "model.safetensors", out / "checkpoint-2" / "model.safetensors"):
         assert stat.S_IMODE(weights.stat().st_mode) == 0o644, weights  # safetensors alone writes 0600

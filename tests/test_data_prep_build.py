@@ -278,7 +278,7 @@ def test_max_seq_len_counts_like_apply_chat_template(tmp_path, tiny_model_dir):
 def test_pipeline_data_stage_writes_summary_and_is_rerunnable(tmp_path):
     from recipes.config import compose
     from recipes.data import run
-    from recipes.stages import is_finished
+    from launcher.stages import is_finished
 
     cfg = compose("data", [f"run_dir={tmp_path}", "prep.source=data_prep/sample", "prep.feedback_orders=given"])
     summary = run(cfg)

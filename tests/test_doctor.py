@@ -9,7 +9,7 @@ import threading
 import pytest
 
 from recipes.config import compose
-from recipes.doctor import check_hf_model
+from launcher.doctor import check_hf_model
 from tests.conftest import run_cli
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
@@ -54,7 +54,7 @@ def lines(stdout: str) -> dict[str, str]:
 @pytest.mark.slurm
 def test_doctor_passes_on_a_ready_cluster(slurm, hub, tmp_path):
     endpoint, seen = hub
-    proc = run_cli("-m", "recipes", "doctor", "cluster=local", "cluster.partition=test", "model=tiny",
+    proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=test", "model=tiny",
                    f"megatron.hf_model_id={MODEL}", "megatron.container=", f"run_dir={tmp_path / 'run'}",
                    env={"HF_TOKEN": "hf_good", "HF_ENDPOINT": endpoint}, timeout=300)
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -73,7 +73,7 @@ def test_doctor_passes_on_a_ready_cluster(slurm, hub, tmp_path):
 @pytest.mark.slurm
 def test_doctor_names_each_failure_and_what_to_do(slurm, hub, tmp_path):
     endpoint, _ = hub
-    proc = run_cli("-m", "recipes", "doctor", "cluster=local", "cluster.partition=nope", "cluster.gpus_per_node=8",
+    proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=nope", "cluster.gpus_per_node=8",
                    f"run_dir={tmp_path / 'run'}", env={"HF_TOKEN": "hf_bad", "HF_ENDPOINT": endpoint}, timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     checks = lines(proc.stdout)
@@ -90,7 +90,7 @@ def test_doctor_names_each_failure_and_what_to_do(slurm, hub, tmp_path):
 
 @pytest.mark.slurm
 def test_doctor_counts_gpus_in_the_nodes_gres(slurm, tmp_path):
-    proc = run_cli("-m", "recipes", "doctor", "cluster=local", "cluster.partition=test", "cluster.gpus_per_node=8",
+    proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=test", "cluster.gpus_per_node=8",
                    "model=tiny", "gbs=16", "mbs=1", "megatron.container=", f"run_dir={tmp_path}", env={"HF_TOKEN": "x"},
                    timeout=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr

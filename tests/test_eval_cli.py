@@ -28,7 +28,7 @@ def eval_dir(tiny_model_dir, tiny_rm_dir, tmp_path_factory) -> Path:
     data = write_eval_data(tmp_path_factory.mktemp("leaky_data"), leakage={"edit": {"train_leaked": 3, "removed": 3}})
     out = tmp_path_factory.mktemp("runs") / "sft_eval"
     checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final", ["edit/train"])
-    args = ["-m", "recipes", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}",
+    args = ["-m", "launcher", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}",
             "eval.gold_rm=builtin:tiny-gold", *FAST]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
@@ -120,7 +120,7 @@ def test_eval_compare_side_by_side(eval_dir, tmp_path):
     report = json.loads((eval_dir / "report.json").read_text())
     report["overall"]["copy_rate"] = {"value": 0.25, "ci": [0.0, 0.5], "n": 8}
     (second / "report.json").write_text(json.dumps(report))
-    proc = run_cli("-m", "recipes", "eval-compare", str(eval_dir), str(second), "--names", "sft,rl", "--out", str(tmp_path / "cmp"))
+    proc = run_cli("-m", "launcher", "eval-compare", str(eval_dir), str(second), "--names", "sft,rl", "--out", str(tmp_path / "cmp"))
     assert proc.returncode == 0, proc.stderr
     table = json.loads((tmp_path / "cmp" / "compare.json").read_text())
     assert list(table) == ["sft", "rl"]
@@ -131,7 +131,7 @@ def test_eval_compare_side_by_side(eval_dir, tmp_path):
     assert (tmp_path / "cmp" / "metrics_per_checkpoint.png").stat().st_size > 1000
     # the over-optimisation view: training-RM win rate against the gold win rate, per checkpoint
     assert (tmp_path / "cmp" / "proxy_vs_gold.png").stat().st_size > 1000 and "proxy vs gold per checkpoint" in proc.stdout
-    proc = run_cli("-m", "recipes", "eval-compare", str(tmp_path / "missing"))
+    proc = run_cli("-m", "launcher", "eval-compare", str(tmp_path / "missing"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0 and "no report.json" in proc.stderr
 
 
@@ -153,7 +153,7 @@ def test_eval_compare_paired_matches_rows_by_id_and_gives_a_verdict_per_metric(e
     changed = list(reversed(changed[:-1]))  # the last row missing; the order differs: matching is by id
     (theirs / "generations.jsonl").write_text("".join(json.dumps(l) + "\n" for l in changed))
     out = tmp_path / "paired"
-    proc = run_cli("-m", "recipes", "eval-compare", "--paired", str(eval_dir), str(theirs), "--names", "ours,nvidia",
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(theirs), "--names", "ours,nvidia",
                    "--out", str(out), "--bootstrap-samples", "200")
     assert proc.returncode == 0, proc.stderr
     result = json.loads((out / "paired.json").read_text())
@@ -168,13 +168,13 @@ def test_eval_compare_paired_matches_rows_by_id_and_gives_a_verdict_per_metric(e
     assert "chrF++ vs human edit (corpus): ours" in proc.stdout and "within the CI: no difference shown" in proc.stdout
     md = (out / "paired.md").read_text()
     assert "| metric | ours | nvidia | ours - nvidia [95% CI] | n | verdict |" in md
-    proc = run_cli("-m", "recipes", "eval-compare", "--paired", str(eval_dir), str(theirs), str(theirs))
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(theirs), str(theirs))
     assert proc.returncode == 2 and "exactly two eval dirs" in proc.stderr and proc.stderr.strip().count("\n") == 0
 
 
 def test_refuses_a_model_trained_on_the_held_out_split(tiny_model_dir, eval_data_dir, tmp_path):
     checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path / "final", ["edit/train", "edit/validation"])
-    proc = run_cli("-m", "recipes", "eval", f"model={checkpoint}", f"data={eval_data_dir}", "rm=null",
+    proc = run_cli("-m", "launcher", "eval", f"model={checkpoint}", f"data={eval_data_dir}", "rm=null",
                    f"out={tmp_path / 'out'}", *FAST)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
@@ -184,7 +184,7 @@ def test_refuses_a_model_trained_on_the_held_out_split(tiny_model_dir, eval_data
 
 def test_refuses_a_reward_model_trained_on_the_held_out_pairs(tiny_model_dir, tiny_rm_dir, eval_data_dir, tmp_path):
     rm = _linked_checkpoint(tiny_rm_dir, tmp_path / "rm", ["edit_quality/train", "edit_quality/validation"])
-    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={rm}",
+    proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={rm}",
                    f"out={tmp_path / 'out'}", *FAST)
     assert proc.returncode == 2 and "reward model" in proc.stderr and "edit_quality/validation" in proc.stderr
 
@@ -198,22 +198,22 @@ def test_bad_paths_are_one_line_errors(args, message, tiny_model_dir, eval_data_
     base = {"model": f"model={tiny_model_dir}", "data": f"data={eval_data_dir}", "rm": "rm=null"}
     for arg in args:
         base[arg.split("=")[0]] = arg
-    proc = run_cli("-m", "recipes", "eval", *base.values(), f"out={tmp_path}", *FAST)
+    proc = run_cli("-m", "launcher", "eval", *base.values(), f"out={tmp_path}", *FAST)
     assert proc.returncode == 2 and message in proc.stderr and proc.stderr.strip().count("\n") == 0, proc.stderr
 
 
 def test_the_gold_reward_model_cannot_be_the_training_one(tiny_model_dir, tiny_rm_dir, eval_data_dir, tmp_path):
-    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={tiny_rm_dir}",
+    proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={tiny_rm_dir}",
                    f"eval.gold_rm={tiny_rm_dir}", f"out={tmp_path / 'out'}", *FAST)
     assert proc.returncode == 2 and "is the training reward model" in proc.stderr, proc.stderr
     gold = _linked_checkpoint(tiny_rm_dir, tmp_path / "gold", ["edit_quality/validation"])
-    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", "rm=null",
+    proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", "rm=null",
                    f"eval.gold_rm={gold}", f"out={tmp_path / 'out'}", *FAST)
     assert proc.returncode == 2 and "gold reward model" in proc.stderr and "edit_quality/validation" in proc.stderr
 
 
 def test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped(tiny_model_dir, eval_data_dir, tmp_path):
-    proc = run_cli("-m", "recipes", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"run_dir={tmp_path}",
+    proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"run_dir={tmp_path}",
                    "eval.max_rows=2", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"no reward model at {tmp_path}/rm/final: reward metrics skipped" in proc.stdout
@@ -246,7 +246,7 @@ def test_data_loading_limits_and_pair_kinds(eval_data_dir):
 
 
 def test_dry_run_loads_and_writes_nothing(tmp_path):
-    proc = run_cli("-m", "recipes", "eval", "--dry-run", "model=tiny", f"run_dir={tmp_path / 'nothing'}")
+    proc = run_cli("-m", "launcher", "eval", "--dry-run", "model=tiny", f"run_dir={tmp_path / 'nothing'}")
     assert proc.returncode == 0, proc.stderr
     assert "eval: dry run, would score" in proc.stdout and f"{tmp_path / 'nothing'}/rl/final" in proc.stdout
     assert not (tmp_path / "nothing").exists()

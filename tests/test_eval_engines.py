@@ -215,7 +215,7 @@ def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(s
     atomic_write_jsonl(tmp_path / "data" / "prompts" / "validation.jsonl", rows)
     out = tmp_path / "eval"
     before = _completions(server)
-    proc = run_cli("-m", "recipes", "eval", f"model={server}", f"data={tmp_path / 'data'}", "rm=null", f"out={out}",
+    proc = run_cli("-m", "launcher", "eval", f"model={server}", f"data={tmp_path / 'data'}", "rm=null", f"out={out}",
                    "eval.concurrency=1", "eval.max_retries=2", "eval.max_new_tokens=4", "eval.bootstrap_samples=50",
                    "eval.max_prompt_tokens=300", f"model.tokenizer={varied_model_dir}",
                    f"eval.judge_endpoint={server}", "eval.judge_model=tiny")

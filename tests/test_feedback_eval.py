@@ -1,5 +1,5 @@
 """The Feedback and Select evals (eval/feedback_eval.py, eval/select_eval.py): per-item metrics on
-hand-made feedback, and both evals end to end through `python -m recipes eval` (dispatch on eval.task)."""
+hand-made feedback, and both evals end to end through `python -m launcher eval` (dispatch on eval.task)."""
 from __future__ import annotations
 
 import json
@@ -47,7 +47,7 @@ def test_item_metrics_level_agreement_and_chrf():
 
 def test_feedback_eval_end_to_end(data, tmp_path, tiny_model_dir):
     out = tmp_path / "eval"
-    done = run_cli("-m", "recipes", "eval", f"run_dir={tmp_path}", f"data={data}", f"init={tiny_model_dir}",
+    done = run_cli("-m", "launcher", "eval", f"run_dir={tmp_path}", f"data={data}", f"init={tiny_model_dir}",
                    f"out={out}", "eval.task=feedback", "eval.max_new_tokens=4", "eval.bootstrap_samples=50")
     assert done.returncode == 0, done.stderr[-2000:]
     report = json.loads((out / "report.json").read_text())
@@ -90,5 +90,5 @@ def test_select_eval_refuses_a_model_trained_on_the_split(data, tmp_path, tiny_r
     model = tmp_path / "m"
     shutil.copytree(tiny_rm_dir, model)
     (model / "hs3_training.json").write_text(json.dumps({"stage": "select", "trained_on": ["preference/validation"]}))
-    done = run_cli("-m", "recipes", "eval", f"run_dir={tmp_path}", f"data={data}", f"init={model}", f"out={tmp_path / 'e'}")
+    done = run_cli("-m", "launcher", "eval", f"run_dir={tmp_path}", f"data={data}", f"init={model}", f"out={tmp_path / 'e'}")
     assert done.returncode == 2 and "preference/validation" in done.stderr  # eval.task=auto found `select`

@@ -37,9 +37,9 @@ def test_feedback_renders_sfts_job_on_feedback_rows(tmp_path):
 
 
 def test_feedback_plan_and_select_on_megatron(tmp_path):
-    plan = run_cli("-m", "recipes", "plan", "stage=feedback", "model=llama33_70b", f"data={tmp_path}")
+    plan = run_cli("-m", "launcher", "plan", "stage=feedback", "model=llama33_70b", f"data={tmp_path}")
     assert plan.returncode == 0 and "plan TP8 PP4" in plan.stdout and "valid" in plan.stdout
-    select = run_cli("-m", "recipes", "select", "engine=megatron", f"run_dir={tmp_path}")
+    select = run_cli("-m", "launcher", "select", "engine=megatron", f"run_dir={tmp_path}")
     assert select.returncode == 2 and "no megatron engine" in select.stderr
 
 
@@ -47,7 +47,7 @@ def test_feedback_on_megatron_submits_through_slurm(tmp_path):
     """executor=slurm goes through recipes.megatron.build_command: the job runs bridge_sft (one task per
     GPU) with the config rendered on feedback/ rows, not the Edit sft's."""
     run_dir = tmp_path / "run"
-    proc = run_cli("-m", "recipes", "feedback", "engine=megatron", "executor=slurm", "cluster=example",
+    proc = run_cli("-m", "launcher", "feedback", "engine=megatron", "executor=slurm", "cluster=example",
                    f"run_dir={run_dir}", "--dry-run", env={"HF_TOKEN": "probe-token"})
     assert proc.returncode == 0, proc.stderr
     script = proc.stdout  # a dry run prints the batch script it would submit

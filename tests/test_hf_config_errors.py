@@ -9,7 +9,7 @@ from tests.conftest import run_cli
 
 def run_stage_cli(*args: str):
     """`python -m recipes ARGS`, reporting the exit code and whether torch was ever imported."""
-    code = ("import sys\nfrom recipes.__main__ import main\n"
+    code = ("import sys\nfrom launcher.__main__ import main\n"
             f"rc = main({list(args)!r})\nprint(rc, 'torch' in sys.modules)")
     return run_cli("-c", code, timeout=120)
 
@@ -53,7 +53,7 @@ def test_config_error_is_one_line_before_any_model(case, edit_data_dir, tmp_path
 def test_a_model_that_cannot_be_loaded_is_one_line(model_path, edit_data_dir, tmp_path):
     """No such hub id (the hub is out of reach here, as on many clusters' compute nodes) or no such
     directory: one line naming the model, exit 2, not transformers' traceback."""
-    proc = run_cli("-m", "recipes", "sft", f"model.path={model_path}", f"data={edit_data_dir}",
+    proc = run_cli("-m", "launcher", "sft", f"model.path={model_path}", f"data={edit_data_dir}",
                    f"run_dir={tmp_path}", env={"HF_HUB_OFFLINE": "1"}, timeout=300)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: cannot load {model_path}: ")

@@ -15,7 +15,7 @@ MAX_STEPS = 8
 
 def sft_args(data_dir, out):
     # cosine schedule with warmup: a scheduler that was not restored would change the losses after resume
-    return ["-m", "recipes", "sft", f"data={data_dir}", f"out={out}", f"train.max_steps={MAX_STEPS}",
+    return ["-m", "launcher", "sft", f"data={data_dir}", f"out={out}", f"train.max_steps={MAX_STEPS}",
             "train.save_steps=2", "train.eval_steps=1000", "train.logging_steps=1", "train.warmup_ratio=0.2",
             "train.lr_scheduler=cosine"]
 

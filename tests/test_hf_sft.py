@@ -59,7 +59,7 @@ def test_two_process_zero3_sft(edit_data_dir, tmp_path, tiny_model_dir):
     """accelerate MULTI_CPU + DeepSpeed ZeRO-3 on 2 CPU processes: trains, shards, saves a full final/."""
     from transformers import AutoModelForCausalLM
 
-    proc = run_cli("-m", "recipes", "sft", f"run_dir={tmp_path}", f"data={edit_data_dir}", "train.max_steps=2",
+    proc = run_cli("-m", "launcher", "sft", f"run_dir={tmp_path}", f"data={edit_data_dir}", "train.max_steps=2",
                    "train.save_steps=2", "hf.num_processes=2", "hf.accelerate_config=conf/accelerate/zero3_cpu.yaml",
                    timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]

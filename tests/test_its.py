@@ -127,13 +127,13 @@ def test_config_errors_are_one_line(tmp_path, prompts_file):
     for args, message in ((["its.feedback_pick=best"], "its.feedback_pick=best"),
                           (["its.feedback_pick=keywords", "its.feedback_sets=2"], "its.feedback_sets=2"),
                           (["its.responses=0"], "its.responses=0")):
-        proc = run_cli("-m", "recipes", "its", f"prompts={prompts_file}", *args, f"out={tmp_path}")
+        proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", *args, f"out={tmp_path}")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
-    proc = run_cli("-m", "recipes", "its", f"prompts={prompts_file}", "policy=http://127.0.0.1:9/v1", f"out={tmp_path}")
+    proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", "policy=http://127.0.0.1:9/v1", f"out={tmp_path}")
     assert proc.returncode == 2 and "select_model=M" in proc.stderr and "Traceback" not in proc.stderr
     # an endpoint that is down: one line naming it, exit 2, before any prompt is asked
     dead = "http://127.0.0.1:9/v1"
-    proc = run_cli("-m", "recipes", "its", f"prompts={prompts_file}", f"policy={dead}", f"feedback_model={dead}",
+    proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", f"policy={dead}", f"feedback_model={dead}",
                    f"edit_model={dead}", f"select_model={dead}", "its.max_retries=0", f"out={tmp_path}")
     assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
@@ -246,7 +246,7 @@ def test_endpoints_a_failing_request_is_recorded_and_its_eval_judges_both_orders
     prompts.write_text(prompts_file.read_text() + json.dumps(long_prompt) + "\n")
     out = tmp_path / "run"
     before = _health(gen_server)["completions"]
-    proc = run_cli("-m", "recipes", "its", f"prompts={prompts}", f"policy={gen_server}", f"feedback_model={gen_server}",
+    proc = run_cli("-m", "launcher", "its", f"prompts={prompts}", f"policy={gen_server}", f"feedback_model={gen_server}",
                    f"edit_model={gen_server}", f"select_model={rm_server}", "its.responses=2", "its.feedbacks=2",
                    "its.edits=1", "its.concurrency=4", "its.max_retries=1", *SMALL, f"out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -268,7 +268,7 @@ def test_endpoints_a_failing_request_is_recorded_and_its_eval_judges_both_orders
 
     # its-eval: the finals vs the policy's first answers, judged by eval.serve in both orders
     before = _health(gen_server)["completions"]
-    proc = run_cli("-m", "recipes", "its-eval", str(out), f"{out}:first", f"judge={gen_server}", "max_new_tokens=8",
+    proc = run_cli("-m", "launcher", "its-eval", str(out), f"{out}:first", f"judge={gen_server}", "max_new_tokens=8",
                    "samples=200")
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((out / "its-eval" / "run-vs-run-first" / "its_eval.json").read_text())
@@ -278,7 +278,7 @@ def test_endpoints_a_failing_request_is_recorded_and_its_eval_judges_both_orders
     # a tiny random judge writes no verdict label: those orders are counted, not guessed
     assert report["judge_unparsed"] == 2 * differing
     assert report["win_rate_a"]["n"] == 3 - differing if differing < 3 else report["win_rate_a"] is None
-    proc = run_cli("-m", "recipes", "its-eval", str(out), "judge=http://127.0.0.1:9/v1")
+    proc = run_cli("-m", "launcher", "its-eval", str(out), "judge=http://127.0.0.1:9/v1")
     assert proc.returncode == 2 and "usage: its-eval" in proc.stderr
 
 

@@ -1,4 +1,4 @@
-"""its on SLURM (its/slurm.py): the server plan from the model files, and a real job on the test
+"""its on SLURM (launcher/its_job.py): the server plan from the model files, and a real job on the test
 cluster (tests/slurm_cluster.sh) that starts `python -m eval.serve` / `eval.serve_rm` in vLLM's place,
 waits for their /health, runs the loop against them and stops them. vLLM itself needs a GPU node."""
 from __future__ import annotations
@@ -23,7 +23,7 @@ def _model(tmp_path: Path, name: str, gigabytes: float, heads: int = 64) -> Path
 
 
 def test_plan_gives_each_model_its_tensor_parallel_size_and_checks_the_node(tmp_path):
-    from its.slurm import job_command, plan
+    from launcher.its_job import job_command, plan
 
     big, small, rm = _model(tmp_path, "70b", 141), _model(tmp_path, "8b", 16), _model(tmp_path, "rm", 141)
     args = ["executor=slurm", "cluster=local", "cluster.gpus_per_node=8", "parallel.gpu_memory_gb=80", "model=tiny",
@@ -44,14 +44,14 @@ def test_plan_gives_each_model_its_tensor_parallel_size_and_checks_the_node(tmp_
     assert all(s["gpus"] == 0 for s in plan(compose("its", args + ["cluster.gpus_per_node=0"])))
     # a pipeline's checkpoint that an earlier job will write: planned at submission, sized in the job
     later = compose("its", args + [f"policy={tmp_path}/sft/final"])
-    assert job_command(later, Path("x.yaml"))[-3:] == ["-m", "its.slurm", "x.yaml"]
+    assert job_command(later, Path("x.yaml"))[-3:] == ["-m", "launcher.its_job", "x.yaml"]
     with pytest.raises(ConfigError, match="sft/final: no such directory"):
         plan(later)
 
 
 @pytest.mark.slurm
 def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path, varied_model_dir, tiny_rm_dir):
-    from recipes.slurm import submit_stage
+    from launcher.slurm import submit_stage
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))

@@ -20,7 +20,7 @@ import yaml
 
 from recipes.config import REPO_ROOT, compose
 from recipes.megatron import bridge_sft, convert, nemo_rl
-from recipes.pipeline import stage_args
+from launcher.pipeline import stage_args
 from recipes.preemption import PREEMPT_REQUEST_FILE, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE
 from tests.conftest import run_cli
 
@@ -78,7 +78,7 @@ def test_megatron_pipeline_dry_run_on_an_empty_run_dir_shows_every_job(tmp_path)
     """import -> sft -> export -> rm -> export (HF) -> rl -> export -> eval, chained with afterok, rendered
     before any data exists (a dry run, like a submission, must not read what an earlier job writes)."""
     run_dir = tmp_path / "run"
-    proc = run_cli("-m", "recipes", "pipeline", "engine=megatron", "executor=slurm", "cluster=example",
+    proc = run_cli("-m", "launcher", "pipeline", "engine=megatron", "executor=slurm", "cluster=example",
                    f"run_dir={run_dir}", "--dry-run", timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     jobs = re.findall(r"^# ---- (\w+): sbatch --parsable(?: --dependency=afterok:(\S+))? (\S+)$", proc.stdout, re.M)
@@ -88,7 +88,7 @@ def test_megatron_pipeline_dry_run_on_an_empty_run_dir_shows_every_job(tmp_path)
         ("rl_export", "$RL_JOB"), ("eval", "$RL_EXPORT_JOB")]
     assert all(script == f"{run_dir.resolve()}/slurm/{name}.sbatch" for name, _, script in jobs)
     assert not (run_dir / "data").exists() and not (run_dir / "jobs.json").exists()
-    dpo = run_cli("-m", "recipes", "pipeline", "engine=megatron", "preset=megatron_dpo", "executor=slurm",
+    dpo = run_cli("-m", "launcher", "pipeline", "engine=megatron", "preset=megatron_dpo", "executor=slurm",
                   "cluster=example", f"run_dir={tmp_path / 'dpo'}", "--dry-run", timeout=300)
     assert dpo.returncode == 0, dpo.stderr[-2000:]
     assert re.findall(r"^# ---- (\w+):", dpo.stdout, re.M) == ["data", "import", "sft", "sft_export", "dpo",
@@ -393,7 +393,7 @@ def test_checkpoint_must_save_by_follows_the_slurm_time_limit(nemo_rl_src, monke
 
 
 def test_plan_prints_the_pinned_container():
-    proc = run_cli("-m", "recipes", "plan", "model=llama33_70b", timeout=120, env={**os.environ, "HS3_CONTAINER_DIR": "/images"})
+    proc = run_cli("-m", "launcher", "plan", "model=llama33_70b", timeout=120, env={**os.environ, "HS3_CONTAINER_DIR": "/images"})
     assert proc.returncode == 0, proc.stderr
     assert "container: /images/megatron-bridge-v0.6.0-51885cf.sqsh (Megatron-Bridge v0.6.0, 51885cf)" in proc.stdout
     # the pin is the one whose Dockerfile builds it: Megatron-Bridge's own, on the PyTorch 26.06 base, Megatron-LM cd4afffa
@@ -414,7 +414,7 @@ def test_submitting_the_megatron_chain_needs_hf_token(tmp_path):
     """Jobs run with --no-container-mount-home (no ~/.cache/huggingface/token): without HF_TOKEN in the
     environment sbatch hands the jobs, the gated base model cannot be downloaded; refuse before submitting."""
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HF_HUB_OFFLINE")}
-    args = ("-m", "recipes", "pipeline", "engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}")
+    args = ("-m", "launcher", "pipeline", "engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}")
 
     def run(*extra):
         return subprocess.run([sys.executable, *args, *extra], cwd=REPO_ROOT, env=env, capture_output=True, text=True,

@@ -98,16 +98,16 @@ def test_rules_that_hold_pass(checks):
 
 
 def test_plan_cli_prints_the_table_and_fails_in_one_line():
-    ok = run_cli("-m", "recipes", "plan", "model=llama33_70b", "nodes=4", timeout=120)
+    ok = run_cli("-m", "launcher", "plan", "model=llama33_70b", "nodes=4", timeout=120)
     assert ok.returncode == 0, ok.stderr
     for label in ("TP / PP / VPP / CP", "DP", "micro-batches per step", "memory per GPU: total", "tokens per step",
                   "estimated stage hours"):
         assert label in ok.stdout
     assert "524,288" in ok.stdout  # 128 x 4096 tokens per step
-    bad = run_cli("-m", "recipes", "plan", "model=llama33_70b", "nodes=3", timeout=120)
+    bad = run_cli("-m", "launcher", "plan", "model=llama33_70b", "nodes=3", timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: world 3x8 = 24 GPUs is not divisible by TP 8 x PP 4 x CP 1 = 32"
-    vpp = run_cli("-m", "recipes", "plan", "model=llama33_70b", "vpp=3", timeout=120)
+    vpp = run_cli("-m", "launcher", "plan", "model=llama33_70b", "vpp=3", timeout=120)
     assert vpp.returncode == 2 and vpp.stderr.strip().endswith("80 layers are not divisible by PP 4 x VPP 3 = 12")
 
 

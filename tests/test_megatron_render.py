@@ -167,12 +167,12 @@ def test_sft_rejects_data_without_a_final_assistant_turn(run_dir: Path):
 
 
 def test_sft_dry_run_cli_prints_config_and_command(run_dir: Path):
-    ok = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "--dry-run", timeout=120)
+    ok = run_cli("-m", "launcher", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "--dry-run", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert "recipe: llama31_70b_sft_config" in ok.stdout
     assert "command (one per GPU): python -m recipes.megatron.bridge_sft --config" in ok.stdout
     assert (run_dir / "sft" / "megatron_bridge_sft.yaml").is_file()
-    bad = run_cli("-m", "recipes", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "pp=3", "--dry-run", timeout=120)
+    bad = run_cli("-m", "launcher", "sft", "engine=megatron", "model=llama33_70b", f"run_dir={run_dir}", "pp=3", "--dry-run", timeout=120)
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: world 4x8 = 32 GPUs is not divisible by TP 8 x PP 3 x CP 1 = 24"
 

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from recipes import config, stages
+from launcher import stages
+from recipes import config
 
-from recipes.pipeline import split_args, stage_args
-from recipes.stages import load_preset
+from launcher.pipeline import split_args, stage_args
+from launcher.stages import load_preset
 
 from .conftest import run_cli
 
@@ -74,13 +75,13 @@ def test_engine_megatron_selects_the_megatron_chain():
 
 
 def test_slurm_does_not_import_the_pipeline():
-    """The launcher depends on the stage graph, not the reverse (recipes/slurm.py -> recipes/stages.py)."""
-    source = (Path(config.REPO_ROOT) / "recipes" / "slurm.py").read_text()
-    assert "recipes.pipeline" not in source and "from recipes.stages import" in source
+    """The launcher depends on the stage graph, not the reverse (launcher/slurm.py -> launcher/stages.py)."""
+    source = (Path(config.REPO_ROOT) / "launcher" / "slurm.py").read_text()
+    assert "launcher.pipeline" not in source and "from launcher.stages import" in source
 
 
 def test_unknown_stage_prefix_is_one_line_error():
-    proc = run_cli("-m", "recipes", "pipeline", "sfft:train.lr=0.5", timeout=120)
+    proc = run_cli("-m", "launcher", "pipeline", "sfft:train.lr=0.5", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: 'sfft:train.lr=0.5': 'sfft' is not a pipeline stage (data, sft, rm, rl, eval)"
 
@@ -88,7 +89,7 @@ def test_unknown_stage_prefix_is_one_line_error():
 @pytest.mark.slow
 def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     args = smoke_args(tmp_path)
-    failed = run_cli("-m", "recipes", "pipeline", *args, f"rl:rm={tmp_path}/no_such_rm", timeout=900)
+    failed = run_cli("-m", "launcher", "pipeline", *args, f"rl:rm={tmp_path}/no_such_rm", timeout=900)
     assert failed.returncode == 2
     assert "error: stage rl failed (exit 2); later stages not run." in failed.stderr
     assert f"reward_model={tmp_path}/no_such_rm: no model there" in failed.stderr  # the stage's own one line
@@ -96,7 +97,7 @@ def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     assert done == {"data", "sft", "rm"}
     sft_weights = (tmp_path / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
 
-    rerun = run_cli("-m", "recipes", "pipeline", *args, timeout=900)
+    rerun = run_cli("-m", "launcher", "pipeline", *args, timeout=900)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     for stage in ("data", "sft", "rm"):
         assert f"{stage}: finished earlier with the same config, skipped" in rerun.stderr
@@ -114,8 +115,8 @@ def test_a_megatron_stage_rendered_for_slurm_counts_as_finished_for_its_job(tmp_
 
     from recipes.config import compose
     from recipes.megatron import build_command
-    from recipes.slurm import job_config
-    from recipes.stages import is_finished
+    from launcher.slurm import job_config
+    from launcher.stages import is_finished
 
     cfg = compose("sft", ["engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}"])
     build_command(cfg)  # what submission renders into OUT

@@ -14,7 +14,7 @@ from tests.conftest import run_cli, write_edit_data
 
 
 def sft_args(data_dir, out, *extra):
-    return ["-m", "recipes", "sft", f"data={data_dir}", f"out={out}", "train.max_steps=2", "train.save_steps=1",
+    return ["-m", "launcher", "sft", f"data={data_dir}", f"out={out}", "train.max_steps=2", "train.save_steps=1",
             "train.eval_steps=1000", *extra]
 
 

@@ -85,5 +85,5 @@ def test_select_stage_end_to_end(select_data, tmp_path, tiny_model_dir):
 def test_missing_select_data_is_one_line(tmp_path):
     from tests.conftest import run_cli
 
-    done = run_cli("-m", "recipes", "select", f"run_dir={tmp_path}", f"data={tmp_path / 'none'}")
+    done = run_cli("-m", "launcher", "select", f"run_dir={tmp_path}", f"data={tmp_path / 'none'}")
     assert done.returncode == 2 and "select/train.jsonl" in done.stderr and len(done.stderr.strip().splitlines()) == 1

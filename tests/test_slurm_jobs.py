@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 
 from recipes.config import REPO_ROOT, compose
-from recipes.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch, write_job
-from recipes.stages import load_preset
+from launcher.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch, write_job
+from launcher.stages import load_preset
 from tests.conftest import SAMPLE_DIR, run_cli
 
 pytestmark = pytest.mark.slurm
@@ -46,7 +46,7 @@ def wait_for(job_ids, timeout: float) -> dict[str, dict]:
 
 
 def test_two_task_job_ranks_share_one_master(slurm, tmp_path):
-    """The Megatron layout (one task per GPU), rendered by recipes.slurm: 2 tasks on one node whose
+    """The Megatron layout (one task per GPU), rendered by launcher.slurm: 2 tasks on one node whose
     torch.distributed env (RANK, WORLD_SIZE, MASTER_ADDR/PORT from SLURM) really forms a process group."""
     cfg = compose("sft", ["engine=megatron", "megatron.container=", f"run_dir={tmp_path}", *ON_SLURM,
                           "cluster.gpus_per_node=2", "cluster.request_gpus=false"])
@@ -151,7 +151,7 @@ def test_failed_stage_cancels_its_dependents(slurm, tmp_path):
 def test_tiny_pipeline_through_sbatch(slurm, tmp_path):
     """data -> (sft, rm) -> rl -> eval as five jobs chained with afterok, then `status`."""
     run_dir = tmp_path / "run"
-    proc = run_cli("-m", "recipes", "pipeline", f"run_dir={run_dir}", "model=tiny", *ON_SLURM,
+    proc = run_cli("-m", "launcher", "pipeline", f"run_dir={run_dir}", "model=tiny", *ON_SLURM,
                    f"data:prep.source={SAMPLE_DIR}", timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = json.loads((run_dir / "jobs.json").read_text())
@@ -179,7 +179,7 @@ def test_tiny_pipeline_through_sbatch(slurm, tmp_path):
     assert end["data"] <= start["sft"] and end["data"] <= start["rm"]
     assert max(end["sft"], end["rm"]) <= start["rl"] and end["rl"] <= start["eval"]
 
-    status = run_cli("-m", "recipes", "status", str(run_dir))
+    status = run_cli("-m", "launcher", "status", str(run_dir))
     assert status.returncode == 0, status.stderr
     for stage, entry in jobs.items():
         row = next(line for line in status.stdout.splitlines() if f" {stage} " in line and entry["job_id"] in line)
@@ -194,7 +194,7 @@ def test_system_chain_and_dpo_through_sbatch(slurm, tmp_path, tiny_model_dir):
     `python -m eval.serve` in vLLM's place; its policy is a model dir (a served model must be one)."""
     run_dir = tmp_path / "run"
     serve = "its.server_command=python -m eval.serve --model {model} --port {port} --name {name}"
-    proc = run_cli("-m", "recipes", "pipeline", "preset=system_smoke", f"run_dir={run_dir}", *ON_SLURM,
+    proc = run_cli("-m", "launcher", "pipeline", "preset=system_smoke", f"run_dir={run_dir}", *ON_SLURM,
                    f"its:{serve}", f"its:policy={tiny_model_dir}", "its:its.server_start_timeout_s=300", timeout=120)
     assert proc.returncode == 0, proc.stderr
     jobs = json.loads((run_dir / "jobs.json").read_text())

@@ -11,12 +11,12 @@ import pytest
 
 from recipes.config import REPO_ROOT, compose
 from recipes.megatron import job_nodes
-from recipes.slurm import render_script
+from launcher.slurm import render_script
 from tests.conftest import run_cli
 
 
 def dry_run(*args: str) -> str:
-    proc = run_cli("-m", "recipes", *args, "--dry-run", timeout=120)
+    proc = run_cli("-m", "launcher", *args, "--dry-run", timeout=120)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
 
@@ -91,7 +91,7 @@ def test_hf_sft_on_two_nodes_uses_accelerate_per_node(tmp_path):
 
 def test_hf_dry_run_checks_the_batch_against_the_gpu_count(tmp_path):
     # 2 nodes x 8 GPUs = 16 processes: global batch 8 with micro batch 2 cannot be split.
-    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2", "gbs=8", "mbs=2",
+    proc = run_cli("-m", "launcher", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2", "gbs=8", "mbs=2",
                    f"run_dir={tmp_path}", "--dry-run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
@@ -143,11 +143,11 @@ def test_clusters_without_containers_run_the_setup_lines(tmp_path, setup, expect
     [srun] = srun_lines(render_script(cfg))
     assert not any(a.startswith("--container") for a in srun)
     assert srun[-1] == f"cd {REPO_ROOT}; " + expected.format(venv=REPO_ROOT / ".venv") + \
-        f"; exec python -m recipes.training {tmp_path}/slurm/sft.yaml"
+        f"; exec python -m launcher.run {tmp_path}/slurm/sft.yaml"
 
 
 def test_status_without_jobs_file_is_a_one_line_error(tmp_path):
-    proc = run_cli("-m", "recipes", "status", str(tmp_path))
+    proc = run_cli("-m", "launcher", "status", str(tmp_path))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path}/jobs.json: no such file (submit with executor=slurm first)"
 
@@ -155,7 +155,7 @@ def test_status_without_jobs_file_is_a_one_line_error(tmp_path):
 def test_submit_without_sbatch_is_a_one_line_error(tmp_path):
     import sys
 
-    proc = run_cli("-m", "recipes", "sft", "executor=slurm", f"run_dir={tmp_path}",
+    proc = run_cli("-m", "launcher", "sft", "executor=slurm", f"run_dir={tmp_path}",
                    env={"PATH": str(Path(sys.executable).parent)})
     assert proc.returncode == 2
     assert proc.stderr.strip() == "error: sbatch not found: executor=slurm needs a SLURM login node (or use executor=local)"
@@ -171,7 +171,7 @@ def test_submit_refuses_an_output_dir_that_another_process_writes(tmp_path):
                                str(tmp_path / "sft")], stdout=subprocess.PIPE, text=True, cwd=REPO_ROOT)
     try:
         assert writer.stdout.readline().strip() == "held"  # it holds the lock (flock on sft/.lock)
-        proc = run_cli("-m", "recipes", "sft", "executor=slurm", f"run_dir={tmp_path}")
+        proc = run_cli("-m", "launcher", "sft", "executor=slurm", f"run_dir={tmp_path}")
     finally:
         writer.kill()
         writer.wait()
@@ -193,7 +193,7 @@ def test_hf_on_one_gpu_nodes_asks_accelerate_for_its_distributed_launcher(tmp_pa
 
 
 def test_hf_on_cpu_nodes_needs_an_accelerate_config(tmp_path):
-    proc = run_cli("-m", "recipes", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2",
+    proc = run_cli("-m", "launcher", "sft", "executor=slurm", "cluster=example", "model=tiny", "nodes=2",
                    "gpus_per_node=0", "hf.num_processes=1", "gbs=8", "mbs=2", f"run_dir={tmp_path}", "--dry-run")
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

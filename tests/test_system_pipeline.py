@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from recipes.stages import load_preset
+from launcher.stages import load_preset
 from tests.conftest import run_cli
 
 
@@ -23,9 +23,9 @@ def test_system_and_system_smoke_have_the_same_graph():
 
 def test_slurm_runs_the_three_chains_side_by_side(tmp_path):
     # its's SLURM job sizes its model servers from each checkpoint's config.json at submission
-    # (its/slurm.py plan), before the chains have written them: here its is given endpoints.
+    # (launcher/its_job.py plan), before the chains have written them: here its is given endpoints.
     served = [f"its:{role}=http://{role}-host:8000/v1" for role in ("policy", "feedback_model", "edit_model")]
-    done = run_cli("-m", "recipes", "pipeline", "preset=system", "executor=slurm", "cluster=example",
+    done = run_cli("-m", "launcher", "pipeline", "preset=system", "executor=slurm", "cluster=example",
                    f"run_dir={tmp_path}", *served, "its:select_model=http://select-host:8000", "--dry-run")
     assert done.returncode == 0, done.stderr
     after = dict((name, deps) for name, deps in
@@ -38,7 +38,7 @@ def test_slurm_runs_the_three_chains_side_by_side(tmp_path):
 @pytest.mark.slow
 def test_system_smoke_runs_every_entry_locally(tmp_path):
     run = tmp_path / "run"
-    done = run_cli("-m", "recipes", "pipeline", "preset=system_smoke", f"run_dir={run}", timeout=1200)
+    done = run_cli("-m", "launcher", "pipeline", "preset=system_smoke", f"run_dir={run}", timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
     summaries = {name: json.loads((run / name / "summary.json").read_text())
                  for name in ("data", "feedback", "sft", "rm", "rl", "select", "eval", "eval_feedback", "eval_select", "its")}
@@ -51,6 +51,6 @@ def test_system_smoke_runs_every_entry_locally(tmp_path):
         assert f"{run}/{model}" in config
     # A rerun finds every entry finished under the same config and rewrites nothing.
     stamps = {name: (run / name / "summary.json").stat().st_mtime_ns for name in summaries}
-    again = run_cli("-m", "recipes", "pipeline", "preset=system_smoke", f"run_dir={run}", timeout=600)
+    again = run_cli("-m", "launcher", "pipeline", "preset=system_smoke", f"run_dir={run}", timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert {name: (run / name / "summary.json").stat().st_mtime_ns for name in summaries} == stamps

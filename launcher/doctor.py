@@ -89,7 +89,7 @@ def _partition(cfg) -> tuple[str | None, dict, str]:
 
 
 def _nodes_needed(cfg) -> tuple[int, int]:
-    from recipes.slurm import job_shape
+    from launcher.slurm import job_shape
 
     return job_shape(cfg)
 
@@ -137,7 +137,7 @@ def check_gpus(cfg) -> tuple[str, str]:
 
 
 def check_container(cfg) -> tuple[str, str]:
-    from recipes.slurm import container_image
+    from launcher.slurm import container_image
 
     image = container_image(cfg)
     if not image:

@@ -1,4 +1,4 @@
-"""The pipeline: a chain of stages from a preset (conf/pipeline/NAME.yaml, read by recipes.stages),
+"""The pipeline: a chain of stages from a preset (conf/pipeline/NAME.yaml, read by launcher.stages),
 run locally (one subprocess per entry, in order) or on SLURM (one job per entry, chained with afterok).
 
     ./launch.sh pipeline [preset=NAME] [key=value ...] [NAME:key=value ...] [executor=slurm cluster=NAME] [--dry-run]
@@ -23,7 +23,7 @@ from pathlib import Path
 
 from recipes.config import REPO_ROOT, compose, to_yaml
 from hs3.io import UserError
-from recipes.stages import Entry, is_finished, load_preset  # noqa: F401  (is_finished: re-exported)
+from launcher.stages import Entry, is_finished, load_preset  # noqa: F401  (is_finished: re-exported)
 
 DEFAULT_PRESET = "default"
 # engine=megatron without preset=: the Megatron chain (import -> sft -> export -> rm -> rl -> export -> eval).
@@ -92,7 +92,7 @@ def run_local(chain: dict[str, Entry], entry_args: dict[str, list[str]]) -> list
             rows.append({**summary, "stage": name, "wall_s": 0.0, "note": "skipped"})
             continue
         start = time.monotonic()
-        proc = subprocess.run([sys.executable, "-m", "recipes", entry.stage, *args], cwd=REPO_ROOT, env=os.environ.copy())
+        proc = subprocess.run([sys.executable, "-m", "launcher", entry.stage, *args], cwd=REPO_ROOT, env=os.environ.copy())
         wall = time.monotonic() - start
         if proc.returncode != 0:
             rows.append({"stage": name, "metric": "failed", "value": None, "wall_s": wall, "out": str(cfg.out)})
@@ -153,7 +153,7 @@ def main(args: list[str], preset: str = DEFAULT_PRESET) -> int:
     executor = {c.executor for c in cfgs.values()}
     if executor == {"slurm"}:
         check_hf_token(cfgs, dry_run)
-        from recipes.slurm import submit_pipeline
+        from launcher.slurm import submit_pipeline
 
         submit_pipeline(cfgs, {name: list(e.needs) for name, e in chain.items()}, dry_run=dry_run)
         return 0

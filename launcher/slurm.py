@@ -38,7 +38,7 @@ from omegaconf import OmegaConf
 from recipes import preemption
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
 from hs3.io import UserError, atomic_write_json, atomic_write_text
-from recipes.stages import is_finished
+from launcher.stages import is_finished
 
 NEMO_RL_STAGES = ("rm", "rl", "dpo")  # on engine=megatron: NeMo-RL, driven through Ray
 RAY_PORT = 6379
@@ -132,15 +132,15 @@ def task_setup(cfg) -> str:
 def stage_command(cfg, config_file: Path) -> list[str]:
     """The stage's command: the Megatron engine's own (it renders its files into cfg.out first), else
     one process of the stage running the frozen config."""
-    if cfg.stage == "its":  # its/slurm.py: one model server per local model inside the job
-        from its.slurm import job_command
+    if cfg.stage == "its":  # launcher/its_job.py: one model server per local model inside the job
+        from launcher.its_job import job_command
 
         return job_command(cfg, config_file)
     if launch_kind(cfg) in ("megatron", "nemo_rl") or (cfg.engine == "megatron" and cfg.stage == "convert"):
         from recipes.megatron import build_command
 
         return list(build_command(cfg))
-    return ["python", "-m", "recipes.training", str(config_file)]
+    return ["python", "-m", "launcher.run", str(config_file)]
 
 
 def job_shape(cfg) -> tuple[int, int]:
@@ -311,7 +311,7 @@ def render_script(cfg, command: list[str] | str | None = None) -> str:
         request = f'echo "[hs3] USR1 at $(date -u +%FT%TZ): {cfg.stage} has no checkpoint; it may hit the time limit"'
     return f"""#!/bin/bash
 # {cfg.stage} (engine={cfg.engine}, {kind} launch) for run_dir={shlex.quote(str(cfg.run_dir))}
-# Rendered by recipes/slurm.py from conf/cluster/{c.name}.yaml; the job runs the frozen config
+# Rendered by launcher/slurm.py from conf/cluster/{c.name}.yaml; the job runs the frozen config
 # {files['config']}
 {chr(10).join('#SBATCH ' + s for s in sbatch)}
 set -uo pipefail
@@ -436,7 +436,7 @@ def submit_stage(cfg) -> dict:
 
 def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = False) -> dict[str, str]:
     """Submit every entry of the chain (name -> config, in order) as its own job, each waiting (afterok)
-    for the entries it needs (the preset's graph, recipes/stages.py); --kill-on-invalid-dep=yes cancels
+    for the entries it needs (the preset's graph, launcher/stages.py); --kill-on-invalid-dep=yes cancels
     the dependents of a stage that fails."""
     run_dirs = {str(Path(c.run_dir).resolve()) for c in cfgs.values()}
     if len(run_dirs) != 1:

@@ -1,6 +1,6 @@
 """The pipeline's job graph, read from a preset (conf/pipeline/NAME.yaml), and `is_finished`.
 
-Neutral ground: recipes.pipeline (runs the chain here) and recipes.slurm (submits it with afterok)
+Neutral ground: launcher.pipeline (runs the chain here) and launcher.slurm (submits it with afterok)
 both import this module; neither imports the other.
 
 A preset:

@@ -1,8 +1,8 @@
 """`./launch.sh its executor=slurm cluster=NAME`: the its stage as one SLURM job on one node that serves
 its own models.
 
-recipes/slurm.py renders the batch script (a single task holding the node's GPUs) and runs
-`python -m its.slurm CONFIG` in it. That process:
+launcher/slurm.py renders the batch script (a single task holding the node's GPUs) and runs
+`python -m launcher.its_job CONFIG` in it. That process:
   1. plans one server per distinct local model dir (a dir used as policy and feedback model is served
      once): its GPU count (tensor parallel size) from the model files (weights x its.memory_headroom /
      parallel.gpu_memory_gb, rounded up to a power of two that divides the attention heads), GPUs given
@@ -94,9 +94,9 @@ def plan(cfg, at_submit: bool = False) -> list[dict]:
 
 
 def job_command(cfg, config_file: Path) -> list[str]:
-    """What recipes/slurm.py runs in the job (the plan is checked now, before the queue wait)."""
+    """What launcher/slurm.py runs in the job (the plan is checked now, before the queue wait)."""
     plan(cfg, at_submit=True)
-    return ["python", "-m", "its.slurm", str(config_file)]
+    return ["python", "-m", "launcher.its_job", str(config_file)]
 
 
 def _free_port() -> int:
@@ -188,7 +188,7 @@ def main(argv: list[str]) -> int:
     from recipes.config import RunConfig
 
     if len(argv) != 1:
-        raise UserError("usage: python -m its.slurm CONFIG.yaml (the job's frozen config)")
+        raise UserError("usage: python -m launcher.its_job CONFIG.yaml (the job's frozen config)")
     cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(argv[0]))
     servers = plan(cfg)
     running = []
