@@ -194,3 +194,22 @@ def slurm(tmp_path_factory):
     else:
         os.environ["SLURM_CONF"] = previous
     subprocess.run([str(SLURM_CLUSTER_SCRIPT), "stop", str(state)], capture_output=True, timeout=120)
+
+
+# --- upstream sources (tests/upstream.toml): the run ends with one line counting what they skipped ----
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    from tests.upstream import SKIP_PREFIX
+
+    skipped = [r for r in terminalreporter.stats.get("skipped", [])
+               if SKIP_PREFIX in str(getattr(r, "longrepr", ""))]
+    config._hs3_upstream_skips = len(skipped)
+
+
+def pytest_unconfigure(config):
+    count = getattr(config, "_hs3_upstream_skips", None)
+    if count is None:
+        return
+    line = (f"upstream: {count} test(s) skipped because a pinned upstream source is absent "
+            f"(python tests/fetch_upstream.py; see tests/upstream.toml)" if count else
+            "upstream: no test skipped for an absent upstream source (tests/upstream.toml)")
+    print(line)
