@@ -9,18 +9,20 @@ from data_prep.feedback import data_step_feedback, edit_request, select_feedback
 __all__ = ["build_edit_conversation", "data_step_feedback", "edit_request", "is_copy", "normalise_whitespace", "select_feedback"]
 
 
-def build_edit_conversation(context: list[dict], original_response: str, feedback: list[str]) -> list[dict]:
+def build_edit_conversation(context: list[dict], original_response: str, feedback: list[str],
+                            keep_perfect: bool = False) -> list[dict]:
     """The messages up to and including the edit request:
     context + {"assistant": original_response} + {"user": edit_request(data_step_feedback(feedback))}.
 
-    The data step's policy: feedback with more than 3 items is reduced by `select_feedback` (the
-    seed's selection); 3 or fewer are used in the order given (pass a permutation to get that order).
-    To ask exactly as the seed does for any length, pass `select_feedback(feedback)`.
-    Each turn keeps only role and content.
+    The data step's policy (data_prep.feedback): feedback with more than 3 items is reduced by
+    `select_feedback` (the seed's selection); 3 or fewer are used in the order given (pass a permutation
+    to get that order) without the items that start `The response is perfectly` (`keep_perfect=True`:
+    kept). No item left: `<None>`. To ask exactly as the seed does for any length, pass
+    `select_feedback(feedback)`. Each turn keeps only role and content.
     """
     messages = [{"role": turn["role"], "content": turn["content"]} for turn in context]
     messages.append({"role": "assistant", "content": original_response})
-    messages.append({"role": "user", "content": edit_request(data_step_feedback(feedback))})
+    messages.append({"role": "user", "content": edit_request(data_step_feedback(feedback, keep_perfect=keep_perfect))})
     return messages
 
 

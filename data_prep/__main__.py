@@ -60,6 +60,10 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--feedback-instruction", metavar="TEXT",
                    help="feedback subset: the evaluation instruction of the Feedback model's request (default: "
                         "data_prep.feedback_prompt.FEEDBACK_INSTRUCTION, our reconstruction)")
+    p.add_argument("--keep-perfect-feedback", action="store_true",
+                   help="edit, edit_quality: keep feedback items that start 'The response is perfectly' in rows with 3 or "
+                        "fewer items (default: drop them for every list length, as the paper does; a row left with "
+                        "none asks with <None>); the manifest counts the rows either way")
     p.add_argument("--tokenizer", metavar="NAME_OR_PATH",
                    help="count each conversation's tokens with this tokenizer's chat template; length percentiles "
                         "go to the manifest")
@@ -91,7 +95,8 @@ def main(argv: list[str]) -> int:
     options = Options(feedback_orders=args.feedback_orders, seed=args.seed, tokenizer=args.tokenizer,
                       max_seq_len=args.max_seq_len, strict=args.strict, keep_leaked=args.keep_leaked,
                       subsets=args.subsets, feedback_targets=args.feedback_targets,
-                      feedback_instruction=args.feedback_instruction)
+                      feedback_instruction=args.feedback_instruction,
+                      keep_perfect_feedback=args.keep_perfect_feedback)
     manifest = build(args.source, args.out, revision=args.revision, options=options, progress=not args.no_progress,
                      workers=args.workers, verify=args.verify)
     print(summary_line(manifest, args.out))

@@ -74,6 +74,9 @@ class Options:
     subsets: Any = DEFAULT_SUBSETS  # HelpSteer3 subsets to read (a tuple, or "edit,feedback,...")
     feedback_targets: str = "one"  # feedback subset: one (seeded) | all feedback texts per response
     feedback_instruction: str | None = None  # feedback subset: None = data_prep.feedback_prompt.FEEDBACK_INSTRUCTION
+    # edit, edit_quality: rows with <= 3 feedback items keep those that start "The response is perfectly"
+    # (the earlier policy; default: dropped for every length, as the paper's Edit demonstrations)
+    keep_perfect_feedback: bool = False
 
     def validate(self) -> None:
         parse_feedback_orders(self.feedback_orders)
@@ -176,9 +179,9 @@ def check_any_row(subset: str, record) -> tuple[str, str] | None:
 def emit(row: Row, orders, options: Options) -> None:
     """The row's output lines, by subset."""
     if row.subset == "edit":
-        emit_edit(row, orders, options.seed)
+        emit_edit(row, orders, options.seed, options.keep_perfect_feedback)
     elif row.subset == "edit_quality":
-        emit_edit_quality(row)
+        emit_edit_quality(row, options.keep_perfect_feedback)
     elif row.subset == "feedback":
         feedback_data.emit_feedback(row, options.feedback_targets, options.seed, options.feedback_instruction,
                                     feedback_data.extra_fields(row.record))
@@ -194,24 +197,24 @@ def metadata(subset: str, record: dict) -> dict:
     return extra
 
 
-def emit_edit(row: Row, orders: str | int, seed: int) -> None:
+def emit_edit(row: Row, orders: str | int, seed: int, keep_perfect: bool = False) -> None:
     """SFT conversations (one per feedback order) and one RL prompt (the given order)."""
     record = row.record
-    selected = selected_indices(record["feedback"])
+    selected = selected_indices(record["feedback"], keep_perfect=keep_perfect)
     common = {"domain": record["domain"], "language": record["language"]}
     extra = metadata("edit", record)
     sft = []
     for perm in feedback_permutations(len(selected), orders, seed, row.key):
         order = [selected[i] for i in perm]  # positions in the row's own feedback list
         messages = build_edit_conversation(record["context"], record["original_response"],
-                                           [record["feedback"][i] for i in order])
+                                           [record["feedback"][i] for i in order], keep_perfect)
         messages.append({"role": "assistant", "content": record["edited_response"]})
         tag = "-".join(map(str, order)) or "none"
         sft.append({"id": f"{row.key}/{tag}", "messages": messages, **common,
                     "source": {"subset": row.subset, "split": row.split, "row": row.row, "feedback_order": order},
                     **({"metadata": extra} if extra else {})})
     prompt = build_edit_conversation(record["context"], record["original_response"],
-                                     [record["feedback"][i] for i in selected])
+                                     [record["feedback"][i] for i in selected], keep_perfect)
     prompts = [{"id": row.key, "prompt": prompt, "original_response": record["original_response"],
                 "reference_edit": record["edited_response"], **common,
                 "source": {"subset": row.subset, "split": row.split, "row": row.row, "feedback_order": selected},
@@ -219,12 +222,12 @@ def emit_edit(row: Row, orders: str | int, seed: int) -> None:
     row.outputs = {"sft": sft, "prompts": prompts}
 
 
-def emit_edit_quality(row: Row) -> None:
+def emit_edit_quality(row: Row, keep_perfect: bool = False) -> None:
     """Two preference pairs: good edit over bad edit, good edit over the unedited original."""
     record = row.record
-    selected = selected_indices(record["feedback"])
+    selected = selected_indices(record["feedback"], keep_perfect=keep_perfect)
     prompt = build_edit_conversation(record["context"], record["original_response"],
-                                     [record["feedback"][i] for i in selected])
+                                     [record["feedback"][i] for i in selected], keep_perfect)
     good = record["good_edited_response"]
     extra = metadata("edit_quality", record)
     pairs = []
@@ -339,6 +342,20 @@ def count_tokens(rows: list[Row], counter, max_seq_len: int | None, progress: bo
                 os.environ.pop("TOKENIZERS_PARALLELISM", None)
             else:
                 os.environ["TOKENIZERS_PARALLELISM"] = saved_env
+
+
+def perfect_feedback_counts(used: list[Row], keep_perfect: bool) -> dict:
+    """Used rows (edit, edit_quality) by what the perfectly-helpful rule did to them: `rows_dropped`
+    lost such items (3 or fewer items; with more, the seed's selection skips them either way),
+    `rows_left_without_feedback` had only such items and ask with <None>; with --keep-perfect-feedback,
+    `rows_kept` still carry such items in their edit request."""
+    from data_prep.feedback import is_perfect
+
+    short = [r for r in used if 0 < len(r.record["feedback"]) <= 3 and any(map(is_perfect, r.record["feedback"]))]
+    if keep_perfect:
+        return {"policy": "kept (--keep-perfect-feedback)", "rows_kept": len(short)}
+    return {"policy": "dropped", "rows_dropped": len(short),
+            "rows_left_without_feedback": sum(all(map(is_perfect, r.record["feedback"])) for r in short)}
 
 
 def flag_over_max_seq_len(row: Row, max_seq_len: int) -> None:
@@ -707,6 +724,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
         if subset == "edit":
             counts["feedback_items"] = dict(sorted(Counter(
                 str(len(r.record["feedback"])) for r in split_rows if r.reason is None or r.reason == LEAKED).items()))
+        if subset in SUBSETS:
+            counts["perfect_feedback"] = perfect_feedback_counts(used, options.keep_perfect_feedback)
         if split == "validation" and options.max_seq_len is not None:
             counts["over_max_seq_len"] = over_max_seq_len_counts(used)
         assert counts["read"] == counts["used"] + counts["rejected"], (subset, split, counts)

@@ -9,9 +9,14 @@ Two feedback selections:
     select_feedback       the seed's `filter_feedback`, for every input length: stable sort by
                           `feedback_score` descending, skip items starting with `The response is
                           perfectly`, keep the first 3. The Feedback-Edit inference (ITS) loop uses it.
-    data_step_feedback    the data step's documented policy: rows with more than 3 items are reduced
-                          by `select_feedback`; rows with 3 or fewer keep their items exactly as given
-                          (the data step then trains on every order of them).
+    data_step_feedback    the data step's policy: rows with more than 3 items are reduced by
+                          `select_feedback`; rows with 3 or fewer keep their items in the given order
+                          (the data step then trains on every order of them) minus the items that start
+                          with `The response is perfectly`, as the paper's Edit demonstrations do (praise
+                          carries nothing to edit by). A row left with no item asks with `<None>`, the
+                          seed's convention for an empty list. `keep_perfect=True` is the earlier policy
+                          (3 or fewer items kept exactly as given): python -m data_prep
+                          --keep-perfect-feedback, prep.keep_perfect_feedback=true.
 """
 from __future__ import annotations
 
@@ -45,16 +50,21 @@ def seed_indices(feedback: list[str], max_items: int = 3) -> list[int]:
     return [i for i in ranked if not feedback[i].startswith(SKIPPED_PREFIX)][:max_items]
 
 
-def data_step_feedback(feedback: list[str], max_items: int = 3) -> list[str]:
+def is_perfect(item: str) -> bool:
+    """An item that only says the response is perfectly helpful (nothing to edit by)."""
+    return item.startswith(SKIPPED_PREFIX)
+
+
+def data_step_feedback(feedback: list[str], max_items: int = 3, keep_perfect: bool = False) -> list[str]:
     """The data step's policy: with more than `max_items` items, `select_feedback`; with `max_items`
-    or fewer, the list unchanged (same order, nothing skipped)."""
-    return [feedback[i] for i in selected_indices(feedback, max_items)]
+    or fewer, the list in its order without the perfectly-helpful items (with `keep_perfect`: unchanged)."""
+    return [feedback[i] for i in selected_indices(feedback, max_items, keep_perfect)]
 
 
-def selected_indices(feedback: list[str], max_items: int = 3) -> list[int]:
+def selected_indices(feedback: list[str], max_items: int = 3, keep_perfect: bool = False) -> list[int]:
     """`data_step_feedback` as positions in the input list (the data step records them)."""
     if len(feedback) <= max_items:
-        return list(range(len(feedback)))
+        return [i for i, item in enumerate(feedback) if keep_perfect or not is_perfect(item)]
     return seed_indices(feedback, max_items)
 
 

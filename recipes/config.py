@@ -215,6 +215,8 @@ class PrepConfig:
     feedback_targets: str = "one"  # feedback subset: one (seeded) | all feedback texts per response
     # The Feedback model's evaluation instruction; None = data_prep.feedback_prompt.FEEDBACK_INSTRUCTION.
     feedback_instruction: Optional[str] = None
+    # true: rows with <= 3 feedback items keep "The response is perfectly ..." items (default: dropped, as the paper)
+    keep_perfect_feedback: bool = False
 
 
 @dataclass

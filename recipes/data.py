@@ -2,7 +2,7 @@
 
     prep.source      hf, or a directory in the HelpSteer3 layout (relative paths: from the repo root)
     prep.revision    hub revision for prep.source=hf
-    prep.feedback_orders, prep.keep_leaked, prep.strict     as python -m data_prep's options
+    prep.feedback_orders, prep.keep_leaked, prep.strict, prep.keep_perfect_feedback   as python -m data_prep's options
     prep.max_seq_len + prep.tokenizer   reject longer train rows, flag longer validation rows; tokenizer null = the model's
     seed             for prep.feedback_orders=K
 Output: cfg.out (= data_dir) holds the build, plus config.yaml and summary.json for the pipeline.
@@ -32,7 +32,8 @@ def run(cfg) -> dict:
     options = Options(feedback_orders=str(prep.feedback_orders), seed=cfg.seed, tokenizer=tokenizer_name,
                       max_seq_len=prep.max_seq_len, strict=prep.strict, keep_leaked=prep.keep_leaked,
                       subsets=str(prep.subsets), feedback_targets=str(prep.feedback_targets),
-                      feedback_instruction=prep.feedback_instruction)
+                      feedback_instruction=prep.feedback_instruction,
+                      keep_perfect_feedback=prep.keep_perfect_feedback)
     if cfg.dry_run:
         print(f"data: would build {cfg.out} from {source} with {options}")
         return {"stage": "data", "metric": "dry_run", "value": None, "out": str(cfg.out)}

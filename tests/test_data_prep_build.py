@@ -131,6 +131,44 @@ def test_pairs_both_kinds_and_equal_pair_dropped(sample_build):
     assert counts["pairs_not_emitted"] == {"equal_after_whitespace_normalisation": {"good_vs_bad": 1}}
 
 
+def test_perfectly_helpful_items_are_dropped_by_default_kept_on_request_and_counted(tmp_path):
+    perfect = "The response is perfectly helpful."
+    rows = [edit_row(0, feedback=[perfect, "It lacks detail.", "However, short."]),
+            edit_row(1, feedback=[perfect, "The response is perfectly helpful and concise."]),
+            edit_row(2),
+            edit_row(3, feedback=["a", "b but", "c", perfect, "d lack"])]  # more than 3: the seed's rule either way
+    src = write_source(tmp_path / "src", {"edit/train": rows, "edit_quality/validation": [
+        quality_row(0, feedback=[perfect, "Wrong."])]})
+    manifest = build(str(src), tmp_path / "paper", progress=False)
+    sft = read_jsonl(tmp_path / "paper/sft/train.jsonl")
+    by_row = {}
+    for r in sft:
+        by_row.setdefault(r["source"]["row"], []).append(r)
+    assert len(by_row[0]) == 2 and {tuple(r["source"]["feedback_order"]) for r in by_row[0]} == {(1, 2), (2, 1)}
+    assert all(perfect not in r["messages"][-2]["content"] for r in sft)
+    [none] = by_row[1]  # every item dropped: the seed's <None>, trained once
+    assert none["messages"][-2]["content"] == PREFIX + "<None>" and none["id"] == "edit/train/1/none"
+    assert len(by_row[2]) == 6 and len(by_row[3]) == 6
+    [pair, _] = read_jsonl(tmp_path / "paper/pairs/validation.jsonl")
+    assert pair["prompt"][-1]["content"] == PREFIX + "Wrong." and pair["source"]["feedback_order"] == [1]
+    counts = manifest["counts"]
+    assert counts["edit/train"]["perfect_feedback"] == {"policy": "dropped", "rows_dropped": 2,
+                                                        "rows_left_without_feedback": 1}
+    assert counts["edit_quality/validation"]["perfect_feedback"]["rows_dropped"] == 1
+    assert manifest["options"]["keep_perfect_feedback"] is False
+
+    kept = build(str(src), tmp_path / "kept", options=Options(keep_perfect_feedback=True), progress=False)
+    sft = read_jsonl(tmp_path / "kept/sft/train.jsonl")
+    assert sum(r["source"]["row"] == 0 for r in sft) == 6 and sum(r["source"]["row"] == 1 for r in sft) == 2
+    assert kept["counts"]["edit/train"]["perfect_feedback"] == {"policy": "kept (--keep-perfect-feedback)", "rows_kept": 2}
+    assert kept["options"]["keep_perfect_feedback"] is True
+    # the CLI flag is the same option
+    result = run_cli("-m", "data_prep", "--source", str(src), "--out", str(tmp_path / "cli"), "--keep-perfect-feedback",
+                     "--no-progress")
+    assert result.returncode == 0, result.stderr
+    assert (tmp_path / "cli/sft/train.jsonl").read_bytes() == (tmp_path / "kept/sft/train.jsonl").read_bytes()
+
+
 def test_row_with_no_pair_left_is_rejected(tmp_path):
     same = quality_row(0, good_edited_response="x  = 1", bad_edited_response="x = 1\n", original_response=" x = 1")
     src = write_source(tmp_path / "src", {"edit_quality/train": [same, quality_row(1)]})
@@ -238,7 +276,7 @@ def test_empty_files_are_empty_splits(tmp_path):
 
 
 def test_strict_fails_on_any_rejected_row_and_writes_nothing(tmp_path):
-    with pytest.raises(UserError, match="--strict: 1 of 56 rows rejected \\(leaked 1\\)"):
+    with pytest.raises(UserError, match="--strict: 1 of 97 rows rejected \\(leaked 1\\)"):
         build(str(SAMPLE_DIR), tmp_path / "out", options=Options(strict=True), progress=False)
     assert not (tmp_path / "out").exists() and list(tmp_path.iterdir()) == []
     build(str(SAMPLE_DIR), tmp_path / "kept", options=Options(strict=True, keep_leaked=True), progress=False)
@@ -285,6 +323,12 @@ def test_pipeline_data_stage_writes_summary_and_is_rerunnable(tmp_path):
     assert summary["metric"] == "sft_train_rows" and summary["value"] == 23
     assert is_finished(cfg)
     assert run(cfg)["value"] == 23  # the same build into the same dir: up to date, not an error
+    assert json.loads((tmp_path / "data/manifest.json").read_text())["options"]["keep_perfect_feedback"] is False
+    kept = compose("data", [f"run_dir={tmp_path}/kept", "prep.source=data_prep/sample", "prep.keep_perfect_feedback=true"])
+    run(kept)
+    manifest = json.loads((tmp_path / "kept/data/manifest.json").read_text())
+    assert manifest["options"]["keep_perfect_feedback"] is True
+    assert manifest["counts"]["edit/validation"]["perfect_feedback"]["rows_kept"] == 4
 
 
 def _one_line_error(result) -> str:
@@ -319,4 +363,4 @@ def test_cli_success_prints_one_summary_line(tmp_path):
     result = run_cli("-m", "data_prep", "--source", str(SAMPLE_DIR), "--out", str(tmp_path / "o"), "--no-progress")
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("\n") == 1
-    assert result.stdout.startswith("data_prep: 56 rows read, 55 used, 1 rejected (leaked 1); sft 133+48, pairs 31+16")
+    assert result.stdout.startswith("data_prep: 97 rows read, 96 used, 1 rejected (leaked 1); sft 133+166, pairs 31+16")

@@ -101,18 +101,36 @@ def test_select_feedback_matches_the_seed_rule_for_every_length():
             assert select_feedback(items) == expected, items
 
 
-def test_data_step_keeps_three_or_fewer_items_as_given():
+def test_data_step_drops_perfectly_helpful_items_for_every_length_and_keeps_the_rest_as_given():
+    """The paper's Edit demonstrations never carry "The response is perfectly ..." items: with 3 or fewer
+    items they are dropped too (in the given order otherwise); the earlier policy stays as keep_perfect."""
     three = ["The response is perfectly fine.", "no keyword", "However it lacks but"]
-    assert data_step_feedback(three) == three  # no reordering, no skipping
-    assert selected_indices(three) == [0, 1, 2]
+    assert data_step_feedback(three) == ["no keyword", "However it lacks but"]  # no reordering
+    assert selected_indices(three) == [1, 2]
+    assert data_step_feedback(three, keep_perfect=True) == three and selected_indices(three, keep_perfect=True) == [0, 1, 2]
     assert data_step_feedback(["only one"]) == ["only one"] and data_step_feedback([]) == []
-    # More than 3: the seed's selection.
+    # only "starts with" counts (case-sensitive), as in the seed's filter
+    assert data_step_feedback(["Overall, The response is perfectly fine", "the response is perfectly fine"]) == [
+        "Overall, The response is perfectly fine", "the response is perfectly fine"]
+    # More than 3: the seed's selection, with either option.
     five = ["zero", "one but", "two However improve", "three lack", "The response is perfectly four but but"]
     assert data_step_feedback(five) == select_feedback(five) == ["two However improve", "one but", "three lack"]
+    assert data_step_feedback(five, keep_perfect=True) == select_feedback(five)
     assert selected_indices(five) == [2, 1, 3]
-    # build_edit_conversation applies the data step's policy: a given permutation of 3 stays in that order.
+    # build_edit_conversation applies the data step's policy: a given permutation stays in that order.
     messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", list(reversed(three)))
+    assert messages[-1]["content"].endswith("following feedback:\n\nHowever it lacks but\n\nno keyword")
+    messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", list(reversed(three)), keep_perfect=True)
     assert messages[-1]["content"].endswith("However it lacks but\n\nno keyword\n\nThe response is perfectly fine.")
+
+
+def test_a_row_whose_every_item_is_perfectly_helpful_asks_with_none():
+    """The seed's convention for an empty feedback list (`<None>`) holds for a list emptied by the rule."""
+    praise = ["The response is perfectly helpful.", "The response is perfectly helpful and concise."]
+    assert data_step_feedback(praise) == [] == select_feedback(praise)
+    messages = build_edit_conversation([{"role": "user", "content": "Q"}], "A", praise)
+    assert messages[-1]["content"] == "Edit the response to the previous prompt based on the following feedback:\n\n<None>"
+    assert messages[-1]["content"] == build_edit_conversation([{"role": "user", "content": "Q"}], "A", [])[-1]["content"]
 
 
 def test_feedback_permutations():
