@@ -9,7 +9,8 @@ data, import -> sft -> sft_export, rm -> rl -> rl_export -> eval); smoke. `key=v
 entry; `NAME:key=value` to one entry of the chain (e.g. `sft:train.lr=1e-5`).
 A stage whose output dir already holds a finished run of the same config is skipped, so a pipeline
 that stopped half-way picks up where it stopped; an unfinished stage resumes from its checkpoint.
-The smoke pipeline (conf/pipeline/smoke.yaml) starts from a clean runs/smoke every time.
+The smoke pipeline (conf/pipeline/smoke.yaml) starts from a clean runs/smoke every time: it clears a run
+dir only when an earlier smoke created it (the .hs3-smoke file inside), and a dry run touches nothing.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import time
 from pathlib import Path
 
 from recipes.config import REPO_ROOT, compose, to_yaml
-from hs3.io import UserError
+from hs3.io import UserError, atomic_write_json
 from launcher.stages import Entry, is_finished, load_preset  # noqa: F401  (is_finished: re-exported)
 
 DEFAULT_PRESET = "default"
@@ -168,15 +169,42 @@ def main(args: list[str], preset: str = DEFAULT_PRESET) -> int:
     return 0
 
 
+# The smoke writes this file into a run dir it creates; it clears a run dir only when the file is there.
+SMOKE_MARKER = ".hs3-smoke"
+
+
+def prepare_smoke_dir(run_dir: str | os.PathLike, dry_run: bool) -> Path:
+    """The smoke starts from an empty run dir. It deletes one only when the smoke created it (SMOKE_MARKER
+    inside), never through a symbolic link, and a dry run changes nothing on disk."""
+    path = Path(os.path.abspath(run_dir))
+    if path.is_symlink():
+        raise UserError(f"run_dir={run_dir} is a symbolic link (to {os.readlink(path)}): the smoke clears its run "
+                        "dir before it starts and never does so through a link; pass the directory itself")
+    if path.exists() and not path.is_dir():
+        raise UserError(f"run_dir={run_dir} exists and is not a directory")
+    marked = (path / SMOKE_MARKER).is_file()
+    if path.is_dir() and not marked and any(path.iterdir()):
+        raise UserError(f"run_dir={run_dir} exists and was not created by the smoke (no {SMOKE_MARKER} in it): the "
+                        "smoke starts from an empty run dir and deletes only one it made itself; pick another "
+                        "run_dir= (or remove this one yourself)")
+    if dry_run:
+        if marked:
+            print(f"# dry run: {path} (an earlier smoke's run dir) would be cleared first")
+        return path
+    if marked:
+        shutil.rmtree(path)
+    path.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path / SMOKE_MARKER, {"created_by": "./launch.sh smoke", "note": "the smoke clears this "
+                                            "run dir on its next start; remove this file to keep the dir"})
+    return path
+
+
 def smoke_main(args: list[str]) -> int:
-    """The whole pipeline on the tiny model and the bundled sample rows, from a clean runs/smoke."""
-    chain, entry_args, _ = stage_args("smoke", args)
+    """The whole pipeline on the tiny model and the bundled sample rows, from a clean run dir (runs/smoke)."""
+    chain, entry_args, dry_run = stage_args("smoke", args)
     first = next(iter(chain))
-    run_dir = Path(compose(chain[first].stage, entry_args[first]).run_dir).resolve()
-    if run_dir.exists():
-        if "smoke" not in run_dir.name:  # never wipe a directory the user named for something else
-            raise UserError(f"run_dir={run_dir}: the smoke pipeline only clears a run_dir named *smoke*")
-        shutil.rmtree(run_dir)
+    cfg = compose(chain[first].stage, entry_args[first])
+    prepare_smoke_dir(cfg.run_dir, dry_run or cfg.dry_run)
     # A CPU-only demo: say so to DeepSpeed (instead of its detection warning in every stage), and keep
     # the libraries' deprecation notices to each other (TRL -> transformers) off the newcomer's screen.
     os.environ.setdefault("DS_ACCELERATOR", "cpu")
