@@ -12,7 +12,7 @@ COMMANDS = {
     "plan": "recipes.megatron.plan:main",
     "pipeline": "launcher.pipeline:main",
     "smoke": "launcher.pipeline:smoke_main",
-    "status": "launcher.slurm:status_main",
+    "status": "launcher.status:main",
     "doctor": "launcher.doctor:main",
     "eval-compare": "eval.compare:main",
     "its-eval": "its.evaluate:main",

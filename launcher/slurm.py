@@ -2,7 +2,7 @@
 
     ./launch.sh STAGE executor=slurm cluster=NAME [key=value ...] [--dry-run]
     ./launch.sh pipeline executor=slurm cluster=NAME [key=value ...] [--dry-run]
-    ./launch.sh status RUN_DIR
+    ./launch.sh status RUN_DIR          (launcher/status.py)
 
 Files, all under RUN_DIR/slurm/ (beside the stage outputs, never inside them):
     STAGE.sbatch      the rendered batch script (`sbatch` it again by hand if you like)
@@ -25,11 +25,9 @@ stage to checkpoint (recipes/preemption.py); a stage that exits with PREEMPTED_E
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -468,7 +466,7 @@ def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = Fal
     return job_ids
 
 
-# ---- status -----------------------------------------------------------------------------------
+# ---- asking SLURM about a job (`./launch.sh status` is launcher/status.py) ------------------------
 
 def scontrol_job(job_id: str) -> dict[str, str]:
     """`scontrol show job -o ID` as a dict ({} once SLURM has forgotten the job: MinJobAge)."""
@@ -479,77 +477,3 @@ def scontrol_job(job_id: str) -> dict[str, str]:
     if proc.returncode != 0:
         return {}
     return dict(re.findall(r"(\w+)=(\S*)", proc.stdout))
-
-
-def last_line(path: str) -> str:
-    try:
-        with open(path, "rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(f.tell() - 4096, 0))
-            lines = [ln.strip() for ln in f.read().decode("utf-8", "replace").replace("\r", "\n").splitlines()]
-    except OSError:
-        return ""
-    lines = [ln for ln in lines if ln]
-    return lines[-1] if lines else ""
-
-
-def stage_status(stage: str, entry: dict) -> dict:
-    info = scontrol_job(entry["job_id"])
-    summary_file = Path(entry["out"]) / "summary.json"
-    if info:
-        state = info.get("JobState", "?")
-        if info.get("Reason") not in (None, "None") and state == "PENDING":
-            state += f" ({info['Reason']})"
-        if info.get("Restarts", "0") != "0":
-            state += f", restarts={info['Restarts']}"
-        elapsed = info.get("RunTime", "")
-    elif summary_file.is_file():
-        summary = json.loads(summary_file.read_text())
-        state = "COMPLETED"
-        wall = summary.get("wall_s")
-        elapsed = time.strftime("%H:%M:%S", time.gmtime(wall)) if isinstance(wall, (int, float)) else ""
-    else:
-        state, elapsed = "GONE (SLURM forgot it; no summary.json)", ""
-    from recipes.curves import describe_progress, read_progress
-
-    progress = read_progress(entry["out"])  # written by the stage's trainer (recipes/curves.py)
-    return {"stage": stage, "job": entry["job_id"], "state": state, "elapsed": elapsed,
-            "progress": describe_progress(progress) if progress else "", "last": last_line(entry["log"])}
-
-
-def status_main(argv: list[str]) -> int:
-    """./launch.sh status RUN_DIR: each stage's job id, state, elapsed time, progress (step / total
-    steps, ETA) and last log line. A run without jobs.json (executor=local): each stage's progress."""
-    if len(argv) != 1 or argv[0].startswith("-"):
-        raise UserError("usage: ./launch.sh status RUN_DIR")
-    jobs_file = Path(argv[0]) / "jobs.json"
-    if not jobs_file.is_file():
-        from recipes.curves import PROGRESS_FILE, describe_progress, read_progress
-
-        found = sorted(Path(argv[0]).glob(f"*/{PROGRESS_FILE}"))
-        if not found:
-            raise UserError(f"{jobs_file}: no such file (submit with executor=slurm first)")
-        for path in found:
-            print(f"{path.parent.name}: {describe_progress(read_progress(path.parent))}")
-        return 0
-    rows = [stage_status(stage, entry) for stage, entry in json.loads(jobs_file.read_text()).items()]
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{argv[0]} on SLURM")
-    for column in ("stage", "job", "state", "elapsed", "progress", "last log line"):
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(row["stage"], row["job"], row["state"], row["elapsed"], row["progress"], row["last"][-120:])
-    console = Console(width=max(Console().width, 160))
-    console.print(table)
-    counts: dict[str, int] = {}
-    for row in rows:
-        key = row["state"].split()[0].rstrip(",")
-        counts[key] = counts.get(key, 0) + 1
-    print(f"{len(rows)} stages: " + ", ".join(f"{n} {s.lower()}" for s, n in sorted(counts.items())))
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(status_main(sys.argv[1:]))

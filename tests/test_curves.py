@@ -42,9 +42,9 @@ def test_progress_and_eta_from_the_trainer_state(tmp_path):
 
     (tmp_path / "run" / "sft").mkdir(parents=True)
     (tmp_path / "run" / "sft" / "progress.json").write_text(json.dumps(progress))
-    status = run_cli("-m", "launcher", "status", str(tmp_path / "run"))
+    status = run_cli("-m", "launcher", "status", str(tmp_path / "run"), "--json")
     assert status.returncode == 0, status.stderr
-    assert status.stdout.startswith("sft: step 40/100 (40%), 1m00s elapsed, ETA "), status.stdout
+    assert json.loads(status.stdout)["stages"][0]["progress"].startswith("step 40/100 (40%), 1m00s elapsed, ETA ")
 
 
 def test_report_to_choices(tmp_path, monkeypatch):
@@ -84,7 +84,8 @@ def test_a_stage_writes_tensorboard_curves_progress_and_umask_modes(edit_data_di
     assert (out / "curves.png").read_bytes()[:8] == PNG_MAGIC
     progress = curves.read_progress(out)
     assert progress["step"] == progress["max_steps"] == 3 and progress["finished"]
-    status = run_cli("-m", "launcher", "status", str(run_dir))
-    assert status.stdout.startswith("sft: step 3/3 (100%)") and status.stdout.strip().endswith("finished")
+    status = run_cli("-m", "launcher", "status", str(run_dir), "--json")
+    row = json.loads(status.stdout)["stages"][0]
+    assert row["progress"].startswith("step 3/3 (100%)") and row["state"] == "finished"
     for weights in (out / "final" / "model.safetensors", out / "checkpoint-2" / "model.safetensors"):
         assert stat.S_IMODE(weights.stat().st_mode) == 0o644, weights  # safetensors alone writes 0600

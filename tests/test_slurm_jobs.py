@@ -184,7 +184,7 @@ def test_tiny_pipeline_through_sbatch(slurm, tmp_path):
     for stage, entry in jobs.items():
         row = next(line for line in status.stdout.splitlines() if f" {stage} " in line and entry["job_id"] in line)
         assert "COMPLETED" in row
-    assert status.stdout.strip().splitlines()[-1] == "5 stages: 5 completed"
+    assert status.stdout.strip().splitlines()[-1] == "5 stages: 5 finished"
 
 
 @pytest.mark.slow

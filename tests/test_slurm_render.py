@@ -146,10 +146,10 @@ def test_clusters_without_containers_run_the_setup_lines(tmp_path, setup, expect
         f"; exec python -m launcher.run {tmp_path}/slurm/sft.yaml"
 
 
-def test_status_without_jobs_file_is_a_one_line_error(tmp_path):
+def test_status_of_a_dir_without_stages_is_a_one_line_error(tmp_path):
     proc = run_cli("-m", "launcher", "status", str(tmp_path))
     assert proc.returncode == 2
-    assert proc.stderr.strip() == f"error: {tmp_path}/jobs.json: no such file (submit with executor=slurm first)"
+    assert proc.stderr.strip() == f"error: {tmp_path}: no stage has started there (no stage dirs, no jobs.json)"
 
 
 def test_submit_without_sbatch_is_a_one_line_error(tmp_path):
