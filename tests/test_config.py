@@ -71,7 +71,7 @@ def test_list_values_parse():
         (["cluster.nodes=two"], "cluster.nodes: Value 'two'"),
         (["model=no_such_model"], "model=no_such_model: no such file"),
         (["engine=jax"], "engine=jax: unknown engine"),
-        (["executor=k8s"], "executor=k8s: unknown executor"),
+        (["executor=k8s"], "executor=k8s: not one of local, slurm"),
         (["model.dtype=fp8"], "model.dtype=fp8: not one of float32, bfloat16, float16"),
         (["gbs=10", "mbs=4"], "train.global_batch=10 is not divisible by train.micro_batch=4 x data-parallel size=1 (= 4)"),
         (["gbs=16", "mbs=2", "hf.num_processes=3"], "train.micro_batch=2 x data-parallel size=3 (= 6)"),
@@ -87,7 +87,7 @@ def test_bad_config_is_one_clear_error(args, message):
 
 
 def test_rloo_needs_two_rollouts():
-    with pytest.raises(ConfigError, match=r"rl.k=1: RLOO needs at least 2"):
+    with pytest.raises(ConfigError, match=r"rl.k=1 must be >= 2"):
         compose("rl", ["rl.k=1"])
 
 
