@@ -83,8 +83,17 @@ def _what_runs(config_text: str) -> dict:
 
 
 def is_finished(cfg) -> bool:
-    """A stage is finished when it wrote summary.json under the same config (launch keys aside)."""
+    """A stage is finished when it wrote summary.json under the same config (launch keys aside). A
+    Megatron conversion also needs its destination to still hold what it wrote, converted from the
+    source as it is now (recipes.megatron.convert.is_current): its job runs the upstream converter,
+    which refuses a non-empty destination, so a rerun would fail and cancel the chain behind it."""
     out = Path(cfg.out)
     config_file = out / "config.yaml"
-    return ((out / "summary.json").is_file() and config_file.is_file()
-            and _what_runs(config_file.read_text()) == _what_runs(to_yaml(cfg)))
+    if not ((out / "summary.json").is_file() and config_file.is_file()
+            and _what_runs(config_file.read_text()) == _what_runs(to_yaml(cfg))):
+        return False
+    if cfg.stage == "convert" and cfg.engine == "megatron":
+        from recipes.megatron.convert import is_current
+
+        return is_current(cfg)
+    return True

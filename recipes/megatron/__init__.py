@@ -12,7 +12,9 @@ For the SLURM executor:
                env:// initialisation);
       rm/rl/dpo `python -m recipes.megatron.nemo_rl ...` (data hand-over, then NeMo-RL's entry point), once,
                on the Ray head node;
-      convert  Megatron-Bridge's conversion worker or NeMo-RL's converter, one task.
+      convert  `python -m recipes.megatron.convert --stage-config OUT/config.yaml`, one task: runs
+               Megatron-Bridge's conversion worker or NeMo-RL's converter once, into an empty place, and
+               records what it converted (convert.py: a resubmitted chain does not convert again).
     Rendering reads no stage inputs (the data, an earlier stage's checkpoint): a pipeline renders and
     submits every job before the first one has run; the jobs read their inputs.
   * `job_nodes(cfg)` is the (nodes, GPUs per node) the stage's plan needs: parallel.nodes /
@@ -36,10 +38,11 @@ def stage_module(cfg):
 
 
 def build_command(cfg) -> list[str]:
-    """Render the stage's files into cfg.out and return the command that runs it."""
+    """Render the stage's files into cfg.out and return the command that runs it (a module's
+    `job_command` when it has one: convert's job wraps the upstream worker that `build_command` names)."""
     module = stage_module(cfg)
     module.render(cfg)
-    return module.build_command(cfg)
+    return getattr(module, "job_command", module.build_command)(cfg)
 
 
 def job_nodes(cfg) -> tuple[int, int]:

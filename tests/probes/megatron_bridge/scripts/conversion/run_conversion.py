@@ -1,13 +1,21 @@
-"""PROBE, not Megatron-Bridge v0.6.0's scripts/conversion/run_conversion.py (the HF <-> Megatron conversion
-worker; it needs Megatron-Bridge's container). Stands at megatron.megatron_bridge_dir in the SLURM execution
-tests (tests/test_slurm_exec.py). It records its argv and environment as JSON in $PROBE_RECORD and checks
-what the real worker requires: an `import` or `export` subcommand, and a destination (--megatron-path
-for import, --hf-path for export) that is absent or empty, since Megatron-Bridge refuses to convert into a
-non-empty directory (issue 9, item 3). Then it writes a marker into the destination, as a conversion
-would write its checkpoint. Exit 3 on a failed check. What only a GPU cluster verifies: the conversion itself.
+"""PROBE, not Megatron-Bridge's scripts/conversion/run_conversion.py (the HF <-> Megatron conversion worker;
+the conversion itself needs Megatron-Bridge's container). It stands at megatron.megatron_bridge_dir in the
+tests (tests/test_megatron_convert.py, tests/test_megatron_chain_slurm.py).
+
+What it does, in order:
+  1. appends what it received (argv, host) as one JSON line to $PROBE_RECORD;
+  2. runs Megatron-Bridge's OWN destination check, prepare_output_directory from the pinned
+     scripts/conversion/utils.py ($PROBE_MB_SCRIPTS: that directory of tests/upstream.toml's
+     megatron_bridge git tree), called as its cpu_backend calls it (cpu_backend.py:65, 105 at v0.6.0):
+     a non-empty destination raises FileExistsError there, as it would in the container;
+  3. writes only what the next stage needs: for `import`, the record itself (sft's finetune is a probe too
+     and reads nothing of it); for `export`, an HF causal LM dir made by transformers from --hf-model
+     (the base model's own weights: nothing of Megatron-Bridge's conversion is imitated).
+What only a GPU cluster verifies: the conversion (tests/gpu/).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -15,20 +23,28 @@ import sys
 from pathlib import Path
 
 argv = sys.argv[1:]
-record = {"probe": "run_conversion", "argv": argv, "host": socket.gethostname(), "errors": []}
-direction = argv[0] if argv else None
-if direction not in ("import", "export"):
-    record["errors"].append(f"first argument {direction!r}: expected import or export")
-flag = "--megatron-path" if direction == "import" else "--hf-path"
-dest = Path(argv[argv.index(flag) + 1]) if flag in argv else None
-if dest is None:
-    record["errors"].append(f"no {flag}")
-elif dest.exists() and any(dest.iterdir()):
-    record["errors"].append(f"destination {dest} is not empty: {sorted(p.name for p in dest.iterdir())}")
-record["dest_was_empty"] = not record["errors"]
-if not record["errors"]:
+with open(os.environ["PROBE_RECORD"], "a") as record:
+    record.write(json.dumps({"probe": "run_conversion", "argv": argv, "host": socket.gethostname()}) + "\n")
+
+
+def flag(name: str) -> str:
+    return argv[argv.index(name) + 1]
+
+
+spec = importlib.util.spec_from_file_location("mb_conversion_utils", Path(os.environ["PROBE_MB_SCRIPTS"]) / "utils.py")
+utils = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(utils)
+if argv[0] == "import":
+    dest = utils.prepare_output_directory(flag("--megatron-path"), overwrite=False, source_paths=[flag("--hf-model")])
     dest.mkdir(parents=True, exist_ok=True)
-    (dest / "PROBE_CONVERTED").write_text(json.dumps(argv))
-Path(os.environ["PROBE_RECORD"]).write_text(json.dumps(record, indent=1))
-print(f"PROBE run_conversion {direction}: errors: {record['errors'] or 'none'}", flush=True)
-sys.exit(3 if record["errors"] else 0)
+    (dest / "PROBE_RECORD.json").write_text(json.dumps({"argv": argv}))
+elif argv[0] == "export":
+    dest = utils.prepare_output_directory(flag("--hf-path"), overwrite=False,
+                                          source_paths=[flag("--megatron-path"), flag("--hf-model")])
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    AutoModelForCausalLM.from_pretrained(flag("--hf-model")).save_pretrained(dest)
+    AutoTokenizer.from_pretrained(flag("--hf-model")).save_pretrained(dest)
+else:
+    sys.exit(f"PROBE run_conversion: unknown command {argv[:1]}")
+print(f"PROBE run_conversion {argv[0]} -> {dest}", flush=True)
