@@ -76,6 +76,7 @@ def check_inputs(cfg, *data_files: str) -> None:
     model_dir(cfg, "init")
     model_dir(cfg, "reward_model")
     check_lora_targets(cfg)
+    check_kernels(cfg)
 
 
 def _has_a_row(path: Path) -> bool:
@@ -143,6 +144,8 @@ RESULT_NEUTRAL_KEYS = (
     "megatron", "parallel", "model.name", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.gradient_checkpointing", "hf.accelerate_config",
     "hf.gather_weights_for_generation", "train.report_to",
+    # kernels and placement: the same model and loss, computed faster (docs/gpu.md)
+    "train.packed_attention", "train.liger", "train.compile", "rl.vllm_server_url", "rl.vllm_gpus",
 )
 
 
@@ -223,13 +226,62 @@ def load_model(cfg, auto_class, source: Optional[str] = None, **kwargs):
     # RNG, before Trainer seeds it: seed here so that the same config gives the same model.
     set_seed(cfg.seed)
     model = load_pretrained(
-        auto_class, path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=cfg.model.attn_implementation, **extra, **kwargs
+        auto_class, path, dtype=torch_dtype(cfg.model.dtype), attn_implementation=attention_implementation(cfg), **extra, **kwargs
     )
     if "gguf_file" in extra:
         # GGUF weights are dequantized to cfg.model.dtype on load; the GGUF "quantizer" left on the model
         # is only a marker, but Trainer would refuse to train it and save_pretrained would record it.
         model.hf_quantizer.remove_quantization_config(model)
     return model
+
+
+def attention_implementation(cfg) -> str:
+    """model.attn_implementation; for packed rows (train.packing) train.packed_attention, whose `auto` is
+    flex_attention on CUDA (transformers builds a document block mask from the packed position_ids: no
+    attention, and no work, across documents) and model.attn_implementation elsewhere (sdpa, with a dense
+    block-diagonal mask: FlexAttention has no backward on CPU in torch 2.13)."""
+    import torch
+
+    if not cfg.train.packing:
+        return cfg.model.attn_implementation
+    if cfg.train.packed_attention == "auto":
+        return "flex_attention" if torch.cuda.is_available() else cfg.model.attn_implementation
+    return cfg.train.packed_attention
+
+
+def liger_enabled(cfg) -> bool:
+    """train.liger: null = on when CUDA and liger-kernel are there; true needs both (checked by check_kernels)."""
+    import importlib.util
+
+    import torch
+
+    if cfg.train.liger is False:
+        return False
+    available = torch.cuda.is_available() and importlib.util.find_spec("liger_kernel") is not None
+    return bool(cfg.train.liger) or available
+
+
+def check_kernels(cfg) -> None:
+    """train.packed_attention / train.liger that cannot run here: a one-line ConfigError before any loading."""
+    import importlib.util
+
+    import torch
+
+    from recipes.config import ATTN_IMPLEMENTATIONS
+
+    attention = cfg.train.packed_attention
+    if attention != "auto" and attention not in ATTN_IMPLEMENTATIONS:
+        raise ConfigError(f"train.packed_attention={attention}: not auto or one of {', '.join(ATTN_IMPLEMENTATIONS)}")
+    if cfg.train.packing and attention_implementation(cfg) == "flex_attention" and not torch.cuda.is_available():
+        raise ConfigError("train.packed_attention=flex_attention: FlexAttention has no backward on CPU (torch "
+                          f"{torch.__version__.split('+')[0]}); train on a GPU, or use train.packed_attention=sdpa here")
+    if cfg.train.liger:
+        if not torch.cuda.is_available():
+            raise ConfigError("train.liger=true: Liger's kernels are Triton kernels and need a CUDA GPU (train.liger=null "
+                              "turns them on wherever they can run)")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise ConfigError("train.liger=true: liger-kernel is not installed (EXTRAS=...,gpu ./launch.sh setup, or "
+                              "pip install 'liger-kernel>=0.8.5')")
 
 
 def load_tokenizer(cfg, source: Optional[str] = None):
@@ -310,6 +362,8 @@ def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
         save_total_limit=t.save_total_limit,
         bf16=t.bf16,
         activation_checkpointing=t.gradient_checkpointing,
+        use_liger_kernel=liger_enabled(cfg),  # transformers' own Liger integration (fused RMSNorm/RoPE/SwiGLU/CE)
+        torch_compile=t.compile,
         seed=cfg.seed,
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
