@@ -22,6 +22,7 @@ from __future__ import annotations
 import time
 
 from recipes import training
+from recipes.config import ConfigError
 
 
 def to_prompt_completion(row: dict) -> dict:
@@ -63,6 +64,10 @@ def build_trainer(cfg, split_dir: str = "sft"):
     # The eval loss is only monitored here; its rows over the limit are left out too (counted), so that
     # it is never a loss on cut targets. The held-out split itself is scored whole by the eval.
     eval_dataset, skipped_eval = load_split(validation_file, cfg, tokenizer, f"{split_dir}/validation")
+    for name, dataset, skipped in (("train", train_dataset, skipped_train), ("validation", eval_dataset, skipped_eval)):
+        if len(dataset) == 0:  # TRL would stop with a bare StopIteration
+            raise ConfigError(f"{split_dir}/{name}.jsonl: no usable row ({skipped} longer than train.seq_len="
+                              f"{cfg.train.seq_len}); raise train.seq_len or rebuild the data")
     model = training.load_model(cfg, AutoModelForCausalLM)
     trainer = SFTTrainer(
         model=model,

@@ -73,3 +73,19 @@ def test_two_process_zero3_sft(edit_data_dir, tmp_path, tiny_model_dir):
     for (name, p_trained), (_, p_start) in zip(trained.named_parameters(), start.named_parameters()):
         assert p_trained.shape == p_start.shape, name  # gathered, not a shard
     assert any(not torch.equal(a, b) for a, b in zip(trained.parameters(), start.parameters()))
+
+
+def test_no_usable_validation_row_is_one_line_naming_the_key(tmp_path):
+    """Every validation row over train.seq_len: one line naming the key (TRL raised a bare StopIteration)."""
+    from tests.conftest import write_edit_data
+
+    data = write_edit_data(tmp_path / "data", n_train=4, n_validation=2)
+    rows = read_jsonl(data / "sft/validation.jsonl")
+    for row in rows:
+        row["messages"][-1]["content"] = "a much longer edit " * 200
+    (data / "sft/validation.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_cli("-m", "launcher", "sft", f"run_dir={tmp_path / 'run'}", f"data={data}", "train.seq_len=256",
+                   "train.max_steps=1")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "sft/validation.jsonl: no usable row (2 longer than train.seq_len=256)" in line
