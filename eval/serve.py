@@ -16,6 +16,17 @@ cannot fail the requests batched with it. max_tokens must be at least 1 and fit 
 decoding step. Server-side failures answer 500 "internal server error" and are logged here (stderr),
 never sent to the client.
 
+Limits (eval.serve_rm has the same, docs/reliability.md): a body over --max-body-bytes (default 4 MiB)
+gets 413 before any of it is read; a POST without a Content-Length 411; a Content-Length that is not a
+non-negative integer 400; more than --max-messages messages (default 1024) or more content than
+--max-chars characters 400 before anything is tokenized (default here: the context length times the
+longest token of the vocabulary, so a prompt refused this way could never fit). A client that takes
+longer than --client-timeout seconds (default 60) to send its request is disconnected. The listen
+backlog is 256. Every 4xx/5xx, including http.server's own (a malformed request line, an unsupported
+method), is a JSON error body without internals. Request threads tokenize with their own copy of the
+tokenizer (under a lock): a fast tokenizer's padding state is shared by every caller, and the batching
+worker pads with the original.
+
 Endpoints: GET /v1/models, POST /v1/chat/completions (n=1, no streaming), GET /health (counters:
 completions, batches, rejected, cancelled, decode_steps).
 With --port 0 a free port is chosen; the first stdout line says where it listens.
@@ -23,6 +34,7 @@ With --port 0 a free port is chosen; the first stdout line says where it listens
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import queue
@@ -35,6 +47,7 @@ import traceback
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 
@@ -44,6 +57,18 @@ from eval.engines import Generation, HFEngine, Sampling, gpu_device_map
 
 INT64 = (-(1 << 63), (1 << 63) - 1)
 ROLES = ("system", "user", "assistant")
+MAX_BODY_BYTES = 4 << 20  # --max-body-bytes
+MAX_MESSAGES = 1024  # --max-messages
+CLIENT_TIMEOUT_S = 60.0  # --client-timeout: seconds a client may take to send its request
+
+
+@dataclass(frozen=True)
+class Limits:
+    """What one request may hold (both servers). max_chars: content characters of all its messages."""
+
+    max_body_bytes: int = MAX_BODY_BYTES
+    max_messages: int = MAX_MESSAGES
+    max_chars: int = 1 << 20
 
 
 class BadRequest(ValueError):
@@ -91,21 +116,35 @@ def _content(message: dict, i: int) -> str:
     raise BadRequest(f"messages[{i}].content must be a string (or a list of text parts)", f"messages[{i}].content")
 
 
-def parse_request(body, default_max_tokens: int, max_model_len: int) -> tuple[Sampling, list]:
-    """The request's sampling and messages, or BadRequest. max_tokens is checked against the context
-    later, once the prompt's length is known (check_length)."""
+def parse_messages(body, limits: Limits) -> list[dict]:
+    """The request's messages as [{role, content}], or BadRequest: a JSON object with a non-empty list of
+    messages, each with a known role and text content, within the limits' counts."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise BadRequest("messages must be a non-empty list of {role, content}", "messages")
-    clean = []
+    if len(messages) > limits.max_messages:
+        raise BadRequest(f"{len(messages)} messages; this server accepts at most {limits.max_messages} (--max-messages)",
+                         "messages")
+    clean, chars = [], 0
     for i, m in enumerate(messages):
         if not isinstance(m, dict):
             raise BadRequest(f"messages[{i}] must be an object with role and content", f"messages[{i}]")
         if m.get("role") not in ROLES:
             raise BadRequest(f"messages[{i}].role must be one of {', '.join(ROLES)}", f"messages[{i}].role")
         clean.append({"role": m["role"], "content": _content(m, i)})
+        chars += len(clean[-1]["content"])
+    if chars > limits.max_chars:
+        raise BadRequest(f"the messages hold {chars} characters; this server accepts at most {limits.max_chars} "
+                         "(--max-chars)", "messages")
+    return clean
+
+
+def parse_request(body, default_max_tokens: int, max_model_len: int, limits: Limits = Limits()) -> tuple[Sampling, list]:
+    """The request's sampling and messages, or BadRequest. max_tokens is checked against the context
+    later, once the prompt's length is known (check_length)."""
+    clean = parse_messages(body, limits)
     n = _integer(body, "n")
     if n not in (None, 1):
         raise BadRequest("only n=1 is supported", "n")
@@ -196,26 +235,160 @@ class Batcher:
         return self.engine._generate_batch([job.prompt for job in jobs], sampling, StoppingCriteriaList([Cancelled()]))
 
 
-def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max_model_len: int):
-    engine = batcher.engine
+class HTTPFail(Exception):
+    """An answer other than 200 before the request is parsed: status and message (JSON body)."""
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
-        def log_message(self, *args) -> None:  # quiet: one line per request would drown the tests' output
-            pass
 
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
+class ClientGone(Exception):
+    """The client stopped sending (its request is incomplete) or left: nothing to answer."""
+
+
+class JSONHandler(BaseHTTPRequestHandler):
+    """What both servers share: JSON replies, every error (http.server's own too) as a JSON body without
+    internals, and a request body read only within the limits (Limits, set by the server)."""
+
+    protocol_version = "HTTP/1.1"
+    timeout = CLIENT_TIMEOUT_S  # socket timeout: a client slower than this to send its request is dropped
+    limits = Limits()
+
+    def log_message(self, *args) -> None:  # quiet: one line per request would drown the tests' output
+        pass
+
+    def _send(self, status: int, body: dict, headers: Optional[dict] = None) -> None:
+        data = json.dumps(body, ensure_ascii=False).encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        for key, value in (headers or {}).items():
+            self.send_header(key, value)
+        if self.close_connection:
+            self.send_header("Connection", "close")
+        self.end_headers()
+        if self.command != "HEAD":
             self.wfile.write(data)
 
-        def _error(self, status: int, message: str, param: Optional[str] = None) -> None:
-            kind = {400: "BadRequestError", 404: "NotFoundError"}.get(status, "InternalServerError")
-            self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": status}})
+    def _error(self, status: int, message: str, param: Optional[str] = None, headers: Optional[dict] = None) -> None:
+        kind = {400: "BadRequestError", 404: "NotFoundError", 405: "MethodNotAllowedError", 411: "LengthRequiredError",
+                413: "RequestTooLargeError"}.get(status, "BadRequestError" if status < 500 else "InternalServerError")
+        self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": status}}, headers)
+
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (a malformed request line or header, an unsupported method) as JSON."""
+        self.close_connection = True
+        if self.request_version == "HTTP/0.9":  # an unparsable request line: answer with a status line anyway
+            self.request_version = "HTTP/1.1"
+        try:
+            phrase = HTTPStatus(code).phrase
+        except ValueError:
+            phrase = "error"
+        try:
+            self._error(code, message or phrase)
+        except OSError:
+            pass
+
+    def finish(self) -> None:
+        """Before a connection is closed with request bytes still unread (a rejected request's headers or
+        body), read what has arrived: closing over unread data sends a reset, which can destroy the
+        answer before the client reads it."""
+        super().finish()
+        if self.close_connection:
+            try:
+                self.connection.setblocking(False)
+                for _ in range(16):
+                    if not self.connection.recv(65536):
+                        break
+            except OSError:
+                pass
+
+    def _not_allowed(self) -> None:
+        self.close_connection = True
+        self._error(405, f"method {self.command} is not allowed here", headers={"Allow": "GET, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def read_json(self):
+        """The request body parsed as JSON, or HTTPFail (a missing, malformed or over-limit Content-Length:
+        the connection is closed after the answer, its body unread) / ClientGone."""
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            raise HTTPFail(411, "a Content-Length is required (chunked bodies are not accepted)")
+        values = self.headers.get_all("Content-Length") or []
+        if not values:
+            self.close_connection = True
+            raise HTTPFail(411, "a Content-Length header is required")
+        if len(set(values)) > 1 or not values[0].strip().isdigit():
+            self.close_connection = True
+            raise HTTPFail(400, "Content-Length must be one non-negative integer")
+        length = int(values[0])
+        if length > self.limits.max_body_bytes:
+            self.close_connection = True
+            raise HTTPFail(413, f"the body has {length} bytes; this server accepts at most {self.limits.max_body_bytes} "
+                                "(--max-body-bytes)")
+        try:
+            data = self.rfile.read(length) if length else b""
+        except OSError:  # the socket timeout: the client sent less than it announced
+            raise ClientGone() from None
+        if len(data) < length:
+            raise ClientGone()
+        try:
+            return json.loads(data or b"{}")
+        except (ValueError, RecursionError):
+            raise BadRequest("the request body is not valid JSON") from None
+
+    def answer(self, handle) -> None:
+        """Run handle() (which sends the answer); turn what it raises into the matching JSON error. A server
+        fault is logged here (stderr) and answered 500 without details."""
+        try:
+            handle()
+        except HTTPFail as exc:
+            self._error(exc.status, str(exc))
+        except BadRequest as exc:
+            self.on_rejected()
+            self._error(400, str(exc), exc.param)
+        except ClientGone:
+            self.close_connection = True
+        except OSError:  # the client left while we answered
+            self.close_connection = True
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            self.close_connection = True
+            try:
+                self._error(500, "internal server error")
+            except OSError:
+                pass
+
+    def on_rejected(self) -> None:
+        """Count a 400 (eval.serve's /health)."""
+
+
+def vocabulary_max_chars(tokenizer, max_model_len: int) -> int:
+    """Content characters beyond which a prompt cannot fit max_model_len tokens: no token covers more
+    characters than the longest entry of the vocabulary (byte-level tokens: a character at least per
+    byte), so more than context x that many characters is more than context tokens."""
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return max_model_len * max(longest, 1)
+
+
+def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max_model_len: int,
+                 limits: Optional[Limits] = None, client_timeout: float = CLIENT_TIMEOUT_S):
+    engine = batcher.engine
+    # The request threads' own tokenizer: the worker pads batches with engine.tokenizer, and a fast
+    # tokenizer's padding/truncation state is one object for every caller (a thread that encodes without
+    # padding while the worker pads broke the worker's batch: "expected sequence of length 29 (got 27)").
+    front = copy.copy(engine)
+    front.tokenizer = copy.deepcopy(engine.tokenizer)
+    front_lock = threading.Lock()
+    limits = limits or Limits(max_chars=vocabulary_max_chars(front.tokenizer, max_model_len))
+
+    class Handler(JSONHandler):
+        timeout = client_timeout
+
+        def on_rejected(self) -> None:
+            batcher.counters["rejected"] += 1
 
         def do_GET(self) -> None:
             path = self.path.rstrip("/")
@@ -236,32 +409,29 @@ def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max
                 return True
 
         def do_POST(self) -> None:
+            self.answer(self._chat)
+
+        def _chat(self) -> None:
             if self.path.rstrip("/") != "/v1/chat/completions":
+                self.close_connection = True  # its body stays unread
                 return self._error(404, "no such route")
-            try:
+            body = self.read_json()
+            sampling, messages = parse_request(body, default_max_tokens, max_model_len, Handler.limits)
+            with front_lock:
                 try:
-                    length = int(self.headers.get("Content-Length", 0))
-                    body = json.loads(self.rfile.read(length) or b"{}")
-                except (ValueError, RecursionError):
-                    raise BadRequest("the request body is not valid JSON") from None
-                sampling, messages = parse_request(body, default_max_tokens, max_model_len)
-                try:
-                    prompt = engine.prompt_texts([messages])[0]
+                    prompt = front.prompt_texts([messages])[0]
                 except Exception:
                     raise BadRequest("the messages do not fit the model's chat template", "messages") from None
-                prompt_tokens = len(engine.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-                room = max_model_len - prompt_tokens
-                if room < 1:
-                    raise BadRequest(f"the prompt has {prompt_tokens} tokens; the server's context length is "
-                                     f"{max_model_len}", "messages")
-                if sampling.max_new_tokens > room:
-                    if "max_tokens" in body or "max_completion_tokens" in body:
-                        raise BadRequest(f"the context length is {max_model_len} tokens: the prompt has {prompt_tokens} "
-                                         f"and max_tokens asks for {sampling.max_new_tokens}", "max_tokens")
-                    sampling = Sampling(room, sampling.temperature, sampling.top_p, sampling.seed)
-            except BadRequest as exc:
-                batcher.counters["rejected"] += 1
-                return self._error(400, str(exc), exc.param)
+                prompt_tokens = len(front.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            room = max_model_len - prompt_tokens
+            if room < 1:
+                raise BadRequest(f"the prompt has {prompt_tokens} tokens; the server's context length is "
+                                 f"{max_model_len}", "messages")
+            if sampling.max_new_tokens > room:
+                if "max_tokens" in body or "max_completion_tokens" in body:
+                    raise BadRequest(f"the context length is {max_model_len} tokens: the prompt has {prompt_tokens} "
+                                     f"and max_tokens asks for {sampling.max_new_tokens}", "max_tokens")
+                sampling = Sampling(room, sampling.temperature, sampling.top_p, sampling.seed)
             job = batcher.submit(Job(messages, prompt, sampling))
             while True:
                 try:
@@ -272,12 +442,10 @@ def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max
                         job.cancelled.set()  # the worker stops this row at its next decoding step
                 except Exception:
                     if job.cancelled.is_set():
-                        self.close_connection = True
-                        return
+                        raise ClientGone() from None
                     return self._error(500, "internal server error")
             if job.cancelled.is_set():
-                self.close_connection = True
-                return
+                raise ClientGone()
             self._send(200, {
                 "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": model_name,
@@ -287,6 +455,7 @@ def make_handler(batcher: Batcher, model_name: str, default_max_tokens: int, max
                           "total_tokens": prompt_tokens + result.completion_tokens},
             })
 
+    Handler.limits = limits
     return Handler
 
 
@@ -294,10 +463,20 @@ class Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 256  # the listen backlog (socketserver's default of 5 resets a burst of clients)
 
+    def handle_error(self, request, client_address) -> None:
+        """A client that left mid-answer is one line on stderr; anything else is a server fault (traceback)."""
+        error = sys.exc_info()[1]
+        if isinstance(error, OSError):
+            print(f"client {client_address[0]}:{client_address[1]} left: {error}", file=sys.stderr)
+        else:
+            super().handle_error(request, client_address)
+
 
 def build_server(model_path: str, host: str = "127.0.0.1", port: int = 0, max_batch: int = 16,
                  batch_wait_ms: float = 10.0, default_max_tokens: int = 256, name: Optional[str] = None,
-                 dtype: str = "float32", max_model_len: Optional[int] = None) -> ThreadingHTTPServer:
+                 dtype: str = "float32", max_model_len: Optional[int] = None, max_body_bytes: int = MAX_BODY_BYTES,
+                 max_messages: int = MAX_MESSAGES, max_chars: Optional[int] = None,
+                 client_timeout: float = CLIENT_TIMEOUT_S) -> ThreadingHTTPServer:
     from recipes.config import ModelConfig
     from recipes.models import load_causal_lm, load_tokenizer
 
@@ -309,7 +488,28 @@ def build_server(model_path: str, host: str = "127.0.0.1", port: int = 0, max_ba
         raise UserError(f"--max-model-len {max_model_len} exceeds the model's context ({context} tokens)")
     engine = HFEngine(model, load_tokenizer(model_cfg), batch_size=max_batch)
     batcher = Batcher(engine, max_batch, batch_wait_ms / 1000)
-    return Server((host, port), make_handler(batcher, name or model_path, default_max_tokens, max_model_len))
+    limits = Limits(max_body_bytes, max_messages, max_chars or vocabulary_max_chars(engine.tokenizer, max_model_len))
+    return Server((host, port), make_handler(batcher, name or model_path, default_max_tokens, max_model_len, limits,
+                                             client_timeout))
+
+
+def add_limit_flags(parser: argparse.ArgumentParser, max_chars_default: str) -> None:
+    """--max-body-bytes, --max-messages, --max-chars, --client-timeout (both servers)."""
+    parser.add_argument("--max-body-bytes", type=int, default=MAX_BODY_BYTES,
+                        help=f"larger request bodies get 413 unread (default {MAX_BODY_BYTES})")
+    parser.add_argument("--max-messages", type=int, default=MAX_MESSAGES,
+                        help=f"messages per request (default {MAX_MESSAGES})")
+    parser.add_argument("--max-chars", type=int, default=None,
+                        help=f"content characters per request, checked before tokenizing (default {max_chars_default})")
+    parser.add_argument("--client-timeout", type=float, default=CLIENT_TIMEOUT_S,
+                        help=f"seconds a client may take to send its request (default {CLIENT_TIMEOUT_S:g})")
+
+
+def check_limit_flags(args) -> None:
+    for flag in ("max_body_bytes", "max_messages", "max_chars", "client_timeout"):
+        value = getattr(args, flag)
+        if value is not None and not value > 0:
+            raise UserError(f"--{flag.replace('_', '-')} must be > 0")
 
 
 @cli_main
@@ -326,12 +526,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="context length: prompt + max_tokens must fit (default: the model's max_position_embeddings)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_limit_flags(parser, "the context length x the vocabulary's longest token")
     args = parser.parse_args(argv)
     for flag in ("max_batch", "max_tokens", "max_model_len"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    check_limit_flags(args)
     return serve(lambda: build_server(args.model, args.host, args.port, args.max_batch, args.batch_wait_ms,
-                                      args.max_tokens, args.name, args.dtype, args.max_model_len),
+                                      args.max_tokens, args.name, args.dtype, args.max_model_len, args.max_body_bytes,
+                                      args.max_messages, args.max_chars, args.client_timeout),
                  args, what="", path="/v1")
 
 

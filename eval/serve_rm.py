@@ -10,41 +10,36 @@ token id 0 at the first generated position, NVIDIA's Nemotron-70B-Select/-Reward
 endpoint and a local dir give the same number. Requests are scored one at a time under a lock (a reward
 forward pass is short next to a generation; put vLLM in front for throughput). With --port 0 a free port
 is chosen; the first stdout line says where it listens.
+
+A request is checked before it reaches the model, with eval.serve's rules and limits (docs/reliability.md):
+a JSON object whose messages are a non-empty list of {role: system|user|assistant, content: text}; at most
+--max-messages (1024) messages and --max-chars (1,048,576) content characters; a body over
+--max-body-bytes (4 MiB) gets 413 unread. Every error is a JSON body without internals (a scoring failure
+is logged here and answered 500 "internal server error"). The listen backlog is 256.
 """
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import ThreadingHTTPServer
 from typing import Optional
 
 from hs3.io import cli_main
 
 from eval.reward_scorers import KINDS, load_scorer
+from eval.serve import (CLIENT_TIMEOUT_S, MAX_BODY_BYTES, MAX_MESSAGES, JSONHandler, Limits, Server,
+                        add_limit_flags, check_limit_flags, parse_messages, serve)
+
+MAX_CHARS = 1 << 20  # --max-chars: the scorer cuts a long conversation by its truncation rule; this bounds the work
 
 
-def make_handler(scorer, name: str):
+def make_handler(scorer, name: str, limits: Limits = Limits(max_chars=MAX_CHARS), client_timeout: float = CLIENT_TIMEOUT_S):
     lock = threading.Lock()
     counts = {"scored": 0}
 
-    class Handler(BaseHTTPRequestHandler):
-        protocol_version = "HTTP/1.1"
-
-        def log_message(self, *args) -> None:
-            pass
-
-        def _send(self, status: int, body: dict) -> None:
-            data = json.dumps(body, ensure_ascii=False).encode("utf-8")
-            self.send_response(status)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def _error(self, status: int, message: str) -> None:
-            self._send(status, {"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}})
+    class Handler(JSONHandler):
+        timeout = client_timeout
 
         def do_GET(self) -> None:
             path = self.path.rstrip("/")
@@ -53,38 +48,33 @@ def make_handler(scorer, name: str):
             elif path == "/health":
                 self._send(200, {"status": "ok", "scored": counts["scored"], "kind": scorer.kind})
             else:
-                self._error(404, f"no route {self.path}")
+                self._error(404, "no such route")
 
         def do_POST(self) -> None:
+            self.answer(self._pooling)
+
+        def _pooling(self) -> None:
             if self.path.rstrip("/") != "/pooling":
-                return self._error(404, f"no route {self.path}")
-            try:
-                body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-                messages = body["messages"]
-                if not isinstance(messages, list) or not all(
-                        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                        for m in messages):
-                    raise ValueError("messages must be a list of {role, content} with string content")
-            except (ValueError, TypeError, KeyError) as exc:
-                return self._error(400, f"{type(exc).__name__}: {exc}")
-            try:
-                with lock:
-                    reward = scorer.score([[{"role": m["role"], "content": m["content"]} for m in messages]])[0]
-                    counts["scored"] += 1
-            except Exception as exc:  # reported as a 500: the client retries, then records the row
-                return self._error(500, f"{type(exc).__name__}: {exc}")
+                self.close_connection = True  # its body stays unread
+                return self._error(404, "no such route")
+            messages = parse_messages(self.read_json(), self.limits)
+            with lock:  # a scoring failure propagates: answer() logs it and answers 500 without details
+                reward = scorer.score([messages])[0]
+                counts["scored"] += 1
             self._send(200, {"object": "list", "model": name,
                              "data": [{"index": 0, "object": "pooling", "data": [reward]}]})
 
+    Handler.limits = limits
     return Handler
 
 
 def build_server(model: str, kind: Optional[str] = None, host: str = "127.0.0.1", port: int = 0,
-                 name: Optional[str] = None, dtype: str = "float32") -> ThreadingHTTPServer:
+                 name: Optional[str] = None, dtype: str = "float32", max_body_bytes: int = MAX_BODY_BYTES,
+                 max_messages: int = MAX_MESSAGES, max_chars: Optional[int] = None,
+                 client_timeout: float = CLIENT_TIMEOUT_S) -> ThreadingHTTPServer:
     scorer = load_scorer(model, kind, dtype=dtype, batch_size=1)
-    server = ThreadingHTTPServer((host, port), make_handler(scorer, name or model))
-    server.daemon_threads = True
-    return server
+    limits = Limits(max_body_bytes, max_messages, max_chars or MAX_CHARS)
+    return Server((host, port), make_handler(scorer, name or model, limits, client_timeout))
 
 
 @cli_main
@@ -96,10 +86,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--port", type=int, default=8001, help="0 = any free port")
     parser.add_argument("--name", help="model name to serve under (default: --model)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    add_limit_flags(parser, str(MAX_CHARS))
     args = parser.parse_args(argv)
-    from eval.serve import serve
-
-    return serve(lambda: build_server(args.model, args.kind, args.host, args.port, args.name, args.dtype),
+    check_limit_flags(args)
+    return serve(lambda: build_server(args.model, args.kind, args.host, args.port, args.name, args.dtype,
+                                      args.max_body_bytes, args.max_messages, args.max_chars, args.client_timeout),
                  args, what="reward model ", path="")
 
 
