@@ -450,9 +450,11 @@ def save_final(trainer, cfg, auto_class) -> Path:
     return final
 
 
-def write_training_record(final_dir, cfg, trained_on: list[str], **extra) -> dict:
-    """final/hs3_training.json: this stage's splits added to what its init model was trained on
-    (and `extra` keys, e.g. the rm's selection slice)."""
+def write_training_record(final_dir, cfg, trained_on: list[str], inputs: Optional[dict] = None, **extra) -> dict:
+    """final/hs3_training.json: this stage's splits added to what its init model was trained on, the
+    settings it was trained at (dtype, seq_len: the eval loads and scores it so), its inputs with content
+    fingerprints (recipes.provenance.training_inputs; `inputs` adds keys to those entries, e.g. how rl's
+    reward model scored), and `extra` keys (e.g. the rm's selection slice)."""
     lineage: list[str] = []
     for parent in (cfg.init, cfg.reward_model if cfg.stage == "rl" else None):
         record = Path(parent) / "hs3_training.json" if parent else None
@@ -464,9 +466,14 @@ def write_training_record(final_dir, cfg, trained_on: list[str], **extra) -> dic
         "trained_on": list(dict.fromkeys(lineage + list(trained_on))),  # ordered, no repeats
         "data_manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
         "init": str(cfg.init) if cfg.init else str(cfg.model.path),
+        "dtype": cfg.model.dtype,
+        "seq_len": cfg.train.seq_len,
         **extra,
     }
     if is_main_process():
+        from recipes.provenance import training_inputs
+
+        record["inputs"] = training_inputs(cfg, inputs)  # fingerprints read files: once, on the main process
         atomic_write_json(Path(final_dir) / "hs3_training.json", record)
     return record
 
