@@ -90,37 +90,42 @@ class HFEngine:
         return [self.tokenizer.apply_chat_template(list(m), tokenize=False, add_generation_prompt=True)
                 for m in conversations]
 
-    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
+    def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None,
+                 seeds: Optional[Sequence[int]] = None) -> list[Generation]:
         """All conversations, batch_size at a time, longest first (similar lengths share a batch,
-        and an out-of-memory error shows up on the first batch rather than the last)."""
+        and an out-of-memory error shows up on the first batch rather than the last). Sampled rows draw
+        with their own seed: `seeds[i]`, or sampling.seed + i (SeededRowSampler)."""
         texts = self.prompt_texts(conversations)
         lengths = [len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
         order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+        seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(texts))]
         results: list[Optional[Generation]] = [None] * len(texts)
         for start in range(0, len(order), self.batch_size):
             batch = order[start:start + self.batch_size]
-            for i, generation in zip(batch, self._generate_batch([texts[i] for i in batch], sampling)):
+            generations = self._generate_batch([texts[i] for i in batch], sampling, seeds=[seeds[i] for i in batch])
+            for i, generation in zip(batch, generations):
                 results[i] = generation
                 if on_result:
                     on_result(i, generation)
         return results  # type: ignore[return-value]
 
-    def _generate_batch(self, texts: list[str], sampling: Sampling, stopping_criteria=None) -> list[Generation]:
+    def _generate_batch(self, texts: list[str], sampling: Sampling, stopping_criteria=None,
+                        seeds: Optional[Sequence[int]] = None) -> list[Generation]:
         """One left-padded batch; `stopping_criteria` (transformers') can end rows early (eval.serve: a
-        client that has gone)."""
+        client that has gone). Sampled rows draw with their own seeds (default sampling.seed + row)."""
         import torch
+        from transformers import LogitsProcessorList
 
         self.tokenizer.padding_side = "left"
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        greedy = sampling.temperature <= 0
-        kwargs = {"do_sample": False} if greedy else {
-            "do_sample": True, "temperature": sampling.temperature, "top_p": sampling.top_p}
-        if not greedy:
-            torch.manual_seed(sampling.seed)
+        kwargs = {}
+        if sampling.temperature > 0:
+            seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(texts))]
+            kwargs["logits_processor"] = LogitsProcessorList([SeededRowSampler(seeds, sampling, self.model.device)])
         with torch.inference_mode():
             output = self.model.generate(
                 **inputs, max_new_tokens=sampling.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id,
-                stopping_criteria=stopping_criteria, **kwargs)
+                stopping_criteria=stopping_criteria, do_sample=False, **kwargs)
         new_tokens = output[:, inputs["input_ids"].shape[1]:].tolist()
         return [self._finish(tokens, sampling.max_new_tokens) for tokens in new_tokens]
 
@@ -131,6 +136,34 @@ class HFEngine:
                 return Generation(self.tokenizer.decode(tokens[:n], skip_special_tokens=True), "stop", n + 1)
         text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         return Generation(text, "length" if len(tokens) >= max_new_tokens else "stop", len(tokens))
+
+
+class SeededRowSampler:
+    """A transformers logits processor that samples each row's next token with that row's own
+    torch.Generator (temperature, then top-p, as vLLM and the OpenAI API apply them; no top-k) and leaves
+    only that token possible, so that greedy decoding emits it. A row's draws then depend on its seed
+    and its own logits only, not on which rows share its batch or how many batches came before: the same
+    request gives the same text, and two requests with different seeds are independent draws (a batch
+    re-seeded with one seed would repeat the same draws in every batch)."""
+
+    def __init__(self, seeds: Sequence[int], sampling: Sampling, device):
+        import torch
+        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.generators = [torch.Generator(device=device).manual_seed(int(s) % (1 << 64)) for s in seeds]
+        self.warpers = [TemperatureLogitsWarper(sampling.temperature)]
+        if sampling.top_p < 1.0:
+            self.warpers.append(TopPLogitsWarper(sampling.top_p))
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        out = torch.full_like(scores, float("-inf"))
+        return out.scatter_(1, chosen.unsqueeze(1), 0.0)
 
 
 # --- OpenAI-compatible endpoint -------------------------------------------------------------------

@@ -16,15 +16,21 @@ scores A 1 (A>>B, A>B), 0.5 (A=B) or 0; an order whose reply has no label (or fa
 counted. Identical answers are a tie without asking the judge. A prompt's score is the mean of its judged
 orders; the win rate of A is the mean over prompts, with a percentile bootstrap CI over prompts
 (eval.metrics.summarize). Judge replies are cached under OUT/cache (a rerun resumes).
-Writes OUT/its_eval.json (default OUT: DIR_A/its-eval/<B's name>) and OUT/judgments.jsonl.
+Writes OUT/its_eval.json (default OUT: DIR_A/its-eval/<B's name>) and OUT/judgments.jsonl; the report
+names both sides' models and settings (from their summary.json) and the judge.
+
+Every file it reads is untrusted: a side must be a finished its run (summary.json of an its run, and a
+results.jsonl whose every line is a prompt record); anything else (empty, cut, not UTF-8, rows of the
+wrong shape, duplicate ids) is a one-line error naming the file and line, never a traceback.
 """
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Optional
 
-from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, cli_main, read_jsonl
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, cli_main
 
 JUDGE_SYSTEM = (
     "You are an impartial judge of two AI assistants' answers to the user prompt shown below. "
@@ -62,22 +68,85 @@ def judge_messages(prompt: list[dict], a: str, b: str) -> list[dict]:
             {"role": "user", "content": JUDGE_USER.format(prompt=render_prompt(prompt), a=a, b=b)}]
 
 
-def load_side(spec: str) -> tuple[str, dict[str, dict]]:
-    """(name, id -> {prompt, text}) of DIR (finals) or DIR:first (first responses)."""
+def _turns_ok(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(t, dict) and isinstance(t.get("role"), str) and isinstance(t.get("content"), str) for t in value)
+
+
+def _row_problem(row, first: bool) -> Optional[str]:
+    """What is wrong with one results.jsonl line for this side, or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    if not isinstance(row.get("id"), str) or not row["id"]:
+        return "no string `id`"
+    if not _turns_ok(row.get("prompt")):
+        return "`prompt` is not a list of {role, content} turns"
+    if first:
+        candidates = row.get("candidates")
+        if not isinstance(candidates, list) or not candidates or not isinstance(candidates[0], dict):
+            return "no `candidates` list with a first response"
+        c = candidates[0]
+        if "error" not in c and not isinstance(c.get("text"), str):
+            return "the first response has no text and no error"
+    else:
+        final = row.get("final", "absent")
+        if final is not None and not (isinstance(final, dict) and isinstance(final.get("text"), str)):
+            return "`final` is neither null nor an object with a text"
+    return None
+
+
+def read_summary(path: Path) -> dict:
+    """summary.json of a finished its run: its models and settings (what the side was produced by)."""
+    file = path / "summary.json"
+    try:
+        summary = json.loads(file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{path}: no summary.json (not a finished its run; rerun its to finish it)") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise UserError(f"{file}: unreadable ({type(exc).__name__}); not an its run's summary") from None
+    if not isinstance(summary, dict) or summary.get("stage") != "its" or not isinstance(summary.get("models"), dict) \
+            or not isinstance(summary.get("settings"), dict):
+        raise UserError(f"{file}: not an its run's summary (an object with stage: its, models and settings)")
+    models = {role: m.get("model") if isinstance(m, dict) else m for role, m in summary["models"].items()}
+    return {"models": models, "settings": summary["settings"]}
+
+
+def load_side(spec: str) -> tuple[str, dict[str, dict], dict]:
+    """(name, id -> {prompt, text}, provenance) of DIR (finals) or DIR:first (first responses)."""
     first = spec.endswith(":first")
     path = Path(spec[:-len(":first")] if first else spec)
     results = path / "results.jsonl"
     if not results.is_file():
         raise UserError(f"{spec}: no results.jsonl (an its output dir, or DIR:first)")
-    side = {}
-    for r in read_jsonl(results):
+    provenance = {**read_summary(path), "side": "first responses" if first else "finals"}
+    try:
+        text = results.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{results}: not UTF-8 (byte {exc.start})") from None
+    except OSError as exc:
+        raise UserError(f"{results}: cannot read it ({exc.strerror or exc})") from None
+    side: dict[str, dict] = {}
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except (ValueError, RecursionError):
+            raise UserError(f"{results} line {n}: not valid JSON (a damaged or cut file; rerun its)") from None
+        problem = _row_problem(row, first)
+        if problem:
+            raise UserError(f"{results} line {n}: {problem} (not an its results record)")
+        if row["id"] in side:
+            raise UserError(f"{results} line {n}: id {row['id']!r} appears twice")
         if first:
-            c = r["candidates"][0]
-            text = None if "error" in c else c["text"]
+            c = row["candidates"][0]
+            value = None if "error" in c else c["text"]
         else:
-            text = r["final"]["text"] if r.get("final") else None
-        side[r["id"]] = {"prompt": r["prompt"], "text": text}
-    return f"{path.name}{':first' if first else ''}", side
+            value = row["final"]["text"] if row.get("final") else None
+        side[row["id"]] = {"prompt": row["prompt"], "text": value}
+    if not side:
+        raise UserError(f"{results}: no rows (an empty its run)")
+    return f"{path.name}{':first' if first else ''}", side, provenance
 
 
 def game_scores(verdict_ab: Optional[str], verdict_ba: Optional[str]) -> list[float]:
@@ -149,22 +218,34 @@ def main(argv: list[str]) -> int:
         bad = sorted(set(options) - known)
         raise UserError("usage: its-eval DIR_A DIR_B judge=URL [judge_model= out= samples= seed= concurrency= "
                         "max_new_tokens= max_retries=]" + (f" (unknown: {', '.join(bad)})" if bad else ""))
-    try:
-        samples, seed = int(options.get("samples", 1000)), int(options.get("seed", 1234))
-        concurrency, tokens = int(options.get("concurrency", 16)), int(options.get("max_new_tokens", 1024))
-        retries = int(options.get("max_retries", 2))
-    except ValueError as exc:
-        raise UserError(f"its-eval: {exc}") from None
-    name_a, side_a = load_side(positional[0])
-    name_b, side_b = load_side(positional[1])
+    numbers = {}
+    for key, default, low in (("samples", 1000, 1), ("seed", 1234, 0), ("concurrency", 16, 1),
+                              ("max_new_tokens", 1024, 1), ("max_retries", 2, 0)):
+        try:
+            numbers[key] = int(options.get(key, default))
+        except ValueError:
+            raise UserError(f"its-eval: {key}={options[key]} is not an integer") from None
+        if numbers[key] < low:
+            raise UserError(f"its-eval: {key}={numbers[key]} must be >= {low}")
+    if not options["judge"].startswith(("http://", "https://")):
+        raise UserError(f"its-eval: judge={options['judge']} is not an http(s) endpoint (an OpenAI-compatible /v1 URL)")
+    name_a, side_a, made_a = load_side(positional[0])
+    name_b, side_b, made_b = load_side(positional[1])
     out = Path(options.get("out") or Path(positional[0].removesuffix(":first")) / "its-eval" /
                f"{name_a.replace(':', '-')}-vs-{name_b.replace(':', '-')}")
-    judge = HTTPEngine(options["judge"], options.get("judge_model"), concurrency, retries)
-    sampling = Sampling(max_new_tokens=tokens, temperature=0.0, seed=seed)
-    report, rows = compare(side_a, side_b, judge, sampling, GenerationCache(out / "cache" / "judge.jsonl"), samples, seed)
-    report = {"a": positional[0], "b": positional[1], "judge": judge.model_id, **report}
-    atomic_write_jsonl(out / "judgments.jsonl", rows)
-    atomic_write_json(out / "its_eval.json", report)
+    if out.exists() and not out.is_dir():
+        raise UserError(f"its-eval: out={out} exists and is not a directory")
+    judge = HTTPEngine(options["judge"], options.get("judge_model"), numbers["concurrency"], numbers["max_retries"])
+    sampling = Sampling(max_new_tokens=numbers["max_new_tokens"], temperature=0.0, seed=numbers["seed"])
+    try:
+        cache = GenerationCache(out / "cache" / "judge.jsonl")
+        report, rows = compare(side_a, side_b, judge, sampling, cache, numbers["samples"], numbers["seed"])
+        report = {"a": positional[0], "b": positional[1], "judge": judge.model_id,
+                  "made_by": {"a": made_a, "b": made_b}, **report}
+        atomic_write_jsonl(out / "judgments.jsonl", rows)
+        atomic_write_json(out / "its_eval.json", report)
+    except OSError as exc:
+        raise UserError(f"its-eval: cannot write {out}: {exc.strerror or exc}") from None
     win = report["win_rate_a"]
     figure = f"{win['value']:.3f} [{win['ci'][0]:.3f}, {win['ci'][1]:.3f}] over {win['n']} prompts" if win else "none"
     print(f"its-eval: win rate of {name_a} vs {name_b}: {figure}; {report['judge_unparsed']} unparsed and "

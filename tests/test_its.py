@@ -108,25 +108,49 @@ def test_feedback_pick_drops_perfectly_helpful_and_picks_by_keywords_or_seeded_r
 def test_selection_takes_the_best_score_first_wins_ties_and_skips_unscored():
     from its.loop import choose
 
-    cands = [{"index": 0, "text": "r0", "score": 1.0, "kept_feedback": [["f"]],
-              "edits": [{"set": 0, "sample": 0, "text": "e00", "score": 2.0},
-                        {"set": 0, "sample": 1, "text": "e01", "score": 2.0}]},
-             {"index": 1, "text": "r1", "score": 2.0, "kept_feedback": [], "edits": []},
-             {"index": 2, "text": "", "error": "boom"}]
+    cands = [{"index": 0, "text": "r0", "score": 1.0, "finish_reason": "stop", "kept_feedback": [["f"]],
+              "edits": [{"set": 0, "sample": 0, "text": "e00", "score": 2.0, "finish_reason": "stop"},
+                        {"set": 0, "sample": 1, "text": "e01", "score": 2.0, "finish_reason": "stop"}]},
+             {"index": 1, "text": "r1", "score": 2.0, "finish_reason": "stop", "kept_feedback": [], "edits": []},
+             {"index": 2, "text": "", "finish_reason": "error", "error": "boom"}]
     final = choose(cands)
     assert final == {"text": "e00", "score": 2.0, "source": "edit", "response": 0, "set": 0, "sample": 0,
-                     "kept_feedback": ["f"]}
-    cands[0]["edits"][0]["score"] = None  # unscored (its endpoint failed): never chosen
+                     "kept_feedback": ["f"], "finish_reason": "stop"}
+    cands[0]["edits"][0]["score"] = None  # unscored (its endpoint failed, or a NaN score): never chosen
     assert choose(cands)["text"] == "e01"
     cands[1]["score"] = 5.0
-    assert choose(cands) == {"text": "r1", "score": 5.0, "source": "response", "response": 1}
+    assert choose(cands) == {"text": "r1", "score": 5.0, "source": "response", "response": 1, "finish_reason": "stop"}
     assert choose([{"index": 0, "text": "x", "score": None, "edits": []}]) is None
+
+
+def test_a_cut_candidate_never_beats_a_finished_one():
+    """Issue 17 item 6: a response or edit cut at its.max_new_tokens (finish_reason length) is not an
+    answer while a finished one exists, whatever its score; among cut ones only, the best is kept and
+    marked cut."""
+    from its.loop import choose
+
+    cut_response = {"index": 0, "text": "a long answer that was cut", "score": 9.0, "finish_reason": "length",
+                    "kept_feedback": [["f"]],
+                    "edits": [{"set": 0, "sample": 0, "text": "cut edit", "score": 8.0, "finish_reason": "length"},
+                              {"set": 0, "sample": 1, "text": "done edit", "score": -3.0, "finish_reason": "stop"}]}
+    final = choose([cut_response])
+    assert final["text"] == "done edit" and final["finish_reason"] == "stop"
+    finished = {"index": 1, "text": "short", "score": -5.0, "finish_reason": "stop", "kept_feedback": [], "edits": []}
+    cut_response["edits"].pop()
+    assert choose([cut_response, finished])["text"] == "short"
+    only_cut = choose([cut_response])
+    assert only_cut["text"] == "a long answer that was cut" and only_cut["finish_reason"] == "length"
 
 
 def test_config_errors_are_one_line(tmp_path, prompts_file):
     for args, message in ((["its.feedback_pick=best"], "its.feedback_pick=best"),
                           (["its.feedback_pick=keywords", "its.feedback_sets=2"], "its.feedback_sets=2"),
-                          (["its.responses=0"], "its.responses=0")):
+                          (["its.responses=0"], "its.responses=0"), (["its.max_prompts=0"], "its.max_prompts=0"),
+                          (["its.feedback_temperature=-1"], "its.feedback_temperature=-1"),
+                          (["its.edit_temperature=-1"], "its.edit_temperature=-1"), (["its.top_p=0"], "its.top_p=0"),
+                          (["its.top_p=1.5"], "its.top_p=1.5"), (["its.prompts_in_flight=0"], "its.prompts_in_flight=0"),
+                          (["its.concurrency_by_role.judge=2"], "its.concurrency_by_role.judge=2"),
+                          (["its.concurrency_by_role.policy=0"], "its.concurrency_by_role.policy=0")):
         proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", *args, f"out={tmp_path}")
         assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", "policy=http://127.0.0.1:9/v1", f"out={tmp_path}")
@@ -147,7 +171,7 @@ def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_pa
     from data_prep import build_edit_conversation
     from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION, build_feedback_request
     from eval.reward_scorers import load_scorer
-    from its.loop import samplings
+    from its.loop import request_seed, samplings
     from its.models import Generator
 
     select_dir = tiny_model_dir if select == "first_logit" else tiny_rm_dir
@@ -171,25 +195,32 @@ def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_pa
             for f, item in enumerate(c["feedback"]):  # asked as the Feedback model was trained
                 request = build_feedback_request(r["prompt"], c["text"])
                 assert request[-1]["content"] == FEEDBACK_INSTRUCTION
-                keys = [k for k, g in feedback_cache.entries.items() if g.text == item["text"]]
-                assert any(k == Generator.request_key(k_id, request, sampling["feedback_model"], f)
-                           for k in keys for k_id in _model_ids(tmp_path, "feedback_model"))
+                # with its own seed: (run seed, prompt id, step, response, sample)
+                seed = request_seed(cfg.seed, r["id"], "feedback", c["index"], f)
+                key = Generator.request_key(_model_ids(tmp_path, "feedback_model")[0], request,
+                                            sampling["feedback_model"], seed)
+                assert feedback_cache.entries[key].text == item["text"]
             assert len(c["edits"]) == 2 * len(c["kept_feedback"])
             for e in c["edits"]:  # asked in the seed's edit-request format, byte for byte
                 conversation = build_edit_conversation(r["prompt"], c["text"], c["kept_feedback"][e["set"]])
-                key = Generator.request_key(_model_ids(tmp_path, "edit_model")[0], conversation,
-                                            sampling["edit_model"], e["sample"])
+                key = Generator.request_key(_model_ids(tmp_path, "edit_model")[0], conversation, sampling["edit_model"],
+                                            request_seed(cfg.seed, r["id"], "edit", c["index"], e["set"], e["sample"]))
                 assert edit_cache.entries[key].text == e["text"]
             every += [c, *c["edits"]]
         # every candidate scored by the select model as [context..., assistant: text]
         expected = scorer.score([r["prompt"] + [{"role": "assistant", "content": x["text"]}] for x in every])
         assert [x["score"] for x in every] == pytest.approx(expected, abs=1e-5)
-        assert r["final"]["score"] == pytest.approx(max(expected), abs=1e-5)
+        finished = [x["score"] for x in every if x["finish_reason"] == "stop"]
+        assert r["final"]["score"] == pytest.approx(max(finished or expected), abs=1e-5)
         assert r["final"]["text"] in [x["text"] for x in every]
-    assert summary["score"]["prompts_scored"] == 3 and summary["failed_requests"] == 0
+    assert summary["select_score"]["prompts_scored"] == 3 and summary["failed_requests"] == 0
+    assert summary["select_score"]["is_proxy"] and "proxy" in summary["notes"][1]
     assert summary["models"]["policy"]["calls"] == 6 and summary["models"]["feedback_model"]["calls"] == 18
-    assert "mean nothing" in summary["notes"][0] and (tmp_path / "score_lift.png").stat().st_size > 0
-    assert result["metric"] == "score_lift" and (tmp_path / "config.yaml").is_file()
+    # 8 new tokens: the tiny model never ends its turn, so every response and edit is counted as cut
+    assert summary["cut"]["responses"] == summary["cut"]["of_responses"] == 6 and summary["finals_cut"] == 3
+    assert "mean nothing" in summary["notes"][0] and (tmp_path / "select_scores.png").stat().st_size > 0
+    assert result["metric"] == "select_score_gain" and (tmp_path / "config.yaml").is_file()
+    assert "select_score_gain (proxy" in (tmp_path / "report.md").read_text()
 
 
 def _model_ids(out: Path, role: str) -> list[str]:
@@ -206,18 +237,18 @@ def test_a_crash_resumes_from_finished_prompts_and_cached_calls(tmp_path, varied
     from its import models as its_models
 
     args = [f"prompts={prompts_file}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
-            f"edit_model={varied_model_dir}", f"select_model={tiny_model_dir}", "its.chunk_prompts=2", "its.feedbacks=2"]
+            f"edit_model={varied_model_dir}", f"select_model={tiny_model_dir}", "its.prompts_in_flight=1", "its.feedbacks=2"]
     real = its_models.Generator.generate
     edit_calls = []
 
-    def crash_on_second_edit_step(self, requests, sampling):
+    def crash_on_third_prompts_edits(self, requests, sampling):
         if self.role == "edit_model":
             edit_calls.append(len(requests))
-            if len(edit_calls) == 2:
+            if len(edit_calls) == 3:
                 raise RuntimeError("killed")
         return real(self, requests, sampling)
 
-    monkeypatch.setattr(its_models.Generator, "generate", crash_on_second_edit_step)
+    monkeypatch.setattr(its_models.Generator, "generate", crash_on_third_prompts_edits)
     with pytest.raises(RuntimeError, match="killed"):
         _run(tmp_path, args)
     assert not (tmp_path / "summary.json").exists()
@@ -264,7 +295,7 @@ def test_endpoints_a_failing_request_is_recorded_and_its_eval_judges_both_orders
     r = records["p2"]
     assert r["candidates"][0]["score"] == pytest.approx(
         local.score([r["prompt"] + [{"role": "assistant", "content": r["candidates"][0]["text"]}]])[0], abs=1e-4)
-    assert "[its]" in proc.stdout and "lift" in proc.stdout
+    assert "[its]" in proc.stdout and "select_score_gain" in proc.stdout
 
     # its-eval: the finals vs the policy's first answers, judged by eval.serve in both orders
     before = _health(gen_server)["completions"]
@@ -360,7 +391,8 @@ def test_a_flaky_endpoint_is_retried_and_a_request_that_keeps_failing_is_recorde
                                                                                    tiny_model_dir, prompts_file):
     url, seen = flaky_proxy
     args = [f"prompts={prompts_file}", f"policy={url}", f"feedback_model={gen_server}", f"edit_model={gen_server}",
-            f"select_model={tiny_model_dir}", "its.feedbacks=2", "its.max_retries=2", "its.concurrency=1"]
+            f"select_model={tiny_model_dir}", "its.feedbacks=2", "its.max_retries=2", "its.concurrency=1",
+            "its.prompts_in_flight=1"]
     _run(tmp_path, args)
     records = {r["id"]: r for r in _results(tmp_path)}
     summary = json.loads((tmp_path / "summary.json").read_text())
@@ -376,3 +408,355 @@ def test_a_flaky_endpoint_is_retried_and_a_request_that_keeps_failing_is_recorde
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["resumed_prompts"] == 2 and seen["haiku"] == 6 and seen["forwarded"] == 2
     assert summary["models"]["policy"]["calls"] == 1 and summary["models"]["policy"]["errors"] == 1
+
+
+# ---- independent draws (issue 17 item 7) ---------------------------------------------------------
+
+def test_sixteen_sampled_copies_of_one_conversation_are_sixteen_distinct_draws(tmp_path, tiny_model_dir):
+    """Every sampled request has its own seed from (prompt id, step, index): 16 responses of one prompt on
+    the tiny model, in two batches of 8, are 16 different texts (a batch re-seeded with one seed gave only
+    8), and so are the 16 feedback texts of one response; a rerun draws the very same texts."""
+    from its.loop import request_seed
+
+    prompts = tmp_path / "one.jsonl"
+    prompts.write_text(json.dumps({"id": "q", "prompt": "Write a haiku about rain."}) + "\n")
+    args = [f"prompts={prompts}", *(f"{role}={tiny_model_dir}" for role in
+                                    ("policy", "feedback_model", "edit_model", "select_model")),
+            "its.responses=16", "its.feedbacks=16", "its.edits=1", "its.max_new_tokens=8",
+            "its.feedback_max_new_tokens=8", "its.batch_size=8"]
+    _run(tmp_path / "a", args)
+    [record] = _results(tmp_path / "a")
+    responses = [c["text"] for c in record["candidates"]]
+    assert len(responses) == 16 and len(set(responses)) == 16
+    for c in record["candidates"]:
+        assert len({f["text"] for f in c["feedback"]}) == 16
+    assert len({request_seed(1234, "q", "response", j) for j in range(16)}) == 16
+    _run(tmp_path / "b", args)
+    assert _results(tmp_path / "b") == [record]
+
+
+# ---- a Select score that is not a number (issue 17 item 6) -----------------------------------------
+
+@pytest.fixture()
+def nan_rm_proxy(rm_server):
+    """A real HTTP proxy in front of eval.serve_rm that answers every /pooling request about the haiku
+    prompt with a NaN reward (JSON NaN, as a broken server writes it) and forwards the rest."""
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    seen = {"nan": 0}
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _reply(self, status: int, data: bytes):
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def _forward(self, body):
+            request = urllib.request.Request(rm_server.removesuffix("/v1") + self.path, data=body, method=self.command,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request) as reply:
+                self._reply(reply.status, reply.read())
+
+        def do_GET(self):
+            self._forward(None)
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            if b"haiku" in body:
+                seen["nan"] += 1
+                return self._reply(200, b'{"object": "list", "data": [{"index": 0, "object": "pooling", "data": [NaN]}]}')
+            self._forward(body)
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
+    server.shutdown()
+    server.server_close()
+
+
+def test_a_nan_select_score_from_an_endpoint_is_a_recorded_failure(tmp_path, nan_rm_proxy, varied_model_dir,
+                                                                   prompts_file):
+    url, seen = nan_rm_proxy
+    args = [f"prompts={prompts_file}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
+            f"edit_model={varied_model_dir}", f"select_model={url}", "its.feedbacks=2", "its.max_retries=0"]
+    _run(tmp_path, args)
+    records = {r["id"]: r for r in _results(tmp_path)}
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    haiku = records["p1"]
+    assert seen["nan"] == 2  # the response and its edit
+    assert haiku["final"] is None and all(x.get("score") is None for x in [haiku["candidates"][0], *haiku["candidates"][0]["edits"]])
+    assert summary["models"]["select_model"]["errors"] == 2 and summary["failed_requests"] == 2
+    assert "non-finite score nan" in summary["models"]["select_model"]["errors_seen"][0]
+    assert all(records[p]["final"] is not None and isinstance(records[p]["final"]["score"], float) for p in ("p0", "p2"))
+    cached = [json.loads(line) for line in (tmp_path / "cache" / "select_model.jsonl").read_text().splitlines()]
+    assert len(cached) == 4 and all(isinstance(c["score"], float) for c in cached)  # a NaN is never cached
+    # a rerun asks again for the prompt with the failed score only
+    _run(tmp_path, args)
+    assert json.loads((tmp_path / "summary.json").read_text())["resumed_prompts"] == 2 and seen["nan"] == 4
+
+
+def test_a_local_select_model_scoring_nan_is_a_failure_and_stops_the_run_with_one_line(tmp_path, tiny_rm_dir,
+                                                                                       varied_model_dir, prompts_file):
+    """The same rule for a local model: a reward head with NaN weights scores NaN; its scores are failures,
+    never cached, and a model that answered none of its first requests stops the run with one line."""
+    import threading
+
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from eval.reward_scorers import load_scorer
+    from its.models import LocalWorker, Selector
+
+    nan_rm = tmp_path / "nan_rm"
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_rm_dir)
+    with torch.no_grad():
+        model.score.weight.fill_(float("nan"))
+    model.save_pretrained(nan_rm)
+    AutoTokenizer.from_pretrained(tiny_rm_dir).save_pretrained(nan_rm)
+    worker = LocalWorker("nan", 8)
+    selector = Selector(str(nan_rm), load_scorer(str(nan_rm)), tmp_path / "cache.jsonl", worker=worker,
+                        stop=threading.Event())
+    conversation = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    assert selector.score([conversation, conversation + [{"role": "user", "content": "x"}]]) == [None, None]
+    assert selector.stats.errors == 2 and selector.stats.errors_seen[0] == "non-finite score nan"
+    assert not (tmp_path / "cache.jsonl").exists() or (tmp_path / "cache.jsonl").read_text() == ""
+    worker.stop()
+    proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", f"policy={varied_model_dir}",
+                   f"feedback_model={varied_model_dir}", f"edit_model={varied_model_dir}", f"select_model={nan_rm}",
+                   "its.responses=3", "its.feedbacks=1", *SMALL, f"out={tmp_path / 'run'}")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    [line] = [x for x in proc.stderr.splitlines() if x.startswith("error:")]
+    assert "select model" in line and "non-finite score nan" in line
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+# ---- the loop overlaps prompts; concurrency per role (issue 20) ------------------------------------
+
+@pytest.fixture()
+def counting_proxy(gen_server):
+    """A real HTTP proxy in front of eval.serve that holds each chat request 0.15 s and records, per kind
+    of request (response, feedback, edit: told apart by their text), how many were in flight at once,
+    and whether an edit was ever in flight while a feedback request was."""
+    import threading
+    import time as _time
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from data_prep.feedback import EDIT_REQUEST_PREFIX
+    from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION
+
+    state = {"now": {"response": 0, "feedback": 0, "edit": 0}, "max": {"response": 0, "feedback": 0, "edit": 0},
+             "edit_during_feedback": False}
+    lock = threading.Lock()
+    marker_feedback = json.dumps(FEEDBACK_INSTRUCTION)[1:40].encode()
+    marker_edit = json.dumps(EDIT_REQUEST_PREFIX)[1:40].encode()
+
+    class Handler(BaseHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+        def _forward(self, body):
+            request = urllib.request.Request(gen_server.removesuffix("/v1") + self.path, data=body, method=self.command,
+                                             headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(request) as reply:
+                status, data = reply.status, reply.read()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def do_GET(self):
+            self._forward(None)
+
+        def do_POST(self):
+            body = self.rfile.read(int(self.headers["Content-Length"]))
+            kind = "edit" if marker_edit in body else "feedback" if marker_feedback in body else "response"
+            with lock:
+                state["now"][kind] += 1
+                state["max"][kind] = max(state["max"][kind], state["now"][kind])
+                if state["now"]["edit"] and state["now"]["feedback"]:
+                    state["edit_during_feedback"] = True
+            try:
+                _time.sleep(0.15)
+                self._forward(body)
+            finally:
+                with lock:
+                    state["now"][kind] -= 1
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
+    server.shutdown()
+    server.server_close()
+
+
+def test_prompts_overlap_and_each_role_keeps_its_own_concurrency(tmp_path, counting_proxy, rm_server, prompts_file):
+    url, state = counting_proxy
+    many = tmp_path / "prompts.jsonl"
+    many.write_text("".join(json.dumps({"id": f"q{i}", "prompt": f"Question number {i}?"}) + "\n" for i in range(6)))
+    _run(tmp_path / "run", [f"prompts={many}", f"policy={url}", f"feedback_model={url}", f"edit_model={url}",
+                            f"select_model={rm_server}", "its.feedbacks=3", "its.prompts_in_flight=6",
+                            "its.concurrency=4", "its.concurrency_by_role.feedback_model=2",
+                            "its.concurrency_by_role.edit_model=1"])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["prompts"] == 6 and summary["failed_requests"] == 0
+    # each role's limit held, and was reached (6 prompts in flight ask at once)
+    assert state["max"] == {"response": 4, "feedback": 2, "edit": 1}, state
+    # a prompt's edit ran while other prompts were still being given feedback: steps overlap across prompts
+    assert state["edit_during_feedback"]
+    assert summary["models"]["feedback_model"]["concurrency"] == 2 and summary["models"]["policy"]["concurrency"] == 4
+
+
+# ---- the prompts file (issue 18) -----------------------------------------------------------------
+
+def test_a_prompts_file_with_a_bom_a_bad_first_line_or_utf16_is_read_or_refused_in_one_line(tmp_path):
+    from its.loop import load_prompts
+    from recipes.config import compose
+
+    def load(path):
+        return load_prompts(compose("its", [f"prompts={path}", f"out={tmp_path}/o"]))
+
+    good = [json.dumps(p) for p in PROMPTS]
+    bom = tmp_path / "bom.jsonl"
+    bom.write_bytes(b"\xef\xbb\xbf" + "\n".join(good).encode() + b"\n")
+    prompts, rejected = load(bom)
+    assert [p["id"] for p in prompts] == ["p0", "p1", "p2"] and rejected == []
+    # a malformed first line (and others) are rejected with their own line and id, never the previous row's
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(['{"id": "broken", "prompt": ', good[0], '{"id": "x1", "messages": []}', "[1, 2]",
+                                '{"id": ["list"], "prompt": "q"}', good[1]]) + "\n")
+    prompts, rejected = load(mixed)
+    assert [p["id"] for p in prompts] == ["p0", "p1"]
+    assert [(r["line"], r["id"]) for r in rejected] == [(1, None), (3, "x1"), (4, None), (5, ["list"])]
+    assert "no `messages` list" in rejected[1]["reason"] and "not a JSON object" in rejected[2]["reason"]
+    for name, data in (("utf16.jsonl", "\n".join(good).encode("utf-16")), ("binary.jsonl", b"\x00\xff\xfe" * 10)):
+        (tmp_path / name).write_bytes(data)
+        proc = run_cli("-m", "launcher", "its", f"prompts={tmp_path / name}", f"out={tmp_path}/o", "--dry-run")
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr and "not UTF-8" in proc.stderr, proc.stderr
+    only_bad = tmp_path / "bad.jsonl"
+    only_bad.write_text("not json\n")
+    proc = run_cli("-m", "launcher", "its", f"prompts={only_bad}", f"out={tmp_path}/o", "--dry-run")
+    assert proc.returncode == 2 and "no usable prompt (1 rejected; line 1:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_run_writes_each_rejected_row_with_its_own_id(tmp_path, varied_model_dir, tiny_model_dir):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("\n".join([json.dumps(PROMPTS[0]), '{"id": "bad1", "messages": [{"role": "assistant", "content": "x"}]}',
+                                  json.dumps(PROMPTS[1]), '{"id": "bad2"}']) + "\n")
+    _run(tmp_path / "run", [f"prompts={prompts}", *(f"{r}={varied_model_dir}" for r in ("policy", "feedback_model", "edit_model")),
+                            f"select_model={tiny_model_dir}", "its.feedbacks=1"])
+    rejected = [json.loads(line) for line in (tmp_path / "run" / "rejected.jsonl").read_text().splitlines()]
+    assert [(r["line"], r["id"]) for r in rejected] == [(2, "bad1"), (4, "bad2")]
+
+
+# ---- its-eval reads untrusted files (issue 18) ----------------------------------------------------
+
+def _its_dir(root: Path, results: bytes | None = None, summary: bytes | None = None) -> Path:
+    """An its output dir as the stage writes it (summary.json and results.jsonl), or with the given bytes."""
+    root.mkdir(parents=True, exist_ok=True)
+    good = [{"id": f"p{i}", "prompt": [{"role": "user", "content": f"Q{i}?"}],
+             "candidates": [{"index": 0, "text": f"first {i}", "finish_reason": "stop"}],
+             "final": {"text": f"final {i}", "score": 1.0, "source": "edit", "response": 0, "finish_reason": "stop"}}
+            for i in range(3)]
+    (root / "results.jsonl").write_bytes(results if results is not None else
+                                         "".join(json.dumps(r) + "\n" for r in good).encode())
+    (root / "summary.json").write_bytes(summary if summary is not None else json.dumps(
+        {"stage": "its", "metric": "select_score_gain", "value": 0.1,
+         "models": {"policy": {"model": "/m/policy"}, "select_model": {"model": "/m/select"}},
+         "settings": {"responses": 1}}).encode())
+    return root
+
+
+ROW = {"id": "p9", "prompt": [{"role": "user", "content": "Q?"}], "candidates": [{"index": 0, "text": "t"}],
+       "final": {"text": "f"}}
+HOSTILE_RESULTS = {
+    "empty": b"",
+    "only_blank_lines": b"\n\n",
+    "cut_line": json.dumps(ROW).encode()[:40],
+    "not_json": b"hello\n",
+    "a_list": b"[1, 2]\n",
+    "null": b"null\n",
+    "no_id": json.dumps({k: v for k, v in ROW.items() if k != "id"}).encode(),
+    "int_id": json.dumps({**ROW, "id": 3}).encode(),
+    "prompt_string": json.dumps({**ROW, "prompt": "Q?"}).encode(),
+    "prompt_bad_turn": json.dumps({**ROW, "prompt": [{"role": "user"}]}).encode(),
+    "final_string": json.dumps({**ROW, "final": "f"}).encode(),
+    "final_without_text": json.dumps({**ROW, "final": {"score": 1}}).encode(),
+    "duplicate_id": (json.dumps(ROW) + "\n" + json.dumps(ROW)).encode(),
+    "not_utf8": b'{"id": "\xff"}\n',
+    "utf16": json.dumps(ROW).encode("utf-16"),
+    "deep": b"[" * 100000 + b"]" * 100000,
+}
+HOSTILE_FIRST = {  # DIR:first reads the first response
+    "no_candidates": json.dumps({**ROW, "candidates": []}).encode(),
+    "candidate_not_object": json.dumps({**ROW, "candidates": ["t"]}).encode(),
+    "candidate_without_text": json.dumps({**ROW, "candidates": [{"index": 0}]}).encode(),
+}
+HOSTILE_SUMMARY = {
+    "missing": None, "not_json": b"{", "a_list": b"[]", "other_stage": b'{"stage": "eval", "models": {}, "settings": {}}',
+    "models_not_object": b'{"stage": "its", "models": [], "settings": {}}', "not_utf8": b"\xff\xfe",
+}
+
+
+def _its_eval_one_line(*args) -> str:
+    """its-eval's entry point in this process (the CLI wrapper `./launch.sh its-eval` calls): an exception
+    other than the one-line UserError would fail the test here."""
+    import contextlib
+    import io
+
+    from its.evaluate import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(list(args))
+    lines = [line for line in err.getvalue().splitlines() if line.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), err.getvalue()
+    return lines[0]
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE_RESULTS) + [f"first:{c}" for c in sorted(HOSTILE_FIRST)]
+                         + [f"summary:{c}" for c in sorted(HOSTILE_SUMMARY)])
+def test_its_eval_refuses_a_damaged_side_in_one_line(case, tmp_path):
+    good = _its_dir(tmp_path / "good")
+    if case.startswith("summary:"):
+        bad = _its_dir(tmp_path / "bad")
+        content = HOSTILE_SUMMARY[case.split(":")[1]]
+        if content is None:
+            (bad / "summary.json").unlink()
+        else:
+            (bad / "summary.json").write_bytes(content)
+        spec, expected = str(bad), "summary.json"
+    elif case.startswith("first:"):
+        bad = _its_dir(tmp_path / "bad", results=HOSTILE_FIRST[case.split(":")[1]])
+        spec, expected = f"{bad}:first", "results.jsonl line 1"
+    else:
+        bad = _its_dir(tmp_path / "bad", results=HOSTILE_RESULTS[case])
+        spec, expected = str(bad), "results.jsonl"
+    line = _its_eval_one_line(str(good), spec, "judge=http://127.0.0.1:9/v1")
+    assert expected in line and "bad" in line, line
+    assert not (good / "its-eval").exists()
+
+
+def test_its_eval_reads_a_finished_run_and_refuses_bad_options(tmp_path):
+    from its.evaluate import load_side
+
+    good = _its_dir(tmp_path / "good")
+    name, side, made = load_side(str(good))
+    assert name == "good" and side["p1"] == {"prompt": [{"role": "user", "content": "Q1?"}], "text": "final 1"}
+    assert made["models"] == {"policy": "/m/policy", "select_model": "/m/select"} and made["side"] == "finals"
+    assert load_side(f"{good}:first")[1]["p2"]["text"] == "first 2"
+    (tmp_path / "file").write_text("x")
+    for option, message in (("samples=-1", "samples=-1 must be >= 1"), ("concurrency=0", "concurrency=0"),
+                            ("max_new_tokens=abc", "max_new_tokens=abc is not an integer"),
+                            ("max_retries=-2", "max_retries=-2"), ("judge=ftp://x", "judge=ftp://x is not an http(s)"),
+                            (f"out={tmp_path / 'file'}", "is not a directory")):
+        args = [str(good), f"{good}:first", option]
+        if not option.startswith("judge="):
+            args.append("judge=http://127.0.0.1:9/v1")
+        assert message in _its_eval_one_line(*args)
