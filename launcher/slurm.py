@@ -76,6 +76,9 @@ def job_config(cfg):
     hf_on_gpus = launch_kind(cfg) == "hf" and cfg.cluster.gpus_per_node > 0
     if hf_on_gpus:
         job.hf.num_processes = cfg.cluster.gpus_per_node
+        layout = rollout_server(cfg)
+        if layout:  # rl.vllm=server: some GPUs serve the rollouts, the rest train (recipes.rl.server_layout)
+            job.hf.num_processes, job.rl.vllm_server_url = len(layout["train"]), layout["url"]
     try:
         validate(job)
     except ConfigError as exc:
@@ -84,6 +87,38 @@ def job_config(cfg):
         raise ConfigError(f"{exc}; the job runs one process per GPU on {cfg.cluster.nodes} node(s) x "
                           f"{cfg.cluster.gpus_per_node} GPUs (change gbs=, mbs= or nodes=)") from None
     return job
+
+
+def rollout_server(cfg) -> dict | None:
+    """rl's vLLM rollout server started by the job (recipes.rl.server_layout), or None."""
+    if cfg.stage != "rl" or launch_kind(cfg) != "hf" or cfg.cluster.gpus_per_node <= 0:
+        return None
+    from recipes.rl import server_layout
+
+    return server_layout(cfg)
+
+
+def rollout_server_block(cfg, layout: dict) -> str:
+    """Start the rollout server on its GPUs as a job step beside the training, and wait until it answers."""
+    from recipes.rl import VLLM_SERVER_ENV, vllm_server_command
+
+    serve = ",".join(map(str, layout["serve"]))
+    env = " ".join(f"{k}={v}" for k, v in {**VLLM_SERVER_ENV, "CUDA_VISIBLE_DEVICES": serve}.items())
+    body = f"export {env}; exec " + shell_join(vllm_server_command(cfg, layout["port"]))
+    log = shlex.quote(str(Path(cfg.out).resolve() / "vllm_server.log"))
+    health = f"http://127.0.0.1:{layout['port']}/health"
+    return "\n".join([
+        f"# rl rollouts (rl.vllm=server): a vLLM server on GPUs {serve} (tensor parallel {len(layout['serve'])}), "
+        f"training on GPUs {','.join(map(str, layout['train']))}",
+        f"{srun_prefix(cfg, '--overlap', '--nodes=1', '--ntasks=1')} \\",
+        f"    {in_task(cfg, body)} > {log} 2>&1 &",
+        "VLLM_SERVER_PID=$!",
+        f"until curl -sf {health} >/dev/null; do",
+        f'  kill -0 "$VLLM_SERVER_PID" 2>/dev/null || {{ echo "[hs3] the vLLM server exited (log: {log})"; exit 1; }}',
+        "  sleep 5",
+        "done",
+        f'echo "[hs3] vLLM rollout server up at {layout["url"]}"',
+        ""])
 
 
 def container_image(cfg) -> str | None:
@@ -207,6 +242,9 @@ def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
         from recipes.training import CHILD_ENV, accelerate_command
 
         per_node = gpus if gpus > 0 else cfg.hf.num_processes
+        layout, serve_block = rollout_server(cfg), ""
+        if layout:  # the job's own vLLM rollout server on the first GPUs; the stage trains on the others
+            per_node, serve_block = len(layout["train"]), rollout_server_block(cfg, layout)
         if nodes * per_node == 1 and not cfg.hf.accelerate_config:
             body = "exec " + shell_join(command)
         else:  # the $VARIABLES expand inside each task: its node's rank, the first node's address
@@ -218,7 +256,9 @@ def launch_block(cfg, config_file: Path, command: list[str] | str) -> str:
                                             machine_rank="$SLURM_NODEID", main_process_ip="$MASTER_ADDR",
                                             main_process_port="$MASTER_PORT", multi_gpu=gpus > 0)
             body = f"export {CHILD_ENV}=1; exec " + shell_join(["python", *accelerate[1:]])
-        return (f"# one task per node, each starting {per_node} process(es): {nodes * per_node} in all\n"
+        if layout:
+            body = f"export CUDA_VISIBLE_DEVICES={','.join(map(str, layout['train']))}; " + body
+        return (f"{serve_block}# one task per node, each starting {per_node} process(es): {nodes * per_node} in all\n"
                 f"{srun_prefix(cfg, f'--nodes={nodes}', f'--ntasks={nodes}', '--ntasks-per-node=1', '--kill-on-bad-exit=1')} \\\n"
                 f"    {in_task(cfg, body)} &")
     return ray_block(cfg, shell_join(command))

