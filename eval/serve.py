@@ -46,7 +46,7 @@ import time
 import traceback
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
@@ -195,13 +195,14 @@ class Batcher:
                     batch.append(self.requests.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
+            # Requests that differ only in their seed share a batch: each row samples with its own seed.
             by_sampling: dict[Sampling, list[Job]] = {}
             for job in batch:
                 if job.cancelled.is_set():  # its client left while it waited
                     self.counters["cancelled"] += 1
                     job.future.cancel()
                     continue
-                by_sampling.setdefault(job.sampling, []).append(job)
+                by_sampling.setdefault(replace(job.sampling, seed=0), []).append(job)
             for sampling, jobs in by_sampling.items():
                 try:
                     results = self._generate(jobs, sampling)
@@ -232,7 +233,8 @@ class Batcher:
                 counters["decode_steps"] += 1
                 return torch.tensor([job.cancelled.is_set() for job in jobs], device=input_ids.device)
 
-        return self.engine._generate_batch([job.prompt for job in jobs], sampling, StoppingCriteriaList([Cancelled()]))
+        return self.engine._generate_batch([job.prompt for job in jobs], sampling, StoppingCriteriaList([Cancelled()]),
+                                           seeds=[job.sampling.seed for job in jobs])
 
 
 class HTTPFail(Exception):
