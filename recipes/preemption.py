@@ -15,8 +15,12 @@ How a stage is stopped early (SLURM sends USR1 `cluster.signal_seconds` before t
 
 The output-dir lock (`OutputLock`, OUT/LOCK_FILE) keeps two jobs or processes from writing one
 output dir: an OS lock (flock) on the open file, held for the whole run and released by the kernel
-when the holder exits or dies. The file names the holder (SLURM job id, or host and PID) for
-messages; the child processes of the holder (they inherit LOCK_ENV) join its lock.
+when the holder exits or dies. The file names the holder: host, PID and the process's start time (a
+PID is reused; the pair is not), and its SLURM job and step for messages. Who may join a held lock:
+the holder's child processes (they inherit LOCK_ENV: accelerate ranks started by the stage), and the
+ranks of the same distributed launch inside one SLURM job step (an HF job's `accelerate launch` on each
+node: same job id, same step id). A SLURM job id alone is no identity: two srun steps of one job, or
+two runs in one salloc shell, are two writers.
 """
 from __future__ import annotations
 
@@ -145,13 +149,45 @@ def __getattr__(name):
 
 # ---- the output-dir lock ----------------------------------------------------------------------
 
+def process_start(pid: int) -> str | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with host and PID, an
+    identity that a reused PID does not repeat. None where /proc is not there."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _launch_id() -> str | None:
+    """The distributed launch this process is a rank of, when it is one inside a SLURM job step (the
+    HF job's `accelerate launch` on each node of one srun step): SLURM job id + step id. None otherwise."""
+    from recipes.training import CHILD_ENV
+
+    job, step = os.environ.get("SLURM_JOB_ID"), os.environ.get("SLURM_STEP_ID")
+    if job and step and os.environ.get(CHILD_ENV) == "1" and "RANK" in os.environ:
+        return f"{job}.{step}"
+    return None
+
+
 def _my_identity() -> dict:
-    job_id = os.environ.get("SLURM_JOB_ID")
-    return {"job_id": job_id, "host": socket.gethostname(), "pid": os.getpid()}
+    return {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid()),
+            "job_id": os.environ.get("SLURM_JOB_ID"), "step_id": os.environ.get("SLURM_STEP_ID"),
+            "launch": _launch_id()}
 
 
 def _token(owner: dict) -> str:
-    return f"job:{owner['job_id']}" if owner.get("job_id") else f"pid:{owner['host']}:{owner['pid']}"
+    """The holder's identity: host, PID and start time (never the SLURM job id alone)."""
+    return f"pid:{owner.get('host')}:{owner.get('pid')}:{owner.get('start')}"
+
+
+def _joins(owner: dict, me: dict) -> bool:
+    """Whether this process may write a dir whose lock `owner` holds: it is the holder, a child of the
+    holder (LOCK_ENV inherited), or a rank of the holder's distributed launch (same SLURM job step)."""
+    if not owner:
+        return False
+    token = _token(owner)
+    return (token == _token(me) or token == os.environ.get(LOCK_ENV)
+            or (owner.get("launch") is not None and owner.get("launch") == me.get("launch")))
 
 
 def slurm_job_state(job_id: str) -> str | None:
@@ -188,11 +224,11 @@ class OutputLock:
         self._fd: int | None = None
 
     def _describe(self, owner: dict) -> str:
-        if owner.get("job_id"):
-            return f"SLURM job {owner['job_id']}"
+        job = f"SLURM job {owner['job_id']}" + (f" step {owner['step_id']}" if owner.get("step_id") else "") \
+            if owner.get("job_id") else ""
         if owner.get("pid"):
-            return f"process {owner.get('pid')} on {owner.get('host')}"
-        return "another process"
+            return f"process {owner.get('pid')} on {owner.get('host')}" + (f" ({job})" if job else "")
+        return job or "another process"
 
     def _read_owner(self, fd: int) -> dict:
         try:
@@ -215,7 +251,7 @@ class OutputLock:
             return None
         try:
             owner = self._read_owner(fd)
-            if owner and _token(owner) in (_token(_my_identity()), os.environ.get(LOCK_ENV)):
+            if _joins(owner, _my_identity()):
                 return None
             try:
                 fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -233,7 +269,7 @@ class OutputLock:
         while True:
             try:
                 self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)  # the umask decides (group-shared dirs)
             except OSError as exc:
                 raise UserError(f"cannot lock {self.path}: {exc.strerror or exc}") from None
             try:
@@ -241,8 +277,8 @@ class OutputLock:
             except BlockingIOError:
                 owner = self._read_owner(fd)
                 os.close(fd)
-                if owner and _token(owner) in (os.environ.get(LOCK_ENV), _token(me)):
-                    return self  # a child process of the holder (or our own job's earlier step)
+                if _joins(owner, me):
+                    return self  # the holder's child (an accelerate rank) or a rank of its launch
                 if not owner and unwritten < 100:
                     unwritten += 1
                     time.sleep(0.05)

@@ -116,3 +116,75 @@ def test_an_out_dir_that_cannot_hold_the_lock_is_one_line(tmp_path, clean_env):
         OutputLock(tmp_path / "file" / "sft").acquire()
     assert type(caught.value).__name__ == "UserError" and str(caught.value).startswith("cannot lock ")
     assert "\n" not in str(caught.value)
+
+
+HOLD = ("import sys, time; from recipes.preemption import OutputLock; "
+        "OutputLock(sys.argv[1]).acquire(); print('held', flush=True); time.sleep(60)")
+TRY = "import sys; from recipes.preemption import OutputLock; OutputLock(sys.argv[1]).acquire(); print('joined')"
+
+
+def _env(**slurm) -> dict:
+    env = {k: v for k, v in os.environ.items()
+           if k not in (LOCK_ENV, "SLURM_JOB_ID", "SLURM_STEP_ID", "HS3_UNDER_ACCELERATE", "RANK")}
+    return {**env, "PYTHONPATH": str(ROOT), **slurm}
+
+
+@pytest.mark.parametrize("holder_env, second_env, joins", [
+    # two runs in one salloc shell: the same SLURM_JOB_ID, no step (issue 18, item 3: both held it)
+    ({"SLURM_JOB_ID": "5"}, {"SLURM_JOB_ID": "5"}, False),
+    # two srun steps of one job
+    ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0"}, {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "1"}, False),
+    # two accelerate launches in two srun steps of one job
+    ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "HS3_UNDER_ACCELERATE": "1", "RANK": "0"},
+     {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "1", "HS3_UNDER_ACCELERATE": "1", "RANK": "0"}, False),
+    # the ranks of one accelerate launch in one step (another node's rank): one writer
+    ({"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "HS3_UNDER_ACCELERATE": "1", "RANK": "0"},
+     {"SLURM_JOB_ID": "5", "SLURM_STEP_ID": "0", "HS3_UNDER_ACCELERATE": "1", "RANK": "3"}, True),
+])
+def test_a_slurm_job_id_alone_is_no_identity(tmp_path, clean_env, holder_env, second_env, joins):
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], env=_env(**holder_env), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        owner = json.loads((tmp_path / LOCK_FILE).read_text())
+        assert (owner["host"], owner["pid"], owner["job_id"]) == (os.uname().nodename, holder.pid, "5")
+        assert owner["start"] and owner["start"] == Path(f"/proc/{holder.pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        second = subprocess.run([sys.executable, "-c", TRY, str(tmp_path)], env=_env(**second_env), cwd=ROOT,
+                                capture_output=True, text=True, timeout=60)
+        if joins:
+            assert second.returncode == 0 and "joined" in second.stdout, second.stderr
+        else:
+            assert second.returncode != 0 and "joined" not in second.stdout
+            assert f"is being written by process {holder.pid} on {os.uname().nodename} (SLURM job 5" in second.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_second_sft_in_the_same_slurm_job_is_refused_through_the_cli(tmp_path, clean_env, edit_data_dir):
+    """The way it was found: a run holds OUT in an salloc shell; a second `launcher sft` there (same
+    SLURM_JOB_ID) must be refused before it loads anything, not "resume" while the first one writes."""
+    out = tmp_path / "sft"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], env=_env(SLURM_JOB_ID="5"), cwd=ROOT,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        proc = subprocess.run([sys.executable, "-m", "launcher", "sft", f"out={out}", f"data={edit_data_dir}",
+                               "train.max_steps=1"], env=_env(SLURM_JOB_ID="5"), cwd=ROOT, capture_output=True,
+                              text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert proc.stderr.strip() == (f"error: {out} is being written by process {holder.pid} on {os.uname().nodename} "
+                                       f"(SLURM job 5) (lock {out / LOCK_FILE}; delete it if that is wrong)")
+        assert sorted(p.name for p in out.iterdir()) == [LOCK_FILE]
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_file_follows_the_umask(tmp_path, clean_env):
+    old = os.umask(0o002)
+    try:
+        with OutputLock(tmp_path / "out"):
+            assert (tmp_path / "out" / LOCK_FILE).stat().st_mode & 0o777 == 0o664
+    finally:
+        os.umask(old)

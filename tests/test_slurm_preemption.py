@@ -119,7 +119,7 @@ def test_signal_handler_sets_the_flag(clean_lock_env):
 def test_a_rank_of_the_same_job_waits_for_the_holder_to_write_its_identity(tmp_path, monkeypatch):
     """Multi-node HF jobs: each node's accelerate rank takes OUT/.lock. A rank that meets the flock between
     the holder's flock and its identity write (an empty lock file) must wait for the identity and then
-    join the lock of its own job, not fail as if another process wrote the dir (seen on the 2-node test
+    join the lock of its own launch (job step), not fail as if another process wrote the dir (seen on the 2-node test
     SLURM: tests/test_slurm_exec.py::test_hf_sft_script_trains_one_deepspeed_group_across_two_nodes)."""
     out = tmp_path / "sft"
     out.mkdir()
@@ -129,13 +129,14 @@ def test_a_rank_of_the_same_job_waits_for_the_holder_to_write_its_identity(tmp_p
         fcntl.flock(fd, fcntl.LOCK_EX)
         print("locked", flush=True)
         time.sleep(0.5)  # the window between flock and the identity write, widened
-        os.pwrite(fd, json.dumps({{"job_id": "77", "host": "n1", "pid": os.getpid()}}).encode(), 0)
+        os.pwrite(fd, json.dumps({{"job_id": "77", "step_id": "0", "launch": "77.0", "host": "n1", "pid": os.getpid()}}).encode(), 0)
         time.sleep(5)
     """)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "locked"
-        monkeypatch.setenv("SLURM_JOB_ID", "77")
-        lock = OutputLock(out).acquire()  # joins job 77's lock (before the fix: UserError at once)
+        for key, value in {"SLURM_JOB_ID": "77", "SLURM_STEP_ID": "0", "HS3_UNDER_ACCELERATE": "1", "RANK": "1"}.items():
+            monkeypatch.setenv(key, value)  # a rank of the same accelerate launch, in the same job step
+        lock = OutputLock(out).acquire()  # joins step 77.0's lock (before the fix: UserError at once)
         assert not lock.created
     finally:
         holder.kill()
