@@ -30,6 +30,10 @@ from recipes.config import to_yaml
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 
 from eval import metrics as M
+from eval.data import check_held_out, manifest_notes, training_record
+from eval.engines import GenerationCache, Sampling, generate_cached, is_endpoint
+from eval.target import (check_config, claim_out_dir, describe_target, generation_engine, identity, local_dir,
+                         model_under_test, target_settings)
 
 METRICS = (("format_adherence", "starts with a valid helpfulness phrase"),
            ("level_exact", "helpfulness level = annotators' (median)"),
@@ -131,26 +135,7 @@ def finish(cfg, out: Path, records: list[dict], report: dict, markdown: str, met
     return summary
 
 
-TASKS = ("auto", "edit", "feedback", "select")
-
-
-def eval_task(cfg) -> str:
-    """eval.task, or with `auto` the stage that trained the checkpoint (its hs3_training.json): feedback
-    or select; anything else (an edit model, a base model, an endpoint) is scored as an edit model."""
-    if cfg.eval.task != "auto":
-        return str(cfg.eval.task)
-    from eval.data import training_record
-    from eval.engines import is_endpoint
-    from eval.run import model_under_test
-
-    target = model_under_test(cfg, check=False)
-    record = training_record(target) if target and not is_endpoint(target) and Path(target).is_dir() else None
-    return record["stage"] if record and record.get("stage") in ("feedback", "select") else "edit"
-
-
 def dry_run(cfg, task: str) -> dict:
-    from eval.run import model_under_test
-
     print(to_yaml(cfg))
     print(f"eval ({task}): dry run, would score {model_under_test(cfg, check=False) or cfg.model.path} on "
           f"{cfg.data_dir} ({'feedback' if task == 'feedback' else 'select'}/{cfg.eval.split}) -> {cfg.out}/report.json")
@@ -158,22 +143,23 @@ def dry_run(cfg, task: str) -> dict:
 
 
 def run(cfg) -> dict:
-    from eval.data import check_held_out, manifest_notes, training_record
-    from eval.engines import GenerationCache, Sampling, generate_cached, is_endpoint
-    from eval.run import generation_engine, model_under_test
-
+    check_config(cfg)
     if cfg.dry_run:
         return dry_run(cfg, "feedback")
     start = time.monotonic()
     e, out = cfg.eval, Path(cfg.out)
     target = model_under_test(cfg)
     model_name = target or str(cfg.model.path)
-    record = training_record(target if target and not is_endpoint(target) else None)
+    model_dir = local_dir(cfg, target)
+    record = training_record(model_dir)
     check_held_out(record, model_name, [f"feedback/{e.split}"], "model")
     notes = manifest_notes(cfg.data_dir, [(model_name, record)])
     items = load_items(cfg.data_dir, e.split, e.max_rows)
+    claim_out_dir(out, identity(cfg, target))
     sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
-    engine = generation_engine(cfg, target)
+    settings = None if target and is_endpoint(target) else target_settings(cfg, model_dir, target)
+    engine = generation_engine(cfg, target, settings)
+    model = describe_target(cfg, target, engine, settings)
     generations = generate_cached(engine, [i["prompt"] for i in items], sampling,
                                   GenerationCache(out / "cache" / "generations.jsonl"))
     records = []
@@ -188,7 +174,9 @@ def run(cfg) -> dict:
     keys = [k for k, _ in METRICS]
     report = {"task": "feedback", "meta": {"model": model_name, "data_dir": str(cfg.data_dir), "split": e.split,
                                            "sampling": asdict(sampling),
-                                           "bootstrap_samples": e.bootstrap_samples},
+                                           "bootstrap_samples": e.bootstrap_samples,
+                                           "provenance": provenance(cfg, model, [i["id"] for i in items],
+                                                                    sampling=asdict(sampling))},
               "counts": {"items": len(records), "errors": failed},
               "overall": summarize(records, keys, e.bootstrap_samples, cfg.seed),
               "by_domain": grouped(records, "domain", keys, e.bootstrap_samples, cfg.seed),
@@ -198,6 +186,20 @@ def run(cfg) -> dict:
     shown = ", ".join(f"{k}={report['overall'][k]['value']:.3g}" for k in keys if k in report["overall"])
     print(f"eval (feedback): {model_name} on {len(records)} items: {shown} -> {out}/report.md")
     return summary
+
+
+def provenance(cfg, model: dict, ids: list[str], **more) -> dict:
+    """meta.provenance of a Feedback or Select report (the edit eval's in eval/run.py): the model under
+    test, the data (dir, manifest sha256, split, item ids) and what else scored it."""
+    import hashlib
+
+    from hs3.io import sha256_file
+
+    manifest = Path(cfg.data_dir) / "manifest.json"
+    data = {"dir": str(cfg.data_dir), "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+            "split": cfg.eval.split, "rows": len(ids),
+            "ids_sha256": hashlib.sha256("\n".join(ids).encode("utf-8")).hexdigest()}
+    return {"model": model, "data": data, "scorers": {}, **more}
 
 
 def confusion(records: list[dict]) -> dict:

@@ -24,13 +24,16 @@ def judge_prompt(prompt: list[dict], edit_a: str, edit_b: str) -> list[dict]:
 
 
 def judge_edits(rows: list[dict], records: list[dict], eval_cfg, seed: int,
-                cache_path: Path) -> tuple[list[dict[str, Optional[float]]], int]:
+                cache_path: Path, info: Optional[dict] = None) -> tuple[list[dict[str, Optional[float]]], int]:
     """Per row: {"gold_judge_win_vs_original", "gold_judge_win_vs_reference"}, and how many judge
-    requests failed (after retries; those orders count as unparsed). Rows whose generation failed are
-    not judged."""
+    requests failed (after retries; those orders count as unparsed). Rows whose generation failed, and
+    edits cut at max_new_tokens (finish_reason length: no finished edit), are not judged. `info` is
+    given the judge's served model name (report.json's provenance)."""
     judge = HTTPEngine(eval_cfg.judge_endpoint, eval_cfg.judge_model, eval_cfg.concurrency, eval_cfg.max_retries,
                        eval_cfg.request_timeout_s, eval_cfg.api_key_env)
-    scored = [i for i, r in enumerate(records) if r.get("error") is None]
+    if info is not None:
+        info["served_model"] = judge.model
+    scored = [i for i, r in enumerate(records) if r.get("error") is None and r.get("finish_reason") != "length"]
     requests = []
     for i in scored:
         for _, field in OPPONENTS:

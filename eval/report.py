@@ -85,6 +85,7 @@ def render_markdown(report: dict) -> str:
         f"- generation: {describe_sampling(meta['sampling'])}",
         f"- outputs: {counts['empty']} empty, {counts['truncated']} truncated, {counts['copies']} exact copies, "
         f"{counts.get('errors', 0)} failed requests (left out of the metrics)",
+        describe_cut(report),
         f"- long prompts: {counts.get('flagged_too_long', 0)} flagged too long for training by the data step, "
         f"{counts.get('prompts_shortened', 0)} shortened before generation (eval/prompts.py)",
         f"- 95% confidence intervals: percentile bootstrap, {meta['bootstrap_samples']} resamples",
@@ -104,7 +105,45 @@ def render_markdown(report: dict) -> str:
     ]
     for note in meta.get("notes", []):
         lines.append(f"> {note}")
+    if meta.get("provenance"):
+        lines += ["", "## Provenance", "", *describe_provenance(meta["provenance"])]
     return "\n".join(lines).rstrip() + "\n"
+
+
+def describe_cut(report: dict) -> str:
+    """The win rates' base: finished edits only, with the share cut at max_new_tokens beside it."""
+    reasons = report["counts"].get("finish_reasons") or {}
+    finished, cut = reasons.get("stop", 0), reasons.get("length", 0)
+    share = report.get("cut_share")
+    share_text = f"{100 * share:.1f}%" if share is not None else "n/a"
+    return (f"- win rates (gold and training RM, judge) over the {finished} finished edits; {cut} cut at "
+            f"max_new_tokens (cut share {share_text}) are left out of them")
+
+
+def _who(entry: dict | None) -> str:
+    if not entry:
+        return "none"
+    if entry.get("endpoint"):
+        return f"`{entry.get('path')}` serving `{entry.get('served_model')}`"
+    fingerprint = entry.get("fingerprint")
+    settings = f", {entry['dtype']}" if entry.get("dtype") else ""
+    length = entry.get("max_length") or entry.get("seq_len")
+    settings += f", length {length}" if length else ""
+    return f"`{entry.get('path')}` (fingerprint {fingerprint[:12] if fingerprint else 'none'}{settings})"
+
+
+def describe_provenance(provenance: dict) -> list[str]:
+    """report.md's provenance lines: the model under test, the scorers, the data."""
+    scorers = provenance.get("scorers") or {}
+    data = provenance.get("data") or {}
+    lines = [f"- model under test: {_who(provenance.get('model'))}"]
+    lines += [f"- {label}: {_who(scorers.get(key))}" for key, label in
+              (("proxy_rm", "training RM (proxy)"), ("gold_rm", "gold reward model"), ("judge", "LLM judge"))
+              if key in scorers]
+    manifest = data.get("manifest_sha256")
+    lines.append(f"- data: `{data.get('dir')}` split `{data.get('split')}`, manifest sha256 "
+                 f"{manifest[:12] if manifest else 'none'}, {data.get('rows')} rows")
+    return lines
 
 
 def _pyplot():

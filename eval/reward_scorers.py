@@ -44,6 +44,7 @@ end-of-turn token); a first_logit model reads the same token ids.
 from __future__ import annotations
 
 import json
+import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -201,12 +202,17 @@ class HTTPScorer(Scorer):
 
     @staticmethod
     def parse(reply) -> float:
+        """The reward in a /pooling reply; ValueError for a non-finite one (NaN, inf: a failed request)."""
         data = reply["data"][0]["data"]
         if isinstance(data, (int, float)):
-            return float(data)
-        if data and isinstance(data[0], list):  # per-token rows: the last token's
-            return float(data[-1][0])
-        return float(data[0])
+            value = float(data)
+        elif data and isinstance(data[0], list):  # per-token rows: the last token's
+            value = float(data[-1][0])
+        else:
+            value = float(data[0])
+        if not math.isfinite(value):
+            raise ValueError(f"non-finite score {value}")
+        return value
 
     def score_one(self, conversation: Messages) -> float:
         reply = self.client.post("/pooling", cast_to=object, body={"model": self.model, "messages": list(conversation)})

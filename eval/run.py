@@ -1,15 +1,26 @@
 """The eval stage: score one edit model on the held-out splits.
 
-    ./launch.sh eval model=PATH_OR_ENDPOINT data=DATA_DIR [rm=PATH|null] [eval.max_rows=N] ...
+    ./launch.sh eval model=PATH_OR_ENDPOINT_OR_HUB_ID data=DATA_DIR [rm=PATH|null] [eval.max_rows=N] ...
 
-Which model is scored: `model=` when it names a checkpoint directory or an http(s) endpoint;
-otherwise `init` (the pipeline's ${run_dir}/rl/final, from conf/stage/eval.yaml); with init=null,
-the configured model itself (a hub id, builtin:tiny, pkg:...).
+Which model is scored, at which settings, into which dir: eval/target.py (init= when given, else exactly
+what model= names, else the run's rl/final; each local model at its own dtype and sequence length;
+${run_dir}/eval/NAME per model, a dir holding another model's eval refused). docs/eval.md.
 
 Scorers: the training reward model (rm=, the proxy the policy was optimised against: proxy_* keys,
 "training RM (optimised against)" in report.md), and the gold scorers, independent of training:
 eval.gold_rm (a reward model of either kind, local or an endpoint: eval/reward_scorers.py) and the LLM
 judge (eval.judge_endpoint: eval/judge.py). Their win rates are the gold_* keys.
+
+Gold scoring refuses any model in the policy's lineage (eval/lineage.py: the policy, rm=, what their
+training records name, copies and checkpoints of those).
+
+Cut generations: each row records finish_reason (stop | length | error); the gold and proxy win rates
+(reward models and judge) are over the finished rows, with the cut share beside them (cut_share,
+counts.finish_reasons).
+
+Provenance: report.json's meta.provenance names the model under test, every scorer (content fingerprints,
+recipes/provenance.py), the data (dir, manifest sha256, split, row ids), the sampling and the prompt
+budget; eval-compare checks them (eval/compare.py).
 
 Failures and lengths: an endpoint request that still fails after its retries is recorded on its row
 (`error`) and counted (counts.errors); the row is left out of the metrics and the eval goes on. Prompts
@@ -23,48 +34,31 @@ config.yaml, and cache/ (generations so far: a rerun after a crash resumes from 
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Optional
 
 from recipes.config import to_yaml
-from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
 
+from eval import feedback_eval, select_eval
 from eval import metrics as M
 from eval.data import check_held_out, load_edit_rows, load_pairs, manifest_notes, training_record
 from eval.engines import GenerationCache, HFEngine, HTTPEngine, Sampling, generate_cached, is_endpoint
+from eval.lineage import check_gold
 from eval.prompts import shorten_messages
-from eval.reward_scorers import TINY_GOLD, load_scorer
+from eval.reward_scorers import TINY_GOLD, load_scorer, resolve_spec
+from eval.target import (Settings, check_config, claim_out_dir, describe_target, eval_task, generation_engine,
+                         identity, local_dir, model_settings, model_under_test, target_settings)
 
 # Summary metric of the stage: the first of these the report has (gold before anything the policy saw).
 SUMMARY_METRICS = ("gold_reward_win_rate", "gold_judge_win_rate", "copy_rate")
 HEADLINE = ("copy_rate", "gold_reward_win_rate", "gold_reward_win_rate_vs_reference", "gold_judge_win_rate",
             "gold_judge_win_rate_vs_reference", "chrf", "rouge_l", "proxy_reward_win_rate",
             "proxy_reward_win_rate_vs_reference", "gold_rm_accuracy", "rm_accuracy")
-
-
-def generation_engine(cfg, target: Optional[str]):
-    """The engine that generates with the model under test: an endpoint over HTTP, else in process
-    (target None: cfg.model itself)."""
-    e = cfg.eval
-    if target and is_endpoint(target):
-        return HTTPEngine(target, e.api_model, e.concurrency, e.max_retries, e.request_timeout_s, e.api_key_env)
-    return HFEngine.load(cfg.model, target, e.batch_size)
-
-
-def model_under_test(cfg, check: bool = True) -> Optional[str]:
-    """A checkpoint dir or endpoint to score, or None for the configured model (see the docstring)."""
-    path = str(cfg.model.path)
-    if is_endpoint(path) or Path(path).is_dir():
-        return path
-    if cfg.init:
-        if check and not (is_endpoint(str(cfg.init)) or Path(cfg.init).is_dir()):
-            raise UserError(f"init={cfg.init}: no such checkpoint (score a model with model=PATH_OR_ENDPOINT, "
-                            f"or init=null to score model.path={path})")
-        return str(cfg.init)
-    return None
 
 
 def reward_model_path(cfg, notes: list[str]) -> Optional[str]:
@@ -81,15 +75,15 @@ def reward_model_path(cfg, notes: list[str]) -> Optional[str]:
                     f"the reward metrics)")
 
 
-def check_gold(gold: Optional[str], rm_path: Optional[str], splits: list[str]) -> None:
-    """The gold reward model must not be the training one (the policy was optimised against that) and
-    must not have been trained on the splits it scores."""
-    if not gold or is_endpoint(str(gold)) or not Path(gold).is_dir():
-        return  # endpoints and builtin:tiny-gold: nothing to compare; a missing dir fails at loading
-    if rm_path and Path(gold).resolve() == Path(rm_path).resolve():
-        raise UserError(f"eval.gold_rm={gold} is the training reward model (rm=): the policy was optimised against "
-                        f"it, so it cannot be the gold scorer (name an independent one, or leave eval.gold_rm unset)")
-    check_held_out(training_record(str(gold)), str(gold), splits, "gold reward model")
+def gold_dir(gold: Optional[str]) -> Optional[str]:
+    """The local dir of eval.gold_rm (builtin:tiny-gold built here), None for an endpoint or none; a
+    dir that is not there is a one-line error before anything loads."""
+    if not gold or is_endpoint(str(gold)):
+        return None
+    path = resolve_spec(str(gold))
+    if not Path(path).is_dir():
+        raise UserError(f"eval.gold_rm={gold}: no such directory (a local model dir, {TINY_GOLD}, or an http(s) endpoint)")
+    return path
 
 
 def free_memory() -> None:
@@ -156,13 +150,12 @@ def shorten_prompts(cfg, engine, rows: list[dict], notes: list[str]) -> list[lis
 
 
 def run(cfg) -> dict:
-    from eval.feedback_eval import eval_task
-
+    check_config(cfg)
     task = eval_task(cfg)  # a Feedback or Select model has its own eval (eval.task; auto: its training record)
-    if task in ("feedback", "select"):
-        from importlib import import_module
-
-        return import_module(f"eval.{task}_eval").run(cfg)
+    if task == "feedback":
+        return feedback_eval.run(cfg)
+    if task == "select":
+        return select_eval.run(cfg)
     start = time.monotonic()
     e = cfg.eval
     out = Path(cfg.out)
@@ -178,24 +171,30 @@ def run(cfg) -> dict:
     rm_path = reward_model_path(cfg, notes)
     if not Path(cfg.data_dir).is_dir():
         raise UserError(f"data_dir={cfg.data_dir}: no such directory (pass data=DIR, a data_prep output dir)")
+    model_dir = local_dir(cfg, target)  # a hub id that cannot be loaded stops here, before anything else
 
-    # Held-out hygiene: nothing is scored on a split its model was trained on.
+    # Held-out hygiene: nothing is scored on a split its model was trained on; gold is outside the lineage.
     splits = [f"edit/{e.split}", f"edit_quality/{e.split}"]
-    model_record = training_record(target if target and not is_endpoint(target) else None)
+    model_record = training_record(model_dir)
     rm_record = training_record(rm_path)
     check_held_out(model_record, model_name, splits, "model")
     check_held_out(rm_record, str(rm_path), splits, "reward model")
-    check_gold(e.gold_rm, rm_path, splits)
+    gold_path = gold_dir(e.gold_rm)
+    notes += check_gold(e.gold_rm, gold_path, model_dir, rm_path)
+    check_held_out(training_record(gold_path), str(e.gold_rm), splits, "gold reward model")
     notes += manifest_notes(cfg.data_dir, [(model_name, model_record)] + ([(rm_path, rm_record)] if rm_path else []))
     for note in notes:
         print(note)
 
     rows = load_edit_rows(cfg.data_dir, e.split, e.max_rows)
     pairs = load_pairs(cfg.data_dir, e.split, e.max_rows)
+    claim_out_dir(out, identity(cfg, target))  # before anything is written or loaded
     sampling = Sampling(max_new_tokens=e.max_new_tokens, temperature=e.temperature, top_p=e.top_p, seed=cfg.seed)
 
-    # 1. Generate an edit for every row (cached on disk as it goes).
-    engine = generation_engine(cfg, target)
+    # 1. Generate an edit for every row (cached on disk as it goes), the model at its own settings.
+    settings = None if target and is_endpoint(target) else target_settings(cfg, model_dir, target)
+    engine = generation_engine(cfg, target, settings)
+    provenance = {"model": describe_target(cfg, target, engine, settings)}
     prompts = shorten_prompts(cfg, engine, rows, notes)
     cache = GenerationCache(out / "cache" / "generations.jsonl")
     with _progress(len(rows), "generating edits") as bar:
@@ -218,6 +217,11 @@ def run(cfg) -> dict:
         notes.append(f"{len(failed)} of {len(records)} rows failed after retries (first: {failed[0]['id']}: "
                      f"{failed[0]['error']}): recorded in generations.jsonl, left out of the metrics")
         print(notes[-1])
+    cut = sum(r["finish_reason"] == "length" for r in records)
+    if cut:
+        notes.append(f"{cut} of {len(records) - len(failed)} edits were cut at eval.max_new_tokens={e.max_new_tokens}: "
+                     f"left out of the gold and proxy win rates (cut_share)")
+        print(notes[-1])
 
     # 2. The policy's preference between good and bad edits (needs the model's logits).
     pair_records = [{"id": p["id"], "kind": p["kind"], "domain": p.get("domain", "unknown"),
@@ -226,6 +230,7 @@ def run(cfg) -> dict:
         policy_preference(engine, pairs, pair_records, cfg)
     elif isinstance(engine, HTTPEngine):
         notes.append("policy log-likelihood preference skipped: an endpoint gives no prompt log-probabilities")
+    budget = prompt_budget(cfg, engine)
     del engine
     free_memory()
 
@@ -233,17 +238,26 @@ def run(cfg) -> dict:
     #    training rm is the proxy (the policy was optimised against it); the gold rm is independent.
     failures = {"proxy_scorer": 0, "gold_scorer": 0, "judge": 0}
     gold_kind = None
+    scorers: dict = {"proxy_rm": None, "gold_rm": None, "judge": None}
     if rm_path:
-        proxy = proxy_scorer(rm_path, cfg)
+        rm_settings, note = proxy_settings(rm_path, cfg, model_record)
+        if note:
+            notes.append(note)
+            print(note)
+        proxy = proxy_scorer(rm_path, cfg, rm_settings)
+        scorers["proxy_rm"] = scorer_provenance(rm_path, rm_path, proxy, rm_settings)
         failures["proxy_scorer"] = reward_model_metrics(proxy, "proxy", "edit_request", rows, records, pairs,
                                                         pair_records)
         failures["proxy_scorer_truncated"] = proxy.shortened
         del proxy
         free_memory()
     if e.gold_rm:
-        gold = load_scorer(e.gold_rm, e.gold_rm_kind, dtype=cfg.model.dtype, batch_size=e.batch_size,
+        gold_settings = model_settings(gold_path, e.dtype) if gold_path else None
+        gold = load_scorer(gold_path or e.gold_rm, e.gold_rm_kind, dtype=gold_settings.dtype if gold_settings else "float32",
+                           batch_size=e.batch_size, max_length=gold_settings.seq_len if gold_settings else None,
                            concurrency=e.concurrency, max_retries=e.max_retries, timeout_s=e.request_timeout_s,
                            api_key_env=e.api_key_env)
+        scorers["gold_rm"] = {**scorer_provenance(str(e.gold_rm), gold_path, gold, gold_settings), "input": e.gold_rm_input}
         failures["gold_scorer"] = reward_model_metrics(gold, "gold", e.gold_rm_input, rows, records, pairs, pair_records)
         gold_kind = gold.kind
         failures["gold_scorer_truncated"] = gold.shortened
@@ -256,12 +270,19 @@ def run(cfg) -> dict:
     # 4. LLM judge (gold): the edit against the original and against the human edit, both orders.
     if e.judge_endpoint:
         from eval.judge import judge_edits
+        from eval.metrics import JUDGE_TEMPLATE
 
-        wins, failures["judge"] = judge_edits(rows, records, e, cfg.seed, out / "cache" / "judge.jsonl")
+        judge_info: dict = {}
+        wins, failures["judge"] = judge_edits(rows, records, e, cfg.seed, out / "cache" / "judge.jsonl", judge_info)
         for record, row_wins in zip(records, wins):
             record["metrics"].update(row_wins)
+        scorers["judge"] = {"path": e.judge_endpoint, "endpoint": True, "served_model": judge_info.get("served_model"),
+                            "template_sha256": hashlib.sha256(JUDGE_TEMPLATE.encode()).hexdigest()}
 
-    report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes, failures, gold_kind)
+    provenance.update(scorers=scorers, data=data_provenance(cfg, rows, pairs), sampling=asdict(sampling),
+                      max_prompt_tokens=budget)
+    report = build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes, failures, gold_kind,
+                          provenance)
     write_outputs(out, records, pair_records, report)
     metric = next((k for k in SUMMARY_METRICS if report.get(k) is not None), "copy_rate")
     summary = {"stage": "eval", "metric": metric, "value": report[metric], "out": str(out),
@@ -270,8 +291,30 @@ def run(cfg) -> dict:
     atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
     headline = ", ".join(f"{k}={report[k]:.3g}" for k in HEADLINE if report.get(k) is not None)
     errors = f", {report['counts']['errors']} rows failed" if report["counts"]["errors"] else ""
-    print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs{errors}: {headline} -> {out}/report.md")
+    cut_note = f", {cut} cut (win rates over the finished)" if cut else ""
+    print(f"eval: {model_name} on {len(rows)} rows + {len(pairs)} pairs{errors}{cut_note}: {headline} -> {out}/report.md")
     return summary
+
+
+def data_provenance(cfg, rows: list[dict], pairs: list[dict]) -> dict:
+    """The data a report was scored on: dir, manifest sha256, split, and the ids of its rows and pairs."""
+    manifest = Path(cfg.data_dir) / "manifest.json"
+    ids = "\n".join([r["id"] for r in rows] + [p["id"] for p in pairs])
+    return {"dir": str(cfg.data_dir), "manifest_sha256": sha256_file(manifest) if manifest.is_file() else None,
+            "split": cfg.eval.split, "rows": len(rows), "pairs": len(pairs),
+            "ids_sha256": hashlib.sha256(ids.encode("utf-8")).hexdigest()}
+
+
+def scorer_provenance(spec: str, directory: Optional[str], scorer, settings: Optional[Settings]) -> dict:
+    """A reward scorer for report.json: what was named, its dir and content fingerprint, its kind, and
+    the settings it scored at; an endpoint: URL and served model."""
+    from recipes.provenance import describe_model
+
+    if directory is None:
+        return {"path": spec, "endpoint": True, "served_model": getattr(scorer, "model", None), "kind": scorer.kind,
+                "fingerprint": None}
+    return {**describe_model(spec, directory), "kind": scorer.kind, "dtype": settings.dtype,
+            "max_length": scorer.max_length, "settings_from": {"dtype": settings.dtype_from, "seq_len": settings.seq_len_from}}
 
 
 def policy_preference(engine: HFEngine, pairs: list[dict], pair_records: list[dict], cfg) -> None:
@@ -287,11 +330,39 @@ def policy_preference(engine: HFEngine, pairs: list[dict], pair_records: list[di
         pair_records[i]["metrics"].update({"logprob_chosen": lp_good, "logprob_rejected": lp_bad, "policy_correct": correct})
 
 
-def proxy_scorer(rm_path: str, cfg):
+def proxy_settings(rm_path: str, cfg, policy_record: Optional[dict]) -> tuple[Settings, Optional[str]]:
+    """How the training reward model scores here: as rl scored it when the policy's training record names
+    this reward model (same path or content fingerprint) with its scoring (max_length, dtype); else at the
+    rm's own settings (its hs3_training.json, else config.json). A note when the record names another one."""
+    from recipes.provenance import model_fingerprint
+
+    own = model_settings(rm_path, cfg.eval.dtype)
+    entry = ((policy_record or {}).get("inputs") or {}).get("reward_model")
+    if not isinstance(entry, dict) or not entry.get("path"):
+        return own, None
+    same = (entry.get("resolved") or str(Path(entry["path"]).resolve())) == str(Path(rm_path).resolve()) or (
+        entry.get("fingerprint") is not None and entry.get("fingerprint") == model_fingerprint(rm_path))
+    if not same:
+        return own, (f"note: rm={rm_path} is not the reward model the policy was trained against ({entry['path']}, "
+                     f"per its hs3_training.json): the proxy figures are another scorer's")
+    scoring = entry.get("scoring") if isinstance(entry.get("scoring"), dict) else {}
+    source = "the policy's hs3_training.json (how rl scored)"
+    dtype, dtype_from = own.dtype, own.dtype_from
+    if scoring.get("dtype") and cfg.eval.dtype == "auto":
+        dtype, dtype_from = scoring["dtype"], source
+    seq_len, seq_len_from = own.seq_len, own.seq_len_from
+    if isinstance(scoring.get("max_length"), int) and scoring["max_length"] > 0:
+        seq_len, seq_len_from = scoring["max_length"], source
+    return replace(own, dtype=dtype, seq_len=seq_len, dtype_from=dtype_from, seq_len_from=seq_len_from), None
+
+
+def proxy_scorer(rm_path: str, cfg, settings: Optional[Settings] = None):
     """The training reward model, scoring exactly as rm training and the RL reward do (edit prompt +
-    edit, recipes.reward.score_conversations with its truncation rule at train.seq_len)."""
-    return load_scorer(rm_path, "seqcls", dtype=cfg.model.dtype, batch_size=cfg.eval.batch_size,
-                       max_length=cfg.train.seq_len)
+    edit, recipes.reward.score_conversations with its truncation rule) at `settings` (default: the rm's
+    own: proxy_settings without a policy record)."""
+    settings = settings or model_settings(rm_path, cfg.eval.dtype)
+    return load_scorer(rm_path, "seqcls", dtype=settings.dtype, batch_size=cfg.eval.batch_size,
+                       max_length=settings.seq_len)
 
 
 def scored_conversation(prompt: list[dict], text: str, input_format: str) -> list[dict]:
@@ -304,9 +375,10 @@ def scored_conversation(prompt: list[dict], text: str, input_format: str) -> lis
 def reward_model_metrics(scorer, prefix: str, input_format: str, rows: list[dict], records: list[dict],
                          pairs: list[dict], pair_records: list[dict]) -> int:
     """Scores each row's generated, original and human edit, and each pair's two sides; the wins
-    (`{prefix}_win_vs_*`) and accuracies go into the records' metrics. Rows whose generation failed are
-    not scored. Returns how many scorer requests failed."""
-    scored = [i for i, r in enumerate(records) if r["error"] is None]
+    (`{prefix}_win_vs_*`) and accuracies go into the records' metrics. Rows whose generation failed, and
+    edits cut at max_new_tokens (no finished edit to win with), are not scored. Returns how many scorer
+    requests failed."""
+    scored = [i for i, r in enumerate(records) if r["error"] is None and r["finish_reason"] != "length"]
     conversations = [scored_conversation(rows[i]["prompt"], text, input_format) for i in scored
                      for text in (records[i]["generated"], rows[i]["original_response"], rows[i]["reference_edit"])]
     conversations += [scored_conversation(p["prompt"], side[-1]["content"], input_format)
@@ -329,24 +401,28 @@ def reward_model_metrics(scorer, prefix: str, input_format: str, rows: list[dict
 
 
 def build_report(cfg, model_name, rm_path, records, pair_records, sampling, notes, failures=None,
-                 gold_kind=None) -> dict:
+                 gold_kind=None, provenance: Optional[dict] = None) -> dict:
     """Headline values at the top level; each metric with its CI overall, per domain and per language
-    (generation metrics over the edit rows, likelihood metrics over the pairs)."""
+    (generation metrics over the edit rows, likelihood metrics over the pairs; the win rates over the
+    finished edits, cut_share beside them); meta.provenance: what produced every figure."""
     samples, seed = cfg.eval.bootstrap_samples, cfg.seed
     scored = records + pair_records
     overall = M.summarize_rows(scored, samples, seed)
     headline = {key: (overall[key]["value"] if key in overall else None)
                 for key, _, _ in M.GENERATION_METRICS + M.LIKELIHOOD_METRICS}
+    reasons = {reason: sum(r["finish_reason"] == reason for r in records) for reason in ("stop", "length", "error")}
+    generated = reasons["stop"] + reasons["length"]
     return {
         **headline,
+        "cut_share": reasons["length"] / generated if generated else None,
         "meta": {"model": model_name, "reward_model": rm_path, "proxy_reward_model": rm_path,
                  "gold": {"reward_model": cfg.eval.gold_rm, "reward_model_kind": gold_kind or cfg.eval.gold_rm_kind,
                           "reward_model_input": cfg.eval.gold_rm_input, "judge_endpoint": cfg.eval.judge_endpoint,
                           "judge_model": cfg.eval.judge_model},
                  "data_dir": str(cfg.data_dir), "split": cfg.eval.split,
                  "sampling": asdict(sampling), "max_prompt_tokens": cfg.eval.max_prompt_tokens,
-                 "bootstrap_samples": samples, "seed": seed, "notes": notes},
-        "counts": {"rows": len(records), "pairs": len(pair_records),
+                 "bootstrap_samples": samples, "seed": seed, "notes": notes, "provenance": provenance},
+        "counts": {"rows": len(records), "pairs": len(pair_records), "finish_reasons": reasons,
                    "errors": sum(r["error"] is not None for r in records),
                    "empty": int(sum(r["metrics"].get("empty", 0) for r in records)),
                    "truncated": int(sum(r["metrics"].get("truncated", 0) for r in records)),

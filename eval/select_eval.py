@@ -9,7 +9,9 @@ each with a 95% percentile-bootstrap CI over pairs (eval/metrics.py):
                       by preference strength |overall_preference| (strength_1..3), domain and language
   weighted_accuracy   the same, each pair weighted by its strength (what the scaled-BT loss weighs)
 Ties were left out by the data step (reason `tie`). A local checkpoint only (a sequence classifier with
-one output); pairs over train.seq_len tokens are cut by recipes.reward's rule and counted.
+one output), loaded at its own dtype and placed like the other evals' models (over the GPUs when there
+are any); pairs over its sequence length (its hs3_training.json's seq_len, else config.json's
+max_position_embeddings: eval/target.py) are cut by recipes.reward's rule and counted.
 
 Writes into cfg.out: scores.jsonl (one line per pair), report.json, report.md, summary.json, config.yaml.
 """
@@ -21,7 +23,10 @@ from pathlib import Path
 from hs3.io import UserError, read_jsonl
 
 from eval import metrics as M
-from eval.feedback_eval import dry_run, finish, grouped, render, summarize
+from eval.data import check_held_out, manifest_notes, training_record
+from eval.engines import gpu_device_map, is_endpoint
+from eval.feedback_eval import dry_run, finish, grouped, provenance, render, summarize
+from eval.target import check_config, claim_out_dir, describe_target, identity, model_settings, model_under_test
 
 METRICS = (("accuracy", "preference accuracy"),)
 
@@ -61,12 +66,10 @@ def weighted_accuracy(records: list[dict], samples: int, seed: int) -> dict | No
 def run(cfg) -> dict:
     from transformers import AutoModelForSequenceClassification
 
-    from eval.data import check_held_out, manifest_notes, training_record
-    from eval.engines import is_endpoint
-    from eval.run import model_under_test
     from recipes import reward
-    from recipes.models import load_tokenizer
+    from recipes.models import load_pretrained, load_tokenizer, torch_dtype
 
+    check_config(cfg)
     if cfg.dry_run:
         return dry_run(cfg, "select")
     start = time.monotonic()
@@ -79,22 +82,29 @@ def run(cfg) -> dict:
     check_held_out(record, target, [f"preference/{e.split}"], "model")
     notes = manifest_notes(cfg.data_dir, [(target, record)])
     pairs = load_pairs(cfg.data_dir, e.split, e.max_rows)
-    model = AutoModelForSequenceClassification.from_pretrained(target)
+    claim_out_dir(out, identity(cfg, target))
+    settings = model_settings(target, e.dtype)
+    model = load_pretrained(AutoModelForSequenceClassification, target, dtype=torch_dtype(settings.dtype),
+                            device_map=gpu_device_map()).eval()
     tokenizer = load_tokenizer(cfg.model, target)
-    max_len = int(cfg.train.seq_len)
+    max_len = int(settings.seq_len or cfg.train.seq_len)
     chosen = reward.score_conversations(model, tokenizer, [p["prompt"] + p["chosen"] for p in pairs], max_len, e.batch_size)
     rejected = reward.score_conversations(model, tokenizer, [p["prompt"] + p["rejected"] for p in pairs], max_len, e.batch_size)
     records = pair_records(pairs, chosen, rejected)
     longer = sum(reward.conversation_length(tokenizer, p["prompt"] + side) > max_len
                  for p in pairs for side in (p["chosen"], p["rejected"]))
     if longer:
-        notes.append(f"{longer} sides over train.seq_len={max_len} tokens: cut by recipes.reward's truncation rule")
+        notes.append(f"{longer} sides over the model's sequence length {max_len} tokens: cut by recipes.reward's "
+                     f"truncation rule")
     samples, keys = e.bootstrap_samples, ["accuracy"]
     overall = summarize(records, keys, samples, cfg.seed)
     if (weighted := weighted_accuracy(records, samples, cfg.seed)) is not None:
         overall["weighted_accuracy"] = weighted
+    described = describe_target(cfg, target, None, settings)
     report = {"task": "select", "meta": {"model": target, "data_dir": str(cfg.data_dir), "split": e.split,
-                                         "max_len": max_len, "bootstrap_samples": samples},
+                                         "max_len": max_len, "bootstrap_samples": samples,
+                                         "provenance": provenance(cfg, described, [p["id"] for p in pairs],
+                                                                  max_length=max_len)},
               "counts": {"items": len(records), "sides_truncated": longer},
               "overall": overall,
               "by_strength": grouped(records, "strength", keys, samples, cfg.seed),

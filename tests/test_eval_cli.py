@@ -23,17 +23,36 @@ def _linked_checkpoint(src: Path, dst: Path, trained_on: list[str]) -> Path:
     return dst
 
 
+def _ends_its_turn(checkpoint: Path) -> Path:
+    """The tiny model answers every prompt with the same first token and never with <|eot_id|>: its
+    edits would all be cut at max_new_tokens (left out of the win rates). This checkpoint's
+    generation_config.json ends the turn at that token too, so its (empty) edits are finished ones."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    model, tok = AutoModelForCausalLM.from_pretrained(checkpoint), AutoTokenizer.from_pretrained(checkpoint)
+    ids = tok.apply_chat_template([{"role": "user", "content": "Hi"}], add_generation_prompt=True, return_tensors="pt",
+                                  return_dict=True)
+    first = int(model.generate(**ids, max_new_tokens=1, do_sample=False)[0, -1])
+    config = GenerationConfig.from_pretrained(checkpoint)
+    (checkpoint / "generation_config.json").unlink()
+    config.eos_token_id = [config.eos_token_id, first]
+    config.save_pretrained(checkpoint)
+    return checkpoint
+
+
 @pytest.fixture(scope="module")
 def eval_dir(tiny_model_dir, tiny_rm_dir, tmp_path_factory) -> Path:
     data = write_eval_data(tmp_path_factory.mktemp("leaky_data"), leakage={"edit": {"train_leaked": 3, "removed": 3}})
     out = tmp_path_factory.mktemp("runs") / "sft_eval"
-    checkpoint = _linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final", ["edit/train"])
+    checkpoint = _ends_its_turn(_linked_checkpoint(tiny_model_dir, tmp_path_factory.mktemp("ckpt") / "final",
+                                                   ["edit/train"]))
     args = ["-m", "launcher", "eval", f"model={checkpoint}", f"data={data}", f"rm={tiny_rm_dir}", f"out={out}",
             "eval.gold_rm=builtin:tiny-gold", *FAST]
     proc = run_cli(*args)
     assert proc.returncode == 0, proc.stderr[-2000:]
     (out.parent / "stdout.txt").write_text(proc.stdout)
     (out.parent / "args.json").write_text(json.dumps(args))
+    (out.parent / "checkpoint.txt").write_text(str(checkpoint))
     return out
 
 
@@ -97,12 +116,41 @@ def test_eval_cli_writes_the_report_files(eval_dir, eval_data_dir):
     assert "tiny random causal LM" in md  # the smoke's gold scorer says what it is
     summary = json.loads((eval_dir / "summary.json").read_text())
     assert summary["stage"] == "eval" and summary["value"] == report[summary["metric"]]
+    # every edit ended its turn: the win rates are over all 8, nothing cut
+    assert report["counts"]["finish_reasons"] == {"stop": 8, "length": 0, "error": 0} and report["cut_share"] == 0.0
+    assert report["overall"]["gold_reward_win_rate"]["n"] == 8 and "over the 8 finished edits; 0 cut" in md
     stdout = (eval_dir.parent / "stdout.txt").read_text()
     assert "leakage flagged by the data manifest: edit.train_leaked=3, edit.removed=3" in stdout
     assert "gold_reward_win_rate=" in stdout and "proxy_reward_win_rate=" in stdout
     assert summary["metric"] == "gold_reward_win_rate"
     assert "trained on another data build" in stdout  # the record's manifest sha differs from this data's
     assert stdout.strip().splitlines()[-1].startswith("eval: ")
+
+
+def test_report_names_what_produced_every_figure(eval_dir, tiny_rm_dir):
+    """meta.provenance: the model under test, each scorer with its content fingerprint and the settings it
+    scored at, the data (manifest sha256, split, ids), the sampling and the prompt budget."""
+    from eval.reward_scorers import TINY_GOLD, resolve_spec
+    from hs3.io import sha256_file
+    from recipes.provenance import model_fingerprint
+
+    report = json.loads((eval_dir / "report.json").read_text())
+    provenance = report["meta"]["provenance"]
+    checkpoint = (eval_dir.parent / "checkpoint.txt").read_text()
+    model = provenance["model"]
+    assert model["path"] == checkpoint and model["fingerprint"] == model_fingerprint(checkpoint)
+    # its record predates dtype/seq_len: config.json's (not the tiny preset's seq_len 1024)
+    assert (model["dtype"], model["seq_len"], model["seq_len_from"]) == ("float32", 2048, "config.json")
+    proxy, gold = provenance["scorers"]["proxy_rm"], provenance["scorers"]["gold_rm"]
+    assert proxy["path"] == str(tiny_rm_dir) and proxy["fingerprint"] == model_fingerprint(tiny_rm_dir)
+    assert proxy["kind"] == "seqcls" and proxy["max_length"] == 2048 and proxy["dtype"] == "float32"
+    assert gold["path"] == TINY_GOLD and gold["fingerprint"] == model_fingerprint(resolve_spec(TINY_GOLD))
+    assert gold["kind"] == "first_logit" and gold["input"] == "context" and provenance["scorers"]["judge"] is None
+    data_dir = Path(report["meta"]["data_dir"])
+    assert provenance["data"]["manifest_sha256"] == sha256_file(data_dir / "manifest.json")
+    assert provenance["data"]["split"] == "validation" and provenance["data"]["rows"] == 8
+    assert provenance["sampling"] == {"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 1234}
+    assert "## Provenance" in (eval_dir / "report.md").read_text()
 
 
 def test_rerun_from_scratch_gives_the_same_bytes(eval_dir, tmp_path):
@@ -205,7 +253,8 @@ def test_bad_paths_are_one_line_errors(args, message, tiny_model_dir, eval_data_
 def test_the_gold_reward_model_cannot_be_the_training_one(tiny_model_dir, tiny_rm_dir, eval_data_dir, tmp_path):
     proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={tiny_rm_dir}",
                    f"eval.gold_rm={tiny_rm_dir}", f"out={tmp_path / 'out'}", *FAST)
-    assert proc.returncode == 2 and "is the training reward model" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "this eval's training reward model (rm=)" in proc.stderr, proc.stderr
+    assert "policy's lineage" in proc.stderr and proc.stderr.strip().count("\n") == 0
     gold = _linked_checkpoint(tiny_rm_dir, tmp_path / "gold", ["edit_quality/validation"])
     proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", "rm=null",
                    f"eval.gold_rm={gold}", f"out={tmp_path / 'out'}", *FAST)
@@ -217,23 +266,30 @@ def test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped(tiny_
                    "eval.max_rows=2", *FAST)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"no reward model at {tmp_path}/rm/final: reward metrics skipped" in proc.stdout
-    report = json.loads((tmp_path / "eval" / "report.json").read_text())
+    out = tmp_path / "eval" / tiny_model_dir.name  # each model's eval in its own dir
+    report = json.loads((out / "report.json").read_text())
     assert report["proxy_reward_win_rate"] is None and report["rm_accuracy"] is None
     assert report["gold_reward_win_rate"] is None  # no gold scorer configured
     assert report["counts"]["rows"] == 2 and isinstance(report["policy_pref_accuracy"], float)
-    assert json.loads((tmp_path / "eval" / "summary.json").read_text())["metric"] == "copy_rate"
+    assert json.loads((out / "summary.json").read_text())["metric"] == "copy_rate"
 
 
 def test_which_model_is_scored(tiny_model_dir, tmp_path):
-    from eval.run import model_under_test
+    """Exactly what the user named: init= when given; else what model= names (never the run's rl/final);
+    else the run's rl/final."""
+    from eval.target import model_under_test
     from recipes.config import compose
 
     init = tmp_path / "rl" / "final"
     init.mkdir(parents=True)
-    assert model_under_test(compose("eval", [f"model={tiny_model_dir}", f"init={init}"])) == str(tiny_model_dir)
-    assert model_under_test(compose("eval", ["model=http://127.0.0.1:8000/v1"])) == "http://127.0.0.1:8000/v1"
-    assert model_under_test(compose("eval", ["model=tiny", f"init={init}"])) == str(init)
-    assert model_under_test(compose("eval", ["model=tiny", "init=null"])) is None  # model.path itself
+    run = f"run_dir={tmp_path}"
+    assert model_under_test(compose("eval", [run, f"model={tiny_model_dir}"])) == str(tiny_model_dir)
+    assert model_under_test(compose("eval", [run, "model=http://127.0.0.1:8000/v1"])) == "http://127.0.0.1:8000/v1"
+    assert model_under_test(compose("eval", [run, "model=tiny"])) is None  # the tiny model itself, not rl/final
+    assert model_under_test(compose("eval", [run, "model=nvidia/Llama-3.3-Nemotron-70B-Edit"])) is None  # the hub id
+    assert model_under_test(compose("eval", [run])) == str(init)  # nothing named: the run's policy
+    assert model_under_test(compose("eval", [run, "model=tiny", f"init={init}"])) == str(init)
+    assert model_under_test(compose("eval", [run, f"model={tiny_model_dir}", f"init={init}"])) == str(init)
 
 
 def test_data_loading_limits_and_pair_kinds(eval_data_dir):
@@ -246,7 +302,110 @@ def test_data_loading_limits_and_pair_kinds(eval_data_dir):
 
 
 def test_dry_run_loads_and_writes_nothing(tmp_path):
-    proc = run_cli("-m", "launcher", "eval", "--dry-run", "model=tiny", f"run_dir={tmp_path / 'nothing'}")
+    proc = run_cli("-m", "launcher", "eval", "--dry-run", f"run_dir={tmp_path / 'nothing'}")
     assert proc.returncode == 0, proc.stderr
-    assert "eval: dry run, would score" in proc.stdout and f"{tmp_path / 'nothing'}/rl/final" in proc.stdout
+    assert "eval: dry run, would score" in proc.stdout and f"{tmp_path / 'nothing'}/rl/final on" in proc.stdout
+    assert f"-> {tmp_path / 'nothing'}/eval/rl/report.json" in proc.stdout
+    proc = run_cli("-m", "launcher", "eval", "--dry-run", "model=tiny", f"run_dir={tmp_path / 'nothing'}")
+    assert "would score builtin:tiny on" in proc.stdout and "rl/final on" not in proc.stdout
     assert not (tmp_path / "nothing").exists()
+
+
+def _copy_eval(eval_dir: Path, dst: Path, edit=None) -> Path:
+    """Another eval dir with the same rows; `edit(report)` changes its report.json."""
+    dst.mkdir(parents=True)
+    for name in ("generations.jsonl", "likelihood.jsonl"):
+        (dst / name).write_text((eval_dir / name).read_text())
+    report = json.loads((eval_dir / "report.json").read_text())
+    if edit:
+        edit(report)
+    (dst / "report.json").write_text(json.dumps(report))
+    return dst
+
+
+def test_a_paired_compare_of_differently_scored_reports_is_refused_naming_the_field(eval_dir, tmp_path):
+    """Another gold scorer, another data build, another max_new_tokens: --paired refuses with one line that
+    names the field; --allow-mismatch compares with the warnings leading; the side-by-side table leads with them."""
+    def other_gold(report):
+        report["meta"]["provenance"]["scorers"]["gold_rm"]["fingerprint"] = "f" * 64
+
+    def other_data(report):
+        report["meta"]["provenance"]["data"]["manifest_sha256"] = "0" * 64
+        report["meta"]["provenance"]["sampling"]["max_new_tokens"] = 4096
+
+    gold = _copy_eval(eval_dir, tmp_path / "gold", other_gold)
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(gold), "--out", str(tmp_path / "p"))
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "not comparable: gold reward model differs (scorers.gold_rm)" in proc.stderr
+    assert not (tmp_path / "p" / "paired.json").exists()
+    data = _copy_eval(eval_dir, tmp_path / "data", other_data)
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(data), "--out", str(tmp_path / "p"))
+    assert proc.returncode == 2 and "data (manifest sha256) differs (data.manifest_sha256)" in proc.stderr
+    assert "(and 1 more)" in proc.stderr
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(data), "--out", str(tmp_path / "p"),
+                   "--allow-mismatch", "--bootstrap-samples", "50")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines()[0].startswith("warning: data (manifest sha256) differs")
+    assert "max_new_tokens differs (sampling.max_new_tokens)" in proc.stdout
+    paired = json.loads((tmp_path / "p" / "paired.json").read_text())
+    assert len(paired["warnings"]) == 2 and (tmp_path / "p" / "paired.md").read_text().count("> warning:") == 2
+    proc = run_cli("-m", "launcher", "eval-compare", str(eval_dir), str(gold), "--out", str(tmp_path / "side"))
+    assert proc.returncode == 0 and proc.stdout.startswith("warning: gold reward model differs"), proc.stdout
+    assert (tmp_path / "side" / "compare.md").read_text().count("> warning: gold reward model differs") == 1
+    same = _copy_eval(eval_dir, tmp_path / "same")
+    proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(same), "--out", str(tmp_path / "p2"),
+                   "--bootstrap-samples", "50")
+    assert proc.returncode == 0 and "warning" not in proc.stdout
+
+
+@pytest.mark.parametrize("report, message", [
+    ({}, "overall is missing, not an object"),
+    ([], "a JSON list, not an object"),
+    (None, "a JSON NoneType, not an object"),
+    ("text", "a JSON str, not an object"),
+    ({"overall": None, "meta": {}, "counts": {}}, "overall is NoneType, not an object"),
+    ({"overall": {"copy_rate": {"value": "high", "ci": [0, 1], "n": 3}}, "meta": {}, "counts": {}},
+     "overall.copy_rate has no numeric value"),
+    ({"overall": {"copy_rate": {"value": 0.5, "ci": [0, 1], "n": "3"}}, "meta": {}, "counts": {}}, "overall.copy_rate.n"),
+    ({"overall": {}, "meta": {}, "counts": {}}, "no provenance"),
+])
+def test_eval_compare_treats_every_report_as_untrusted(report, message, eval_dir, tmp_path, capsys):
+    from eval.compare import main
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "report.json").write_text(json.dumps(report))
+    for argv in ([str(eval_dir), str(bad)], ["--paired", str(eval_dir), str(bad)]):
+        assert main([*argv, "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.strip().count("\n") == 0, err
+
+
+def test_eval_compare_bad_rows_out_and_samples_are_one_line_errors(eval_dir, tmp_path, capsys):
+    import stat
+
+    from eval.compare import main
+
+    rows = _copy_eval(eval_dir, tmp_path / "rows")
+    lines = (rows / "generations.jsonl").read_text().splitlines()
+    row = json.loads(lines[2])
+    row["metrics"]["rouge_l"] = "0.5"
+    (rows / "generations.jsonl").write_text("\n".join(lines[:2] + [json.dumps(row)] + lines[3:]) + "\n")
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(stat.S_IRUSR | stat.S_IXUSR)
+    cases = [(["--paired", str(eval_dir), str(rows)], "generations.jsonl line 3: metrics.rouge_l is \"0.5\", not a number"),
+             (["--paired", str(eval_dir), str(eval_dir), "--bootstrap-samples", "-5"], "--bootstrap-samples=-5: must be >= 1"),
+             (["--paired", str(eval_dir), str(eval_dir), "--bootstrap-samples", "0"], "--bootstrap-samples=0"),
+             ([str(eval_dir), "--out", str(eval_dir / "report.json" / "sub")], "cannot create it"),
+             (["--paired", str(eval_dir), str(eval_dir), "--out", str(eval_dir / "report.json")], "cannot create it")]
+    if os.geteuid() != 0:  # root writes anywhere
+        cases += [([str(eval_dir), "--out", str(locked / "sub")], "cannot create it"),
+                  ([str(eval_dir), "--out", str(locked)], "not writable")]
+    try:
+        for argv, message in cases:
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert message in err and err.strip().count("\n") == 0, (argv, err)
+    finally:
+        locked.chmod(stat.S_IRWXU)

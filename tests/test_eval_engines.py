@@ -201,7 +201,8 @@ def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(s
     content): the request fails (retried first when the failure is retryable: 5xx, 429, timeouts), the row
     is recorded with its error and counted, the other rows are scored, and the eval exits 0. A prompt over
     eval.max_prompt_tokens is shortened (tokenizer from model.tokenizer for an endpoint) and the data step's
-    over_max_seq_len flag counted."""
+    over_max_seq_len flag counted. The tiny model never ends its turn: every edit is cut at max_new_tokens,
+    so none is judged (a cut edit is no finished one) and the win rates have no rows."""
     from hs3.io import atomic_write_jsonl
 
     from .conftest import run_cli
@@ -220,20 +221,22 @@ def test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal(s
                    "eval.max_prompt_tokens=300", f"model.tokenizer={varied_model_dir}",
                    f"eval.judge_endpoint={server}", "eval.judge_model=tiny")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    # 3 edits generated, then the gold judge on each scored row: vs the original and the human edit, both orders
-    assert _completions(server) - before == 3 + 3 * 4
+    # 3 edits generated, all cut at 4 tokens: the judge is asked about none of them
+    assert _completions(server) - before == 3
     lines = [json.loads(line) for line in (out / "generations.jsonl").read_text().splitlines()]
     assert [l["id"] for l in lines] == ["r0", "r1", "r2", "r3"]
     assert lines[1]["finish_reason"] == "error" and lines[1]["error"].split(":")[0] in (
         "BadRequestError", "InternalServerError"), lines[1]["error"]
     assert lines[1]["metrics"] == {} and all(l["error"] is None and l["metrics"] for l in lines[::2])
-    assert all({"gold_judge_win_vs_original", "gold_judge_win_vs_reference"} <= set(l["metrics"]) for l in lines[::2])
+    assert all(l["finish_reason"] == "length" and "gold_judge_win_vs_original" not in l["metrics"] for l in lines[::2])
     report = json.loads((out / "report.json").read_text())
     assert report["counts"]["errors"] == 1 and report["overall"]["copy_rate"]["n"] == 3
-    assert report["counts"]["judge_failures"] == 0 and "gold_judge_win_rate" in report
+    assert report["counts"]["judge_failures"] == 0 and report["gold_judge_win_rate"] is None
+    assert report["cut_share"] == 1.0 and report["counts"]["finish_reasons"] == {"stop": 0, "length": 3, "error": 1}
     assert report["counts"]["flagged_too_long"] == 1 and report["counts"]["prompts_shortened"] == 1
     assert lines[3]["prompt_shortened"] and not lines[0]["prompt_shortened"]
-    assert "1 of 4 rows failed after retries (first: r1" in proc.stdout and ", 1 rows failed:" in proc.stdout
+    assert "1 of 4 rows failed after retries (first: r1" in proc.stdout
+    assert ", 1 rows failed, 3 cut (win rates over the finished):" in proc.stdout
     assert "1 failed requests" in (out / "report.md").read_text()
 
 
