@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -168,12 +169,39 @@ class SeededRowSampler:
 
 # --- OpenAI-compatible endpoint -------------------------------------------------------------------
 
+class MalformedReply(Exception):
+    """A 200 reply that is not a chat completion (not JSON, HTML from a proxy, no choices, no message)."""
+
+
+def parse_chat_completion(body: str) -> Generation:
+    """The Generation in a chat-completion reply body, or MalformedReply naming what is wrong with it."""
+    try:
+        reply = json.loads(body)
+    except ValueError:
+        raise MalformedReply(f"not JSON: {body[:80]!r}") from None
+    choices = reply.get("choices") if isinstance(reply, dict) else None
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply(f"no choices in the reply: {body[:80]!r}")
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise MalformedReply(f"choices[0].message is {message!r}, not a message")
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply(f"choices[0].message.content is a {type(content).__name__}, not text")
+    usage = reply.get("usage")
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return Generation(content or "", "length" if choices[0].get("finish_reason") == "length" else "stop",
+                      tokens if isinstance(tokens, int) and not isinstance(tokens, bool) else 0)
+
+
 class HTTPEngine:
     """Chat completions against an OpenAI-compatible server, `concurrency` requests in flight.
     Retries with exponential backoff (429, 5xx, timeouts, refused connections) are the openai
-    client's own (`max_retries`). A request that still fails (or is refused, e.g. a prompt over the
-    server's context length) becomes that row's Generation with finish_reason "error" and its error
-    message: the other rows go on. Only when every request fails is it an error (the endpoint is unusable)."""
+    client's own (`max_retries`); a 200 reply that is not a chat completion (not JSON, an HTML page,
+    `choices: []`, `message: null`) is retried the same number of times with the same backoff here. A
+    request that still fails (or is refused, e.g. a prompt over the server's context length) becomes that
+    row's Generation with finish_reason "error" and its error message: the other rows go on. Only when
+    every request fails is it an error (the endpoint is unusable)."""
 
     def __init__(self, base_url: str, model: Optional[str] = None, concurrency: int = 16, max_retries: int = 5,
                  timeout_s: float = 600.0, api_key_env: str = "OPENAI_API_KEY"):
@@ -181,6 +209,7 @@ class HTTPEngine:
 
         self.base_url = base_url.rstrip("/")
         self.concurrency = concurrency
+        self.max_retries = max_retries
         self.client = OpenAI(base_url=self.base_url, api_key=os.environ.get(api_key_env) or "EMPTY",
                              max_retries=max_retries, timeout=timeout_s)
         self.model = model or self._first_model()
@@ -190,7 +219,7 @@ class HTTPEngine:
 
         try:
             models = [m.id for m in self.client.models.list()]
-        except openai.APIError as exc:
+        except (openai.APIError, ValueError, TypeError, AttributeError, KeyError) as exc:
             raise UserError(f"endpoint {self.base_url}: cannot list its models ({type(exc).__name__}: {exc}); "
                             f"is the server up? (set eval.api_model to skip this call)") from None
         if not models:
@@ -202,22 +231,26 @@ class HTTPEngine:
         return f"{self.base_url}#{self.model}"
 
     def complete(self, messages: Messages, sampling: Sampling) -> Generation:
-        response = self.client.chat.completions.create(
+        """One request; the reply body is checked here (parse_chat_completion), not trusted to the client."""
+        raw = self.client.chat.completions.with_raw_response.create(
             model=self.model, messages=list(messages), max_tokens=sampling.max_new_tokens,
             temperature=sampling.temperature, top_p=sampling.top_p, seed=sampling.seed, n=1)
-        choice = response.choices[0]
-        usage = response.usage
-        return Generation(choice.message.content or "", "length" if choice.finish_reason == "length" else "stop",
-                          usage.completion_tokens if usage else 0)
+        return parse_chat_completion(raw.text)
 
     def complete_or_error(self, messages: Messages, sampling: Sampling) -> Generation:
         import openai
 
-        try:
-            return self.complete(messages, sampling)
-        except openai.APIError as exc:
-            message = str(exc).splitlines()[0] if str(exc) else ""
-            return Generation("", "error", 0, error=f"{type(exc).__name__}: {message}"[:500])
+        for attempt in range(self.max_retries + 1):
+            try:
+                return self.complete(messages, sampling)
+            except MalformedReply as exc:
+                error = f"MalformedReply: {exc}"
+                if attempt < self.max_retries:  # as the client backs off (0.5 s doubling, at most 8 s)
+                    time.sleep(min(0.5 * 2 ** attempt, 8.0))
+            except openai.APIError as exc:
+                message = str(exc).splitlines()[0] if str(exc) else ""
+                return Generation("", "error", 0, error=f"{type(exc).__name__}: {message}"[:500])
+        return Generation("", "error", 0, error=error[:500])
 
     def generate(self, conversations: Sequence[Messages], sampling: Sampling, on_result: OnResult = None) -> list[Generation]:
         results: list[Optional[Generation]] = [None] * len(conversations)
