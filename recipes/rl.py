@@ -245,7 +245,9 @@ def run(cfg) -> dict:
 
     trainer.train(resume_from_checkpoint=training.resume_checkpoint(cfg))
     final = training.save_final(trainer, cfg, AutoModelForCausalLM)
-    training.write_training_record(final, cfg, training.STAGE_SPLITS["rl"])
+    # how the reward was scored (EditReward above: train.seq_len, model.dtype): the eval's proxy scores so
+    training.write_training_record(final, cfg, training.STAGE_SPLITS["rl"], inputs={
+        "reward_model": {"scoring": {"max_length": cfg.train.seq_len, "dtype": cfg.model.dtype}}})
     return training.write_summary(
         cfg, "mean_reward", training.mean_logged(trainer, "reward"), start,
         copy_rate=training.mean_logged(trainer, "copy_rate"),
