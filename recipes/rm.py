@@ -17,7 +17,13 @@ num_labels=1); the loss is -log sigmoid(r(chosen) - r(rejected)).
 Selection: rm.selection_fraction of the edit_quality/train prompts (all pairs of a prompt, drawn with
 `seed`) are held out of training; the trainer's eval loss on them picks the best checkpoint
 (rm.keep_best). edit_quality/validation is only reported: accuracy (r(chosen) > r(rejected)) overall
-and per kind, never used to choose.
+and per kind, never used to choose. engine=megatron holds out the same slice (train_and_selection, called
+by recipes/megatron/nemo_rl.py) and hands it to NeMo-RL as its validation set.
+
+Cadence: with train.eval_steps / train.save_steps null (conf/stage/rm.yaml) the selection loss is measured
+every max(1, steps // rm.min_evaluations) optimizer steps, and each measured step is saved, so a run
+evaluates at least rm.min_evaluations times (4 by default) whatever its length; a number given for
+either key wins (evaluation_cadence, on both engines).
 
 Every score goes through recipes.reward (the RL reward and the eval use the same function): training
 pairs are tokenized with reward_input_ids, so a finished edit ends in the end-of-turn token and the
@@ -33,7 +39,7 @@ import random
 import time
 
 from recipes import reward, training
-from recipes.config import ConfigError
+from recipes.config import ConfigError, data_parallel_size, grad_accum_steps
 
 
 def load_split(path):
@@ -63,11 +69,38 @@ def pair_accuracy(model, tokenizer, pairs, max_len: int, batch_size: int = 8, gr
     return {key: sum(w) / len(w) for key, w in sorted(wins.items()) if w}
 
 
-def check_keep_best(cfg) -> None:
-    if cfg.rm.keep_best and cfg.train.save_steps % cfg.train.eval_steps:
+def check_keep_best(cfg, eval_steps: int | None = None, save_steps: int | None = None) -> None:
+    """rm.keep_best picks among saved, evaluated steps: save_steps must be a multiple of eval_steps (the
+    configured ones; or the derived ones, evaluation_cadence, once the run's length is known)."""
+    eval_steps = cfg.train.eval_steps if eval_steps is None else eval_steps
+    save_steps = cfg.train.save_steps if save_steps is None else save_steps
+    if cfg.rm.keep_best and eval_steps and save_steps and save_steps % eval_steps:
         raise ConfigError(
-            f"rm.keep_best needs train.save_steps={cfg.train.save_steps} to be a multiple of train.eval_steps={cfg.train.eval_steps}"
+            f"rm.keep_best needs train.save_steps={save_steps} to be a multiple of train.eval_steps={eval_steps}"
         )
+
+
+def evaluation_cadence(cfg, steps: int) -> tuple[int, int]:
+    """(eval_steps, save_steps) for a run of `steps` optimizer steps, on both engines. train.eval_steps and
+    train.save_steps when given; null: every max(1, steps // rm.min_evaluations) steps, so the selection
+    loss is measured at least rm.min_evaluations times when the run has that many steps (NeMo-RL also at
+    its last step: rm.val_at_end); a null save_steps saves every evaluated step."""
+    t = cfg.train
+    eval_steps = t.eval_steps if t.eval_steps is not None else max(1, steps // cfg.rm.min_evaluations)
+    save_steps = t.save_steps if t.save_steps is not None else eval_steps
+    check_keep_best(cfg, eval_steps, save_steps)
+    return eval_steps, save_steps
+
+
+def hf_optimizer_steps(cfg, rows: int) -> int:
+    """Optimizer steps of TRL's Trainer over `rows` training pairs: train.max_steps, or ceil(epochs x
+    ceil(batches per process / grad_accum)) (transformers trainer.py set_initial_training_values)."""
+    if cfg.train.max_steps > 0:
+        return cfg.train.max_steps
+    t = cfg.train
+    batches = math.ceil(rows / (t.micro_batch * data_parallel_size(cfg)))
+    per_epoch = max(math.ceil(batches / (t.grad_accum or grad_accum_steps(cfg))), 1)
+    return math.ceil(t.epochs * per_epoch)
 
 
 def selection_split(dataset, fraction: float, seed: int, source: str = "pairs/train.jsonl"):
@@ -85,6 +118,22 @@ def selection_split(dataset, fraction: float, seed: int, source: str = "pairs/tr
     selection = sorted(i for key in held for i in groups[key])
     train = sorted(i for key in keys if key not in held for i in groups[key])
     return dataset.select(train), dataset.select(selection), {"prompts": n, "pairs": len(selection)}
+
+
+def train_and_selection(cfg, tokenizer, split_dir: str = "pairs", source: str = "edit_quality/train"):
+    """DATA/split_dir/train.jsonl -> (train pairs, selection pairs, pairs skipped as too long, selection record):
+    pairs longer than train.seq_len are skipped and counted (RewardTrainer would drop them silently; NeMo-RL
+    would keep them in its batches at loss weight 0, processors.py:276-296 at v0.7.0), then
+    rm.selection_fraction of the prompts are held out with `seed`. Both
+    engines call this, so engine=megatron selects on exactly the HF engine's slice."""
+    train_file = training.data_file(cfg, f"{split_dir}/train.jsonl")
+    pairs = load_split(train_file)
+    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len,
+                                            f"{split_dir}/train")
+    train_pairs, selection_pairs, held_out = selection_split(pairs, cfg.rm.selection_fraction, cfg.seed,
+                                                             f"{split_dir}/train.jsonl")
+    record = {"split": source, "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
+    return train_pairs, selection_pairs, skipped, record
 
 
 def tokenize_pairs(dataset, tokenizer, keep: tuple[str, ...] = ()):
@@ -105,19 +154,15 @@ def build_trainer(cfg, split_dir: str = "pairs", source: str = "edit_quality/tra
     from transformers import AutoModelForSequenceClassification
     from trl import RewardConfig, RewardTrainer
 
-    train_file = training.data_file(cfg, f"{split_dir}/train.jsonl")
     training.data_file(cfg, f"{split_dir}/validation.jsonl")
     training.model_dir(cfg, "init")
     check_keep_best(cfg)
     tokenizer = training.load_tokenizer(cfg)
-    pairs = load_split(train_file)
-    pairs, skipped = training.skip_too_long(cfg, pairs, training.pair_lengths(tokenizer, pairs), cfg.train.seq_len,
-                                            f"{split_dir}/train")
-    train_pairs, selection_pairs, held_out = selection_split(pairs, cfg.rm.selection_fraction, cfg.seed,
-                                                             f"{split_dir}/train.jsonl")
+    train_pairs, selection_pairs, skipped, selection = train_and_selection(cfg, tokenizer, split_dir, source)
     evaluate = len(selection_pairs) > 0
+    eval_steps, save_steps = evaluation_cadence(cfg, hf_optimizer_steps(cfg, len(train_pairs)))
     args = training.common_args(
-        cfg, RewardConfig, evaluate=evaluate,
+        cfg, RewardConfig, evaluate=evaluate, eval_steps=eval_steps, save_steps=save_steps,
         # No length filter inside TRL (trl/trainer/reward_trainer.py:730-739 drops longer pairs silently):
         # the pairs over train.seq_len were skipped and counted above.
         max_length=None,
@@ -143,7 +188,7 @@ def build_trainer(cfg, split_dir: str = "pairs", source: str = "edit_quality/tra
         callbacks=training.callbacks(cfg),
     )
     trainer.skipped_too_long = {"train": skipped}
-    trainer.selection = {"split": source, "fraction": cfg.rm.selection_fraction, "seed": cfg.seed, **held_out}
+    trainer.selection = {**selection, "eval_steps": eval_steps, "save_steps": save_steps}
     return trainer
 
 

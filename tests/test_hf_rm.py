@@ -39,7 +39,8 @@ def test_reward_model_learns_a_hand_made_preference(edit_data_dir, tmp_path, tin
     record = json.loads((final / "hs3_training.json").read_text())
     assert record["stage"] == "rm" and record["trained_on"] == ["edit_quality/train"]
     # Selection ran on 2 of the 8 distinct train prompts (4 pairs each), recorded in both places.
-    selection = {"split": "edit_quality/train", "fraction": 0.25, "seed": cfg.seed, "prompts": 2, "pairs": 8}
+    selection = {"split": "edit_quality/train", "fraction": 0.25, "seed": cfg.seed, "prompts": 2, "pairs": 8,
+                 "eval_steps": 2, "save_steps": 2}
     assert summary["selection"] == record["rm_selection"] == selection
     assert summary["skipped_too_long"] == {"train": 0} and summary["validation_pairs_truncated"] == 0
 
@@ -106,3 +107,31 @@ def test_rm_pairs_over_seq_len_are_counted_not_dropped_silently(edit_data_dir, t
     assert trainer.skipped_too_long == {"train": over}
     assert len(trainer.train_dataset) + len(trainer.eval_dataset) == len(pairs) - over
     assert all(len(r["chosen_ids"]) <= seq_len and len(r["rejected_ids"]) <= seq_len for r in trainer.train_dataset)
+
+
+def test_rm_evaluates_at_least_min_evaluations_times_by_default(edit_data_dir, tmp_path, tiny_model_dir):
+    """Issues 16 (finding 6) and 17 (item 9): with a fixed cadence (the tiny preset's 5 steps, the 70B's 50)
+    a short run evaluated once or never, and keep_best silently kept the last step. Now the cadence comes
+    from the run's length: 24 train pairs at global batch 4 = 6 steps -> every 6 // 4 = 1 step, and every
+    evaluated step is saved. The real Trainer's log is counted."""
+    cfg = compose("rm", [f"run_dir={tmp_path}", f"data={edit_data_dir}", f"init={tiny_model_dir}",
+                         "rm.selection_fraction=0.25", "train.save_total_limit=1"])
+    assert cfg.train.eval_steps is None and cfg.train.save_steps is None and cfg.rm.min_evaluations == 4
+    trainer = rm.build_trainer(cfg)
+    steps = rm.hf_optimizer_steps(cfg, len(trainer.train_dataset))
+    assert steps == 6 and (trainer.args.eval_steps, trainer.args.save_steps) == (1, 1)
+    trainer.train()
+    evaluated = [e["step"] for e in trainer.state.log_history if "eval_loss" in e]
+    assert trainer.state.global_step == steps and len(evaluated) >= 4 and evaluated == list(range(1, steps + 1))
+    assert trainer.state.best_model_checkpoint  # chosen among the evaluated, saved steps
+    assert trainer.selection["eval_steps"] == 1
+
+    # an explicit number wins (and a derived one never breaks keep_best's save/eval alignment)
+    explicit = rm.build_trainer(compose("rm", [f"run_dir={tmp_path / 'x'}", f"data={edit_data_dir}",
+                                               f"init={tiny_model_dir}", "rm.selection_fraction=0.25",
+                                               "train.eval_steps=3"]))
+    assert (explicit.args.eval_steps, explicit.args.save_steps) == (3, 3)
+    # more steps, fewer evaluations per step: 4 epochs = 24 steps -> every 6 steps
+    long_run = compose("rm", [f"run_dir={tmp_path}", "train.epochs=4", "rm.selection_fraction=0.25"])
+    assert rm.evaluation_cadence(long_run, rm.hf_optimizer_steps(long_run, 24)) == (6, 6)
+    assert rm.evaluation_cadence(compose("rm", [f"run_dir={tmp_path}", "rm.min_evaluations=8"]), 24) == (3, 3)

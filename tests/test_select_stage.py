@@ -87,3 +87,17 @@ def test_missing_select_data_is_one_line(tmp_path):
 
     done = run_cli("-m", "launcher", "select", f"run_dir={tmp_path}", f"data={tmp_path / 'none'}")
     assert done.returncode == 2 and "select/train.jsonl" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+
+def test_select_evaluation_cadence_comes_from_the_run_length(select_data, tmp_path, tiny_model_dir):
+    """select is rm's trainer: with train.eval_steps/save_steps null (conf/stage/select.yaml) it measures its
+    selection loss at least rm.min_evaluations times, whatever the preset's fixed cadence (tiny: 5 steps)."""
+    from recipes import rm
+
+    cfg = compose("select", [f"run_dir={tmp_path}", f"data={select_data}", f"init={tiny_model_dir}",
+                             "rm.selection_fraction=0.25"])
+    trainer = select.build_trainer(cfg)
+    steps = rm.hf_optimizer_steps(cfg, len(trainer.train_dataset))
+    assert trainer.args.eval_steps == trainer.args.save_steps == max(1, steps // 4)
+    assert steps // trainer.args.eval_steps >= min(4, steps)
+    assert trainer.selection["eval_steps"] == trainer.args.eval_steps
