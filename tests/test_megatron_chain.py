@@ -22,6 +22,7 @@ from recipes.config import REPO_ROOT, compose
 from recipes.megatron import bridge_sft, convert, nemo_rl
 from launcher.pipeline import stage_args
 from recipes.preemption import PREEMPT_REQUEST_FILE, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE
+from tests import upstream
 from tests.conftest import run_cli
 
 BRIDGE_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+Megatron-Bridge/repo")
@@ -43,13 +44,11 @@ def git_show(mirror: Path, rev: str, path: str) -> str:
 
 @pytest.fixture(scope="session")
 def nemo_rl_src(tmp_path_factory) -> Path:
-    """NeMo-RL v0.7.0's nemo_rl package, unpacked from the mirror (its pure-Python parts import on CPU)."""
-    if not NEMO_RL_MIRROR.is_dir():
-        pytest.skip("no NeMo-RL mirror")
-    root = tmp_path_factory.mktemp("nemo_rl_v0.7.0")
-    archive = subprocess.run(["git", f"--git-dir={NEMO_RL_MIRROR}", "archive", "v0.7.0", "nemo_rl"], capture_output=True,
-                             check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    """A directory holding only NeMo-RL's `nemo_rl` package at the pin (tests/upstream.toml; its pure-Python
+    parts import on CPU), to put on a path: the tree's own `tests` package must not shadow ours."""
+    package = upstream.source("nemo_rl", "git") / "nemo_rl"
+    root = tmp_path_factory.mktemp("nemo_rl_pinned")
+    (root / "nemo_rl").symlink_to(package, target_is_directory=True)
     return root
 
 
@@ -314,8 +313,11 @@ Path(os.environ["PROBE_RECORD"]).write_text(json.dumps(record))
 
 
 @pytest.mark.parametrize("case", ["complete", "time_limit", "usr1"])
-def test_nemo_rl_wrapper_hands_over_data_and_requeues_an_early_stop(case, nemo_rl_src, tmp_path):
+def test_nemo_rl_wrapper_hands_over_data_and_requeues_an_early_stop(case, nemo_rl_src, tmp_path, tiny_model_dir):
+    import shutil
+
     write_data(tmp_path, n_train=48)
+    shutil.copytree(tiny_model_dir, tmp_path / "sft" / "final")  # the init model: its tokenizer counts tokens in the job
     # the probe's steps take 100 s of (simulated) time: a 6-minute job with USR1 240 s before its end
     # must save by 120 s (setup_minutes=0 here), i.e. at its 3rd step
     time_limit = {"time_limit": "00:06:00", "complete": "04:00:00", "usr1": "04:00:00"}[case]
@@ -323,8 +325,8 @@ def test_nemo_rl_wrapper_hands_over_data_and_requeues_an_early_stop(case, nemo_r
     extra = ["parallel.nodes=1", "tp=1", "pp=1", "sp=false", "gbs=16", "mbs=1", "executor=slurm", "cluster=example", f"cluster.time={time_limit}",
              "cluster.signal_seconds=240", "megatron.setup_minutes=0", "rl.prompts_per_step=2",
              f"megatron.nemo_rl_dir={tmp_path / 'nemo-rl'}"]
-    if stage == "rm":
-        extra += ["parallel.fsdp=true", "train.warmup_ratio=0.5"]
+    if stage == "rm":  # one prompt in this data: no selection slice (test_nemo_rl_upstream.py checks that)
+        extra += ["parallel.fsdp=true", "train.warmup_ratio=0.5", "rm.selection_fraction=0", "rm.keep_best=false"]
     cfg = compose(stage, ["engine=megatron", f"run_dir={tmp_path}", *extra])
     nemo_rl.render(cfg)
     assert not (tmp_path / stage / "data").exists()  # submission reads no data
@@ -388,7 +390,7 @@ def test_checkpoint_must_save_by_follows_the_slurm_time_limit(nemo_rl_src, monke
 
     cfg = compose("rm", ["engine=megatron", "executor=slurm", "cluster=example", "cluster.time=1-02:00:00"])
     value = nemo_rl.nemo_rl_config(cfg, rows=100)["checkpointing"]["checkpoint_must_save_by"]
-    assert convert_to_seconds(value) == 26 * 3600 - cfg.cluster.signal_seconds - 60 * cfg.megatron.setup_minutes
+    assert convert_to_seconds(value) == 26 * 3600 - cfg.cluster.signal_seconds - nemo_rl.setup_seconds(cfg)
     assert nemo_rl.nemo_rl_config(compose("rm", ["engine=megatron"]), rows=100)["checkpointing"]["checkpoint_must_save_by"] is None
 
 

@@ -1,8 +1,9 @@
 """Golden tests of what the Megatron engine renders for the paper configs: Megatron-Bridge's SFT config,
 NeMo-RL's rm / rl (RLOO) / dpo YAMLs, the conversion commands, and the data hand-over formats.
 
-Field names were checked against the pinned sources (see each list's comment); where megatron-core
-(installed here) defines the field, the test checks it against the installed class itself."""
+Megatron-Bridge field names: see each list's comment; where megatron-core (installed here) defines the
+field, the test checks it against the installed class itself. NeMo-RL keys and their resolved values are
+checked by NeMo-RL's own config loader over its example configs (tests/test_nemo_rl_upstream.py)."""
 from __future__ import annotations
 
 import dataclasses
@@ -178,69 +179,34 @@ def test_sft_dry_run_cli_prints_config_and_command(run_dir: Path):
 
 
 # ---- NeMo-RL ----------------------------------------------------------------------------------------
-
-# Keys verified in NVIDIA-NeMo/RL v0.7.0 (81aa43dda4765b0429cf31dab44441e4e4383911):
-#   examples/configs/rm.yaml (rm.*, policy.reward_model_cfg, policy.dtensor_cfg, policy.optimizer.kwargs),
-#   examples/configs/dpo.yaml (dpo.reference_policy_kl_penalty, preference_loss_weight, sft_loss_weight),
-#   examples/configs/grpo_math_1B.yaml (grpo.*, loss_fn.reference_policy_kl_penalty, policy.generation.vllm_cfg,
-#   data.default.processor/env_name), grpo_math_70B_megatron.yaml (policy.megatron_cfg, optimizer/scheduler: null),
-#   grpo_rm_1B.yaml + nemo_rl/environments/reward_model_environment.py (env.reward_model.*),
-#   nemo_rl/data/datasets/preference_datasets/preference_dataset.py and response_datasets/response_dataset.py.
-NEMO_RL_KEYS = {
-    "rm": {"rm.seed", "rm.val_period", "rm.max_num_epochs", "rm.max_num_steps"},
-    "dpo": {"dpo.seed", "dpo.val_period", "dpo.max_num_epochs", "dpo.max_num_steps", "dpo.reference_policy_kl_penalty",
-            "dpo.preference_loss_weight", "dpo.sft_loss_weight"},
-    "rl": {"grpo.seed", "grpo.val_period", "grpo.max_num_epochs", "grpo.max_num_steps", "grpo.num_prompts_per_step",
-           "grpo.num_generations_per_prompt", "grpo.use_leave_one_out_baseline", "grpo.normalize_rewards",
-           "loss_fn.reference_policy_kl_penalty"},
-}
-POLICY_KEYS = {"model_name", "tokenizer", "train_global_batch_size", "train_micro_batch_size",
-               "max_total_sequence_length", "precision", "reward_model_cfg", "dtensor_cfg", "megatron_cfg", "optimizer",
-               "scheduler", "generation", "make_sequence_length_divisible_by"}
-MEGATRON_CFG_KEYS = {"enabled", "tensor_model_parallel_size", "pipeline_model_parallel_size", "context_parallel_size",
-                     "sequence_parallel", "activation_checkpointing", "optimizer", "scheduler"}
-MEGATRON_OPTIMIZER_KEYS = {"lr", "min_lr", "weight_decay", "use_distributed_optimizer"}
-DTENSOR_KEYS = {"enabled", "tensor_parallel_size", "context_parallel_size", "sequence_parallel", "activation_checkpointing",
-                "cpu_offload", "custom_parallel_plan"}
-# env.reward_model of examples/configs/grpo_rm_1B.yaml at v0.7.0, less `processor` (the data's processor is
-# data.default.processor); the environment hands this whole dict to its Policy as the policy config.
-REWARD_ENV_KEYS = {"model_name", "tokenizer", "precision", "batch_size", "checkpoint_path", "max_model_len",
-                   "offload_optimizer_for_logprob", "resources", "dtensor_cfg", "reward_model_cfg", "dynamic_batching",
-                   "sequence_packing", "max_grad_norm"}
-TOP_LEVEL = {"defaults", "rm", "dpo", "grpo", "loss_fn", "policy", "data", "env", "checkpointing", "logger", "cluster"}
-
+# Which keys exist upstream and what they resolve to is checked by NeMo-RL's own loader over its own
+# example configs (tests/test_nemo_rl_upstream.py); these tests check what each stage renders.
 
 def rendered(stage: str, run_dir: Path, *extra: str) -> tuple[object, dict]:
     """The NeMo-RL YAML as the job runs it: the data hand-over written, the YAML re-rendered with its rows."""
     cfg = cfg_for(stage, run_dir, *extra)
     nemo_rl.render(cfg)
-    counts = nemo_rl.write_data(cfg)
-    return cfg, yaml.safe_load(nemo_rl.render_config(cfg, counts["train"]))
+    nemo_rl.prepare(cfg)
+    return cfg, yaml.safe_load(nemo_rl.config_path(cfg).read_text())
 
 
-def _flat_algorithm_keys(doc: dict) -> set[str]:
-    return {f"{section}.{key}" for section in ("rm", "dpo", "grpo", "loss_fn") for key in doc.get(section, {})}
+@pytest.fixture()
+def init_model(run_dir: Path, tiny_model_dir) -> Path:
+    """RUN/sft/final: the stages' init model (its tokenizer counts tokens in the job)."""
+    import shutil
+
+    shutil.copytree(tiny_model_dir, run_dir / "sft" / "final")
+    return run_dir / "sft" / "final"
 
 
-@pytest.mark.parametrize("stage", ["rm", "rl", "dpo"])
-def test_nemo_rl_keys_are_ones_nemo_rl_accepts(stage, run_dir: Path):
-    cfg, doc = rendered(stage, run_dir)
-    assert set(doc) <= TOP_LEVEL
-    assert doc["defaults"] == f"/opt/nemo-rl/examples/configs/{nemo_rl.EXAMPLE_CONFIG[stage]}"
-    assert _flat_algorithm_keys(doc) <= NEMO_RL_KEYS[stage]
-    assert set(doc["policy"]) <= POLICY_KEYS
-    if doc["policy"].get("megatron_cfg", {}).get("enabled"):
-        assert set(doc["policy"]["megatron_cfg"]) <= MEGATRON_CFG_KEYS
-        assert set(doc["policy"]["megatron_cfg"]["optimizer"]) <= MEGATRON_OPTIMIZER_KEYS
-    assert doc["cluster"] == {"gpus_per_node": 8, "num_nodes": cfg.parallel.nodes}
-    assert nemo_rl.build_command(cfg)[-2:] == ["--config", str(nemo_rl.config_path(cfg))]
-
-
-def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path):
-    cfg, doc = rendered("rm", run_dir)
+def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path, init_model):
+    # all pairs of this fixture share one prompt: no slice can be held out, so no validation at all
+    cfg, doc = rendered("rm", run_dir, "rm.selection_fraction=0", "rm.keep_best=false")
+    assert (doc["rm"]["val_period"], doc["rm"]["val_at_end"], doc["data"]["validation"]) == (0, False, None)
+    assert doc["checkpointing"]["metric_name"] is None and not nemo_rl.data_path(cfg, "validation").exists()
     assert doc["policy"]["reward_model_cfg"] == {"enabled": True, "reward_model_type": "bradley_terry"}
     assert doc["policy"]["megatron_cfg"] == {"enabled": False}
-    assert set(doc["policy"]["dtensor_cfg"]) <= DTENSOR_KEYS and doc["policy"]["dtensor_cfg"]["tensor_parallel_size"] == 8
+    assert doc["policy"]["dtensor_cfg"]["tensor_parallel_size"] == 1 and doc["policy"]["dtensor_cfg"]["_v2"] is False
     assert doc["data"]["train"]["dataset_name"] == "PreferenceDataset"
     row = read_jsonl(doc["data"]["train"]["data_path"])[0]
     assert row == {"context": CONVERSATION, "completions": [
@@ -253,7 +219,23 @@ def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path):
         nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "parallel.fsdp=false"))
 
 
-def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
+def test_rm_tokenizer_pads_apart_from_the_end_of_turn(run_dir: Path, init_model):
+    """NeMo-RL sets pad = eos when a tokenizer has none (algorithms/utils.py get_tokenizer); a sequence
+    classifier reads its score at the last non-pad token, so with pad = <|eot_id|> the rm would be trained
+    to score one token before the <|eot_id|> engine=hf, rl's reward and the eval read. rm is handed the
+    init model's tokenizer with its distinct pad (the one engine=hf trains with)."""
+    from transformers import AutoTokenizer
+
+    from recipes import training
+
+    cfg, doc = rendered("rm", run_dir, "rm.selection_fraction=0", "rm.keep_best=false")
+    handed = AutoTokenizer.from_pretrained(doc["policy"]["tokenizer"]["name"])
+    assert handed.pad_token_id is not None and handed.pad_token_id != handed.convert_tokens_to_ids("<|eot_id|>")
+    assert handed.pad_token == training.load_tokenizer(cfg).pad_token
+    assert handed.chat_template == AutoTokenizer.from_pretrained(init_model).chat_template
+
+
+def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path, init_model):
     cfg, doc = rendered("rl", run_dir, "rl.k=6", "rl.kl_coef=0.02", "rl.prompts_per_step=16", "gbs=96",
                         f"rm={run_dir / 'rm' / 'final'}")
     grpo = doc["grpo"]
@@ -263,26 +245,28 @@ def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path):
     assert doc["policy"]["generation"]["backend"] == "vllm"
     assert doc["policy"]["megatron_cfg"]["tensor_model_parallel_size"] == 4
     env = doc["env"]["reward_model"]
-    assert set(env) == REWARD_ENV_KEYS
     assert env["model_name"] == str((run_dir / "rm" / "final").resolve())
     # reward_model_environment.py asserts each of these at start-up
     assert env["reward_model_cfg"] == {"enabled": True, "reward_model_type": "bradley_terry"}
     assert not env["dynamic_batching"]["enabled"] and not env["sequence_packing"]["enabled"]
     assert env["dtensor_cfg"]["enabled"] and env["dtensor_cfg"]["_v2"] and not env["dtensor_cfg"]["cpu_offload"]
     assert not env["dtensor_cfg"]["activation_checkpointing"] and env["max_grad_norm"] is None
-    # policy nodes = cluster nodes - reward-model nodes, as NeMo-RL's grpo.setup computes them
+    # policy nodes = cluster nodes - reward-model nodes, as NeMo-RL's grpo setup computes them
     assert doc["cluster"]["num_nodes"] - env["resources"]["num_nodes"] == 8
     assert doc["data"]["default"] == {"dataset_name": "ResponseDataset", "processor": "hs3_edit_prompt",
                                       "env_name": "reward_model", "prompt_file": None, "system_prompt_file": None}
     row = read_jsonl(doc["data"]["train"]["data_path"])[0]
     assert row == {"messages": CONVERSATION, "reference_edit": "Rain falls softly."}
+    # the policy is handed over by content (the conversion cache key: test_nemo_rl_upstream.py)
+    assert Path(doc["policy"]["model_name"]).parent == run_dir.resolve() / "rl" / "policy_source"
+    assert Path(doc["policy"]["model_name"]).resolve() == init_model.resolve()
     assert nemo_rl.build_command(cfg)[5:7] == ["--entry", "/opt/nemo-rl/examples/run_grpo.py"]
     one_node = nemo_rl.nemo_rl_config(cfg_for("rl", run_dir, "parallel.nodes=1", "tp=1", "pp=1", "gbs=8", "mbs=1"))
     assert one_node["env"]["reward_model"]["resources"] == {"gpus_per_node": 1, "num_nodes": 1}
     assert one_node["env"]["reward_model"]["dtensor_cfg"]["tensor_parallel_size"] == 1
 
 
-def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):
+def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path, init_model):
     _, doc = rendered("dpo", run_dir, "dpo.beta=0.2")
     assert doc["dpo"]["reference_policy_kl_penalty"] == 0.2
     assert doc["policy"]["dtensor_cfg"] == {"enabled": False}
@@ -292,6 +276,15 @@ def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path):
     assert doc["policy"]["megatron_cfg"]["scheduler"] == {"lr_decay_style": "cosine", "lr_warmup_iters": 0, "lr_decay_iters": 1}
     with pytest.raises(ConfigError, match="train.lr_scheduler=polynomial"):
         nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "train.lr_scheduler=polynomial"))
+
+
+def test_fractional_epochs_and_max_steps_bound_nemo_rl_exactly(run_dir: Path):
+    """NeMo-RL stops at min(max_num_steps, max_num_epochs x full batches): both are set, so half an epoch
+    is half an epoch (it was rounded to 1) and train.max_steps may run past one epoch."""
+    half = nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "train.epochs=0.5"), rows=1280)["dpo"]
+    assert (half["max_num_steps"], half["max_num_epochs"]) == (5, 1)
+    more = nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "train.max_steps=25"), rows=1280)["rm"]
+    assert (more["max_num_steps"], more["max_num_epochs"]) == (25, 3)
 
 
 # ---- conversion -------------------------------------------------------------------------------------

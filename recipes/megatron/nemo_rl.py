@@ -5,13 +5,33 @@
     ./launch.sh dpo engine=megatron model=llama33_70b [--dry-run]   -> examples/run_dpo.py
 
 Each rendered YAML starts with `defaults: NEMO_RL_DIR/examples/configs/<example>.yaml` (NeMo-RL's own
-config inheritance) and sets only what our stage config decides, so every other key keeps the value
-NeMo-RL ships at the pinned commit:
-  rm  <- rm.yaml: Bradley-Terry on the DTensor backend (NeMo-RL has no Megatron reward models).
-  rl  <- grpo_math_70B_megatron.yaml: GRPO with use_leave_one_out_baseline=true and
-         normalize_rewards=false (= RLOO), reward from our rm checkpoint through NeMo-RL's
-         reward-model environment, KL penalty rl.kl_coef, k generations per prompt, vLLM, Megatron policy.
-  dpo <- dpo.yaml, with a Megatron policy.
+config inheritance, nemo_rl/utils/config.py) and sets every key our stage config decides; the rest keeps
+the value NeMo-RL ships at the pinned commit. tests/test_nemo_rl_upstream.py loads each rendered YAML with
+NeMo-RL's own loader over its own examples and checks that every key we set exists upstream and resolves
+to what we mean (file:line below are NeMo-RL v0.7.0, 81aa43d):
+  rm  <- rm.yaml: Bradley-Terry on the DTensor (FSDP2) backend, v1 worker (NeMo-RL has no Megatron reward
+         models). Plan: FSDP over all GPUs without tensor parallelism (conf/model/llama33_70b.yaml). The v1
+         worker (dtensor_cfg._v2 false, lm_policy.py:134-160) shards with _parallelize_model
+         (dtensor_policy_worker.py:407), which has no optimised TP plan for LlamaForSequenceClassification
+         (parallelize.py:328-338); TP > 1 falls back to the HF plan the installed transformers attaches to
+         the model, which refuses sequence parallelism (parallelize.py:700-717) and whose style names must be
+         ones NeMo-RL translates (parallelize.py:342-364: transformers 5.25's "embedding_rowwise" is not).
+         TP 1 takes none of those paths (parallelize.py:664). `plan` refuses sequence parallelism with TP > 1
+         for rm. The v2 worker (nemo_automodel) is not pinned here, so nothing here could check it.
+         Validation = the held-out slice of edit_quality/train the HF engine selects on (recipes/rm.py
+         train_and_selection); edit_quality/validation never reaches NeMo-RL. Cadence: recipes/rm.py
+         evaluation_cadence (at least rm.min_evaluations evaluations), val_at_end on, a checkpoint at each
+         evaluation, best = lowest val:validation-default_loss (rm.py:545-640).
+  rl  <- grpo_math_70B_megatron.yaml: GRPO with use_leave_one_out_baseline=true and normalize_rewards=false
+         (= RLOO), reward from our rm checkpoint through NeMo-RL's reward-model environment, KL penalty
+         rl.kl_coef, k generations per prompt, vLLM, Megatron policy. As on engine=hf: prompts longer than
+         train.seq_len - rl.max_new_tokens are skipped and counted (recipes/rl.py's rule and token count),
+         rl.mask_truncated_completions is grpo.overlong_filtering (cut completions out of the loss,
+         grpo.py:2525-2534; unlike TRL, NeMo-RL still counts their reward in their siblings' leave-one-out
+         baseline, grpo.py:2460-2469), and no validation (engine=hf's rl evaluates nothing; the eval split
+         chooses nothing).
+  dpo <- dpo.yaml, with a Megatron policy; max_num_steps/epochs, validation (pairs/validation, as engine=hf's
+         DPOTrainer) and its cadence set here (dpo.yaml's max_num_steps 150 and val_at_start true are not ours).
 Data is handed over in the formats their loaders read: pairs -> PreferenceDataset rows
 ({"context", "completions": [{"rank", "completion"}]}); RL prompts -> ResponseDataset rows with a
 `messages` column. RL prompts are multi-turn conversations, which none of NeMo-RL's built-in
@@ -19,19 +39,37 @@ processors renders (math_hf_data_processor keeps only the first user turn), so r
 processor, `hs3_edit_prompt`, with NeMo-RL's register_processor: one message per turn, each with its
 raw text, as the reward model saw conversations in rm training.
 
+Tokenizer: every stage uses the model's own chat template (policy.tokenizer.chat_template "default";
+rm.yaml ships another, without the date line) as engine=hf and the eval do. rm is handed a copy of the
+tokenizer with a pad token distinct from <|eot_id|> (recipes.reward.ensure_distinct_pad): NeMo-RL sets
+pad = eos when there is none (algorithms/utils.py get_tokenizer), and a sequence classifier reads its
+score at the last non-pad token, so with pad = <|eot_id|> it would be trained to score one token earlier
+than engine=hf, rl's reward and the eval read it.
+
+HF->Megatron conversion cache (rl, dpo): NeMo-RL converts a Megatron policy's HF checkpoint once and keys
+the cache by the model's path ($HF_HOME/nemo_rl/model_<path>, models/megatron/setup.py:445-460); a
+rebuilt sft/final at the same path would train the stale model. The job hands NeMo-RL the source through
+OUT/policy_source/<content fingerprint> (a link to it; recipes.provenance.model_fingerprint), so the
+cache key changes exactly when the weights do.
+
+Logging: train.report_to -> logger.tensorboard_enabled / wandb_enabled (W&B project from WANDB_PROJECT,
+else helpsteer3-edit, run name RUN_DIR-STAGE, entity WANDB_ENTITY read by wandb itself, as sft's Megatron-Bridge
+logger; credentials from the user's `wandb login` or WANDB_API_KEY, never written anywhere by us).
+
 Every stage runs as `python -m recipes.megatron.nemo_rl --stage-config OUT/config.yaml --entry ENTRY
 --config OUT/nemo_rl_STAGE.yaml` on the Ray head node. Submission renders the files without reading any
 data (a pipeline submits rm before its data job has run); the wrapper, in the job, writes the data
 hand-over, re-renders the NeMo-RL YAML with the real row counts, then runs NeMo-RL's entry point
 in-process. Stopping early: NeMo-RL saves and returns when its TimeoutChecker says so
-(checkpointing.checkpoint_must_save_by, set from the SLURM time limit; rm.py:585,702-704 and
-grpo.py:2880 at v0.7.0); the wrapper also lets the batch script's USR1 request file trigger that same
-save, and then exits PREEMPTED_EXIT_CODE so SLURM requeues the job and it resumes from the checkpoint
-(NeMo-RL resumes from its checkpoint_dir by itself) instead of ending COMPLETED with a partial model.
+(checkpointing.checkpoint_must_save_by, set from the SLURM time limit less the start-up allowance,
+setup_seconds; rm.py:585,702-704 and grpo.py:2880); the wrapper also lets the batch script's USR1 request
+file trigger that same save, and then exits PREEMPTED_EXIT_CODE so SLURM requeues the job and it resumes
+from the checkpoint (NeMo-RL resumes from its checkpoint_dir by itself) instead of ending COMPLETED with a
+partial model.
 
 kl_coef: on the HF engine (TRL's RLOO) rl.kl_coef is a per-token KL penalty subtracted from the reward;
 with the GRPO/RLOO advantage estimator NeMo-RL has no reward-side KL (its use_kl_in_reward works only
-with the reinforce_plus_plus estimator, advantage_estimator.py:158-220 at v0.7.0): rl.kl_coef becomes
+with the reinforce_plus_plus estimator, advantage_estimator.py:158-220): rl.kl_coef becomes
 loss_fn.reference_policy_kl_penalty, the weight of a KL estimate (reference_policy_kl_type: k3 in
 grpo_math_1B.yaml:56-59) added to the policy loss (algorithms/loss/loss_functions.py:126,225). Same knob,
 same direction, not the same objective: a value tuned on one engine is a starting point on the other.
@@ -40,6 +78,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import runpy
 import shlex
@@ -53,13 +92,30 @@ from recipes import preemption
 from recipes.config import ConfigError, to_yaml
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import job_nodes, megatron_decay_style, slurm_time_seconds
-from recipes.megatron.plan import plan_from_cfg, validate_plan
+from recipes.megatron.plan import parameter_counts, plan_from_cfg, validate_plan
 
 EXAMPLE_CONFIG = {"rm": "rm.yaml", "rl": "grpo_math_70B_megatron.yaml", "dpo": "dpo.yaml"}
 ENTRY_POINT = {"rm": "examples/run_rm.py", "rl": "examples/run_grpo.py", "dpo": "examples/run_dpo.py"}
 SECTION = {"rm": "rm", "rl": "grpo", "dpo": "dpo"}  # NeMo-RL's algorithm section per stage
 EDIT_PROCESSOR = "hs3_edit_prompt"
-SPLITS = ("train", "validation")
+# NeMo-RL names the validation set of data.validation "default" (data/utils.py setup_preference_data):
+# its loss is this metric (rm.py:304-311; dpo alike), the one rm's best checkpoint is chosen by.
+VALIDATION_METRIC = "val:validation-default_loss"
+WANDB_PROJECT = "helpsteer3-edit"  # when WANDB_PROJECT is not set (wandb's own variable)
+
+# Start-up allowance before NeMo-RL's first iteration (its TimeoutChecker starts there), out of the SLURM
+# time limit, when megatron.setup_minutes is null. Assumptions, not measurements (put your measured figure
+# in megatron.setup_minutes): a fixed part for Ray, process groups, CUDA/NCCL and the vLLM engine (CUDA
+# graphs), and every bf16 copy of the weights the stage reads or writes moved at SETUP_IO_BYTES_PER_S.
+# Copies per launch: rm 1 (the HF model); dpo 2 (policy, reference); rl 4 (policy, reference, vLLM's HF
+# load, the reward model); + 2 for the HF->Megatron conversion of a Megatron policy (read HF, write
+# Megatron), counted on every launch because a requeued job cannot know beforehand whether the first one
+# finished it. 70B: rm ~20 min, dpo ~34 min, rl ~43 min (setup_minutes 20 ended a first rl launch in
+# TIMEOUT, which SLURM does not requeue; an allowance that is too long only shortens each job's training).
+SETUP_FIXED_S = 15 * 60
+SETUP_IO_BYTES_PER_S = 0.5e9
+WEIGHT_COPIES = {"rm": 1, "dpo": 2, "rl": 4}
+CONVERSION_COPIES = 2
 
 
 def out_dir(cfg) -> Path:
@@ -72,6 +128,11 @@ def config_path(cfg) -> Path:
 
 def data_path(cfg, split: str) -> Path:
     return out_dir(cfg) / "data" / f"{split}.jsonl"
+
+
+def tokenizer_dir(cfg) -> Path:
+    """rm's tokenizer hand-over: the init model's tokenizer with a pad distinct from end of turn."""
+    return out_dir(cfg) / "tokenizer"
 
 
 # ---- data hand-over --------------------------------------------------------------------------------
@@ -103,16 +164,56 @@ def prompt_row(row: dict, source: Path, line: int) -> dict:
     return {"messages": messages, "reference_edit": row.get("reference_edit", "")}
 
 
-def write_data(cfg) -> dict[str, int]:
-    folder, convert = ("prompts", prompt_row) if cfg.stage == "rl" else ("pairs", preference_row)
-    counts = {}
-    for split in SPLITS:
-        source = Path(cfg.data_dir) / folder / f"{split}.jsonl"
-        if not source.is_file():
-            raise UserError(f"{source}: no such file (run the data stage first: ./launch.sh data)")
-        rows = [convert(row, source, i + 1) for i, row in enumerate(read_jsonl(source))]
-        counts[split] = atomic_write_jsonl(data_path(cfg, split), rows)
-    return counts
+def _source(cfg, relative: str) -> Path:
+    path = Path(cfg.data_dir) / relative
+    if not path.is_file():
+        raise UserError(f"{path}: no such file (run the data stage first: ./launch.sh data)")
+    return path
+
+
+def _write_preferences(cfg, split: str, rows, source: Path) -> int:
+    return atomic_write_jsonl(data_path(cfg, split), [preference_row(r, source, i + 1) for i, r in enumerate(rows)])
+
+
+def write_data(cfg, tokenizer) -> dict:
+    """The data hand-over for cfg.stage, with engine=hf's length and selection rules (tokens counted with
+    `tokenizer`, the init model's, as engine=hf counts them). Returns the counts for the YAML and summary:
+    {"train": rows NeMo-RL trains on, "validation": rows it validates on (0: none), ...}."""
+    from recipes import training
+
+    if cfg.stage == "rm":
+        from recipes import rm
+
+        train, selection, skipped, record = rm.train_and_selection(cfg, tokenizer)
+        source = _source(cfg, "pairs/train.jsonl")
+        counts = {"train": _write_preferences(cfg, "train", list(train), source), "validation": 0,
+                  "skipped_too_long": {"train": skipped}, "selection": record}
+        if len(selection):
+            counts["validation"] = _write_preferences(cfg, "validation", list(selection), source)
+        else:  # rm.selection_fraction=0 (keep_best off): NeMo-RL validates on nothing
+            data_path(cfg, "validation").unlink(missing_ok=True)
+        return counts
+    if cfg.stage == "dpo":
+        counts = {}
+        for split in ("train", "validation"):
+            source = _source(cfg, f"pairs/{split}.jsonl")
+            counts[split] = _write_preferences(cfg, split, read_jsonl(source), source)
+        return counts
+    from recipes.rl import prompt_limit
+    from recipes.rm import load_split
+
+    source = _source(cfg, "prompts/train.jsonl")
+    rows = [prompt_row(row, source, i + 1) for i, row in enumerate(read_jsonl(source))]  # checked first
+    prompts = load_split(source)  # as recipes/rl.py loads and counts them
+    lengths = training.token_lengths(tokenizer, list(prompts["prompt"]), add_generation_prompt=True)
+    kept, skipped = training.skip_too_long(cfg, prompts, lengths, prompt_limit(cfg), "prompts/train")
+    if len(kept) == 0:
+        raise UserError(f"rl: every prompt is longer than train.seq_len - rl.max_new_tokens = {prompt_limit(cfg)} tokens")
+    limit = prompt_limit(cfg)
+    data_path(cfg, "validation").unlink(missing_ok=True)  # rl validates on nothing (a stale file would mislead)
+    rows = [row for row, n in zip(rows, lengths) if n <= limit]
+    return {"train": atomic_write_jsonl(data_path(cfg, "train"), rows), "validation": 0,
+            "skipped_too_long": {"train": skipped}, "prompt_limit": limit}
 
 
 # ---- config ----------------------------------------------------------------------------------------
@@ -128,6 +229,26 @@ def _model_location(cfg, value: str) -> str:
 def _policy_source(cfg) -> str:
     """The HF checkpoint the stage trains: init (sft output for rl/dpo) or the base model."""
     return _model_location(cfg, cfg.init if cfg.init else cfg.model.path)
+
+
+def policy_source_link(cfg) -> str:
+    """In the job (rl, dpo: Megatron policies): OUT/policy_source/<fingerprint>, a link to the policy's HF
+    checkpoint named by its content, so that NeMo-RL's conversion cache, keyed by that path, is keyed by
+    the weights (module docstring). A hub id or a missing dir stays as it is."""
+    from recipes.provenance import model_fingerprint
+
+    source = _policy_source(cfg)
+    fingerprint = model_fingerprint(source) if Path(source).is_dir() else None
+    if not fingerprint:
+        return source
+    link = out_dir(cfg) / "policy_source" / fingerprint[:16]
+    if not (link.is_symlink() and os.readlink(link) == source):
+        link.parent.mkdir(parents=True, exist_ok=True)
+        temporary = link.with_name(f".{link.name}.{os.getpid()}")
+        temporary.unlink(missing_ok=True)
+        temporary.symlink_to(source, target_is_directory=True)
+        os.replace(temporary, link)
+    return str(link)
 
 
 def _megatron_policy(cfg) -> dict:
@@ -151,14 +272,16 @@ def _megatron_schedule(cfg, steps: int) -> dict:
             "lr_warmup_iters": int(round(cfg.train.warmup_ratio * steps)), "lr_decay_iters": steps}
 
 
+def steps_per_epoch(cfg, rows: int) -> int:
+    """Full batches per epoch (NeMo-RL's train dataloaders drop the last partial batch: rm.py:179,
+    dpo.py:207, grpo.py:363); rl batches prompts (each yields rl.k sequences of the global batch)."""
+    return max(rows // (cfg.rl.prompts_per_step if cfg.stage == "rl" else cfg.train.global_batch), 1)
 
 
 def planned_steps(cfg, rows: int) -> int:
-    """Optimizer steps NeMo-RL will take: min(max_num_steps, epochs x full batches) (rm.py: drop_last=True)."""
+    """Optimizer steps NeMo-RL takes: train.max_steps, or train.epochs (fractions too) of full batches."""
     t = cfg.train
-    per_epoch = max(rows // (cfg.rl.prompts_per_step if cfg.stage == "rl" else t.global_batch), 1)
-    steps = max(1, int(round(t.epochs)) * per_epoch)
-    return min(steps, t.max_steps) if t.max_steps > 0 else steps
+    return t.max_steps if t.max_steps > 0 else max(1, math.ceil(t.epochs * steps_per_epoch(cfg, rows)))
 
 
 def torch_scheduler(cfg, steps: int) -> list[dict] | dict:
@@ -182,24 +305,37 @@ def torch_scheduler(cfg, steps: int) -> list[dict] | dict:
             decay[t.lr_scheduler], {"milestones": [warmup]}]
 
 
+def setup_seconds(cfg, converts: bool = True) -> int:
+    """The start-up allowance (see SETUP_FIXED_S): megatron.setup_minutes when set, else derived from the
+    model's size and the stage's weight copies (`converts`: + the HF->Megatron conversion of rl/dpo)."""
+    if cfg.megatron.setup_minutes is not None:
+        return 60 * cfg.megatron.setup_minutes
+    copies = WEIGHT_COPIES.get(cfg.stage, 1) + (CONVERSION_COPIES if converts and cfg.stage in ("rl", "dpo") else 0)
+    weight_bytes = 2 * parameter_counts(plan_from_cfg(cfg))["total"]
+    return int(SETUP_FIXED_S + copies * weight_bytes / SETUP_IO_BYTES_PER_S)
+
+
 def must_save_by(cfg) -> str | None:
     """checkpointing.checkpoint_must_save_by ('DD:HH:MM:SS', nemo_rl/utils/timer.py:264-276): on SLURM, the
-    job's time limit less the USR1 lead (cluster.signal_seconds) and megatron.setup_minutes (Ray, model
-    loading: the TimeoutChecker starts with the first iteration), so NeMo-RL saves before the limit."""
+    job's time limit less the USR1 lead (cluster.signal_seconds) and the start-up allowance (setup_seconds:
+    the TimeoutChecker starts with the first iteration), so NeMo-RL saves before the limit."""
     if cfg.executor != "slurm":
         return None
-    seconds = slurm_time_seconds(cfg.cluster.time) - cfg.cluster.signal_seconds - 60 * cfg.megatron.setup_minutes
+    setup = setup_seconds(cfg)
+    seconds = slurm_time_seconds(cfg.cluster.time) - cfg.cluster.signal_seconds - setup
     if seconds < 60:
         raise ConfigError(f"cluster.time={cfg.cluster.time} leaves {seconds} s for {cfg.stage} after cluster.signal_seconds="
-                          f"{cfg.cluster.signal_seconds} and megatron.setup_minutes={cfg.megatron.setup_minutes}")
+                          f"{cfg.cluster.signal_seconds} and a start-up allowance of {setup // 60} min (megatron.setup_minutes)")
     days, rem = divmod(seconds, 86400)
     return f"{days:02d}:{rem // 3600:02d}:{rem % 3600 // 60:02d}:{rem % 60:02d}"
 
 
 def _dtensor_policy(cfg) -> dict:
+    """The rm policy's DTensor settings, all set (none inherited): the v1 worker (module docstring)."""
     p = cfg.parallel
-    return {"enabled": True, "tensor_parallel_size": p.tp, "context_parallel_size": p.cp,
-            "sequence_parallel": p.sequence_parallel, "activation_checkpointing": p.recompute}
+    return {"_v2": False, "enabled": True, "tensor_parallel_size": p.tp, "context_parallel_size": p.cp,
+            "sequence_parallel": p.sequence_parallel, "activation_checkpointing": p.recompute,
+            "cpu_offload": False, "custom_parallel_plan": None}
 
 
 def _preference_data(cfg) -> dict:
@@ -210,9 +346,31 @@ def _preference_data(cfg) -> dict:
     }
 
 
-def nemo_rl_config(cfg, rows: int | None = None) -> dict:
+def _validation(cfg, eval_steps: int) -> dict:
+    """rm/dpo validation: all of it (val_batches -1), at the training batch sizes, every eval_steps and at
+    the last step, never before the first (dpo.yaml has val_at_start true, rm.yaml val_at_end false)."""
+    t = cfg.train
+    return {"val_period": eval_steps, "val_batches": -1, "val_global_batch_size": t.global_batch,
+            "val_micro_batch_size": t.micro_batch, "val_at_start": False, "val_at_end": True}
+
+
+def logger_config(cfg) -> dict:
+    """train.report_to -> NeMo-RL's logger (utils/logger.py:950-985): TensorBoard under OUT/logs/exp_N/
+    tensorboard, W&B with our project and run name. W&B reads its credentials itself (the user's
+    `wandb login` or WANDB_API_KEY); nothing here writes them."""
+    from recipes.curves import reporters
+
+    names = reporters(cfg.train.report_to)
+    name = f"{Path(str(cfg.run_dir)).resolve().name}-{cfg.stage}"  # as Megatron-Bridge's sft (bridge_sft.py)
+    return {"log_dir": str(out_dir(cfg) / "logs"), "tensorboard_enabled": "tensorboard" in names,
+            "wandb_enabled": "wandb" in names, "mlflow_enabled": False, "swanlab_enabled": False,
+            "wandb": {"project": os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, "name": name}}
+
+
+def nemo_rl_config(cfg, rows: int | None = None, policy_model: str | None = None) -> dict:
     """The NeMo-RL document for cfg.stage (merged by NeMo-RL over its example config). rows: training
-    rows (the job passes the real count; submission, the plan's estimate)."""
+    rows (the job passes the real count after the length and selection rules; submission, the plan's
+    estimate). policy_model: what the job hands NeMo-RL as the policy (policy_source_link)."""
     if cfg.stage not in EXAMPLE_CONFIG:
         raise ConfigError(f"stage {cfg.stage} does not run on NeMo-RL (rm, rl, dpo do)")
     t, stage = cfg.train, cfg.stage
@@ -222,21 +380,21 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
 
         rows = count_rows(cfg)[0]
     steps = planned_steps(cfg, rows)
-    model = _policy_source(cfg)
+    model = policy_model or _policy_source(cfg)
     policy: dict = {
         "model_name": model,
-        "tokenizer": {"name": model},
+        "tokenizer": {"name": model, "chat_template": "default"},  # the model's own template, as engine=hf
         "train_global_batch_size": t.global_batch,
         "train_micro_batch_size": t.micro_batch,
         "max_total_sequence_length": t.seq_len,
         "precision": "bfloat16" if t.bf16 else "float32",
     }
-    algorithm: dict = {"seed": cfg.seed, "val_period": t.eval_steps}
-    if t.max_steps > 0:
-        algorithm["max_num_steps"] = t.max_steps
-    else:
-        algorithm["max_num_epochs"] = max(1, int(round(t.epochs)))
+    # Both bounds set: NeMo-RL stops at min(max_num_steps, max_num_epochs x batches per epoch).
+    algorithm: dict = {"seed": cfg.seed, "max_num_steps": steps,
+                       "max_num_epochs": max(1, math.ceil(steps / steps_per_epoch(cfg, rows)))}
     document: dict = {"defaults": str(Path(cfg.megatron.nemo_rl_dir) / "examples" / "configs" / EXAMPLE_CONFIG[stage])}
+    checkpointing: dict = {"enabled": True, "checkpoint_dir": str(out_dir(cfg) / "checkpoints"),
+                           "keep_top_k": t.save_total_limit, "checkpoint_must_save_by": must_save_by(cfg)}
 
     if stage == "rm":
         if not cfg.parallel.fsdp or cfg.parallel.pp != 1:
@@ -244,12 +402,26 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
                 f"rm on NeMo-RL needs parallel.fsdp=true and pp=1 (got fsdp={cfg.parallel.fsdp}, pp={cfg.parallel.pp}):"
                 " NeMo-RL trains reward models only on its DTensor backend"
             )
+        from recipes.rm import evaluation_cadence
+
+        eval_steps, save_steps = evaluation_cadence(cfg, steps)
+        selects = cfg.rm.selection_fraction > 0
+        policy["tokenizer"]["name"] = str(tokenizer_dir(cfg))
         policy["reward_model_cfg"] = {"enabled": True, "reward_model_type": "bradley_terry"}
         policy["dtensor_cfg"] = _dtensor_policy(cfg)
         policy["megatron_cfg"] = {"enabled": False}
+        policy["make_sequence_length_divisible_by"] = cfg.parallel.tp
         policy["optimizer"] = {"kwargs": {"lr": t.lr, "weight_decay": t.weight_decay}}
         policy["scheduler"] = torch_scheduler(cfg, steps)
-        document.update(rm=algorithm, policy=policy, data=_preference_data(cfg))
+        data = _preference_data(cfg)
+        if selects:
+            algorithm.update(_validation(cfg, eval_steps))
+            checkpointing.update(save_period=save_steps, metric_name=VALIDATION_METRIC, higher_is_better=False)
+        else:  # no held-out slice: no validation (pairs/validation is the eval's), the latest k checkpoints kept
+            algorithm.update(val_period=0, val_at_start=False, val_at_end=False)
+            checkpointing.update(save_period=save_steps, metric_name=None)
+            data["validation"] = None
+        document.update(rm=algorithm, policy=policy, data=data)
     elif stage == "dpo":
         policy["dtensor_cfg"] = {"enabled": False}
         policy["megatron_cfg"] = {**_megatron_policy(cfg), "scheduler": _megatron_schedule(cfg, steps)}
@@ -258,7 +430,9 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
         policy["optimizer"] = None
         policy["scheduler"] = None
         policy["make_sequence_length_divisible_by"] = cfg.parallel.tp
-        algorithm.update(reference_policy_kl_penalty=cfg.dpo.beta, preference_loss_weight=1, sft_loss_weight=0)
+        algorithm.update(_validation(cfg, t.eval_steps),
+                         reference_policy_kl_penalty=cfg.dpo.beta, preference_loss_weight=1, sft_loss_weight=0)
+        checkpointing.update(save_period=t.save_steps, metric_name=VALIDATION_METRIC, higher_is_better=False)
         document.update(dpo=algorithm, policy=policy, data=_preference_data(cfg))
     else:  # rl: RLOO = GRPO with the leave-one-out baseline and no reward normalisation
         if not cfg.reward_model:
@@ -278,7 +452,10 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
             num_generations_per_prompt=cfg.rl.k,
             use_leave_one_out_baseline=True,
             normalize_rewards=False,
+            overlong_filtering=cfg.rl.mask_truncated_completions,
+            val_period=0, val_at_start=False, val_at_end=False,
         )
+        checkpointing.update(save_period=t.save_steps, metric_name=None)  # no validation: the latest k are kept
         # Multi-node: whole nodes for the reward model (NeMo-RL's grpo setup gives the policy the rest).
         # One node (tests, tiny models): one GPU of it.
         if nodes > 1:
@@ -293,8 +470,7 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
                 "max_input_seq_length": t.seq_len,
                 "train": {"dataset_name": "ResponseDataset", "data_path": str(data_path(cfg, "train")),
                           "split": None, "split_validation_size": 0},
-                "validation": {"dataset_name": "ResponseDataset", "data_path": str(data_path(cfg, "validation")),
-                               "split": None},
+                "validation": None,
                 "default": {"dataset_name": "ResponseDataset", "processor": EDIT_PROCESSOR,
                             "env_name": "reward_model", "prompt_file": None, "system_prompt_file": None},
             },
@@ -318,10 +494,8 @@ def nemo_rl_config(cfg, rows: int | None = None) -> dict:
                 "max_grad_norm": None,
             }},
         )
-    document["checkpointing"] = {"enabled": True, "checkpoint_dir": str(out_dir(cfg) / "checkpoints"),
-                                 "save_period": t.save_steps, "keep_top_k": t.save_total_limit,
-                                 "checkpoint_must_save_by": must_save_by(cfg)}
-    document["logger"] = {"log_dir": str(out_dir(cfg) / "logs"), "wandb_enabled": False, "tensorboard_enabled": True}
+    document["checkpointing"] = checkpointing
+    document["logger"] = logger_config(cfg)
     document["cluster"] = {"gpus_per_node": gpus, "num_nodes": nodes}
     return document
 
@@ -342,10 +516,10 @@ def build_command(cfg) -> list[str]:
             "--entry", entry, "--config", str(config_path(cfg))]
 
 
-def render_config(cfg, rows: int | None = None) -> str:
+def render_config(cfg, rows: int | None = None, policy_model: str | None = None) -> str:
     header = (f"# NeMo-RL {cfg.megatron.nemo_rl_version} ({cfg.megatron.nemo_rl_commit}) config for our {cfg.stage} stage,"
               f" rendered by recipes.megatron.nemo_rl\n")
-    text = header + yaml.safe_dump(nemo_rl_config(cfg, rows), sort_keys=False, allow_unicode=True)
+    text = header + yaml.safe_dump(nemo_rl_config(cfg, rows, policy_model), sort_keys=False, allow_unicode=True)
     atomic_write_text(config_path(cfg), text)
     return text
 
@@ -443,12 +617,28 @@ class StopWatch:
         checker_cls.check_save = check_save
 
 
+def prepare(cfg) -> dict:
+    """Everything the job does before NeMo-RL starts: the init model's tokenizer (rm: saved with its distinct
+    pad for NeMo-RL), the data hand-over, the policy's content-named source (rl, dpo) and the final YAML.
+    Returns the data counts (for the log and summary.json)."""
+    from recipes import training
+
+    tokenizer = training.load_tokenizer(cfg)
+    if cfg.stage == "rm":
+        tokenizer.save_pretrained(str(tokenizer_dir(cfg)))
+    counts = write_data(cfg, tokenizer)
+    policy_model = policy_source_link(cfg) if cfg.stage in ("rl", "dpo") else None
+    render_config(cfg, counts["train"], policy_model)
+    return counts
+
+
 def run_entry(args, cfg) -> int:
     """Data hand-over, final YAML, processor, NeMo-RL's entry point; exit code for the batch script."""
     out = out_dir(cfg)
-    counts = write_data(cfg)
-    render_config(cfg, counts["train"])
-    print(f"{cfg.stage}: {counts['train']} training / {counts['validation']} validation rows -> {out / 'data'}", flush=True)
+    counts = prepare(cfg)
+    print(f"{cfg.stage}: {counts['train']} training / {counts['validation']} validation rows -> {out / 'data'}"
+          + (f"; skipped as too long: {counts['skipped_too_long']['train']}" if "skipped_too_long" in counts else ""),
+          flush=True)
     if cfg.stage == "rl":
         from nemo_rl.data.processors import register_processor
 
@@ -466,7 +656,7 @@ def run_entry(args, cfg) -> int:
               f"{preemption.PREEMPTED_EXIT_CODE} to requeue and resume", flush=True)
         return preemption.PREEMPTED_EXIT_CODE
     summary = {"stage": cfg.stage, "metric": "exit_code", "value": 0.0, "wall_s": round(time.monotonic() - start, 1),
-               "out": str(cfg.out), "checkpoints": str(out / "checkpoints")}
+               "out": str(cfg.out), "checkpoints": str(out / "checkpoints"), "data": counts}
     atomic_write_json(out / "summary.json", summary)
     print(f"{cfg.stage}: NeMo-RL finished in {summary['wall_s']:.0f} s -> {out / 'checkpoints'}", flush=True)
     return 0

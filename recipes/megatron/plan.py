@@ -28,6 +28,7 @@ from pathlib import Path
 from recipes.config import ConfigError
 
 GIB = 1024**3
+PAIR_STAGES = ("rm", "dpo")
 
 
 @dataclass(frozen=True)
@@ -74,8 +75,14 @@ class Plan:
         return self.global_batch // (self.micro_batch * self.dp)
 
     @property
+    def sequences_per_sample(self) -> int:
+        """rm and dpo train on pairs: NeMo-RL runs chosen and rejected in one micro-batch (rm.py:526-532,
+        dpo.py: gbs and mbs x 2), so each sample is two sequences."""
+        return 2 if self.stage in PAIR_STAGES else 1
+
+    @property
     def tokens_per_step(self) -> int:
-        return self.global_batch * self.seq_len
+        return self.global_batch * self.sequences_per_sample * self.seq_len
 
     def describe(self) -> str:
         vpp = f" VPP{self.vpp}" if self.vpp else ""
@@ -188,6 +195,8 @@ def validate_plan(plan: Plan) -> None:
         )
     if plan.fsdp and plan.pp > 1:
         raise ConfigError(f"PP {plan.pp} with fsdp: NeMo-RL's DTensor (FSDP2) backend has no pipeline parallelism; use pp=1")
+    if plan.fsdp:
+        _dtensor_checks(plan)
     layers_per_chunk = plan.pp * (plan.vpp or 1)
     if plan.num_layers % layers_per_chunk:
         what = f"PP {plan.pp} x VPP {plan.vpp} = {layers_per_chunk}" if plan.vpp else f"PP {plan.pp}"
@@ -204,6 +213,27 @@ def validate_plan(plan: Plan) -> None:
             f"{plan.num_microbatches} micro-batches (global batch {plan.global_batch} / (micro batch {plan.micro_batch}"
             f" x DP {plan.dp})) is not a multiple of PP {plan.pp}, as the interleaved schedule (VPP {plan.vpp}) needs"
         )
+
+
+def _dtensor_checks(plan: Plan) -> None:
+    """What NeMo-RL v0.7.0's DTensor v1 worker refuses (the reward model's backend; file:line at 81aa43d):
+    a model without an optimised TP plan (the reward model is a LlamaForSequenceClassification; only
+    causal LMs have one, nemo_rl/models/dtensor/parallelize.py:328-338) falls back to the HF plan, which
+    asserts `not sequence_parallel` (parallelize.py:700-717); with TP > 1, KV heads and heads must divide
+    by TP (parallelize.py:665-671: exactly, not megatron-core's multiple-or-divisor); context parallel
+    with sequence parallel is refused (dtensor_policy_worker.py:370-374)."""
+    where = f"plan {plan.describe()} on NeMo-RL's DTensor backend"
+    if plan.tp > 1 and plan.sequence_parallel and plan.stage == "rm":
+        raise ConfigError(f"{where}: sequence_parallel with TP {plan.tp}: the reward model (LlamaForSequenceClassification) has "
+                          "no optimised TP plan, and NeMo-RL's fallback HF plan refuses sequence parallelism "
+                          "(parallelize.py:700-717); use sp=false (or tp=1)")
+    if plan.tp > 1:
+        for name, count in (("num_kv_heads", plan.num_kv_heads), ("num_attention_heads", plan.num_attention_heads)):
+            if count % plan.tp:
+                raise ConfigError(f"{where}: {name} ({count}) must be divisible by TP {plan.tp} (parallelize.py:665-671)")
+    if plan.cp > 1 and plan.tp > 1 and plan.sequence_parallel:
+        raise ConfigError(f"{where}: context parallel with sequence parallel is refused (dtensor_policy_worker.py:370-374); "
+                          "use sp=false or cp=1")
 
 
 # ---- estimates ------------------------------------------------------------------------------------
@@ -248,7 +278,7 @@ def memory_per_gpu(plan: Plan) -> dict[str, float]:
 
 
 def _activation_bytes(plan: Plan) -> float:
-    s, b, h, t = plan.seq_len, plan.micro_batch, plan.hidden_size, plan.tp
+    s, b, h, t = plan.seq_len, plan.micro_batch * plan.sequences_per_sample, plan.hidden_size, plan.tp
     if plan.recompute:  # full recompute: only each layer's input is kept
         sharded, replicated = 2 * s * b * h, 0.0
     else:
@@ -273,6 +303,33 @@ def step_seconds(plan: Plan) -> float:
     return flops / (plan.world * plan.peak_tflops * 1e12 * plan.mfu)
 
 
+def reward_model_gpus(cfg) -> int:
+    """GPUs of NeMo-RL's reward-model environment during rl (recipes/megatron/nemo_rl.py places it)."""
+    from recipes.megatron import job_nodes
+
+    nodes, gpus = job_nodes(cfg)
+    return cfg.megatron.reward_model_nodes * gpus if nodes > 1 else 1
+
+
+def stage_step_seconds(cfg, plan: Plan) -> dict[str, float]:
+    """Seconds of one optimizer step by part. Training (step_seconds: forward and backward of the global
+    batch). dpo also runs the reference model's forward (1/3 of a training pass). rl (NeMo-RL's GRPO step)
+    also runs the old policy's and the reference's log-prob forwards (2/3), the reward model's forward on
+    its own GPUs (same architecture as the policy, same MFU), and generation: every rollout of the step
+    at once, each to rl.max_new_tokens (an upper bound), at megatron.vllm_decode_tokens_per_s tokens per
+    second per sequence: an assumption, printed with the estimate, not a measurement."""
+    train = step_seconds(plan)
+    parts = {"training": train}
+    if plan.stage == "dpo":
+        parts["reference log-probs"] = train / 3
+    if plan.stage == "rl":
+        parts["log-probs (old policy, reference)"] = 2 * train / 3
+        reward_flops = flops_per_token(plan) / 3 * plan.tokens_per_step
+        parts["reward model"] = reward_flops / (reward_model_gpus(cfg) * plan.peak_tflops * 1e12 * plan.mfu)
+        parts["generation (assumed)"] = cfg.rl.max_new_tokens / cfg.megatron.vllm_decode_tokens_per_s
+    return parts
+
+
 def tokens_per_second_per_gpu(plan: Plan, achieved_tflops: float) -> float:
     return achieved_tflops * 1e12 / flops_per_token(plan)
 
@@ -282,6 +339,10 @@ def stage_steps(cfg, plan: Plan) -> tuple[int, str]:
     if cfg.train.max_steps > 0:
         return cfg.train.max_steps, f"train.max_steps={cfg.train.max_steps}"
     rows, source = count_rows(cfg)
+    if cfg.stage in ("rm", "rl", "dpo"):  # NeMo-RL: full batches only (recipes/megatron/nemo_rl.py)
+        from recipes.megatron.nemo_rl import planned_steps
+
+        return planned_steps(cfg, rows), source
     # rl steps over prompts (each prompt yields rl.k sequences of the global batch); the rest over rows.
     per_step = cfg.rl.prompts_per_step if cfg.stage == "rl" else plan.global_batch
     return max(1, math.ceil(rows * cfg.train.epochs / per_step)), source
@@ -344,7 +405,8 @@ def _main(argv: list[str]) -> int:
     validate_plan(plan)
     memory = memory_per_gpu(plan)
     steps, rows_source = stage_steps(cfg, plan)
-    step_s = step_seconds(plan)
+    parts = stage_step_seconds(cfg, plan)
+    step_s = sum(parts.values())
 
     table = Table(title=f"{stage} plan: {cfg.model.name} ({parameter_counts(plan)['total'] / 1e9:.1f}B parameters)")
     table.add_column("setting")
@@ -364,11 +426,17 @@ def _main(argv: list[str]) -> int:
          f"{memory['optimizer'] / GIB:.1f} GiB"),
         ("memory per GPU: activations", f"{memory['activations'] / GIB:.1f} GiB"),
         ("memory per GPU: total", f"{memory['total'] / GIB:.1f} GiB of {plan.gpu_memory_gb:g}"),
-        ("step time", f"{step_s:.1f} s at MFU {plan.mfu:g} of {plan.peak_tflops:g} TFLOP/s"),
+        *((f"step time: {part}", f"{seconds:.1f} s") for part, seconds in parts.items()),
+        ("step time", f"{step_s:.1f} s (compute parts at MFU {plan.mfu:g} of {plan.peak_tflops:g} TFLOP/s)"),
         ("steps", f"{steps} ({rows_source})"),
         ("estimated stage hours", f"{steps * step_s / 3600:.2f}"),
         ("container", container_line(cfg)),
     ]
+    if stage in ("rm", "rl", "dpo"):
+        from recipes.megatron.nemo_rl import setup_seconds
+
+        source = "megatron.setup_minutes" if cfg.megatron.setup_minutes is not None else "derived: nemo_rl.setup_seconds"
+        rows.append(("start-up allowance per job", f"{setup_seconds(cfg) / 60:.0f} min ({source})"))
     for row in rows:
         table.add_row(*row)
     Console().print(table)
@@ -376,4 +444,10 @@ def _main(argv: list[str]) -> int:
     print(f"plan {plan.describe()}: valid; {memory['total'] / GIB:.1f} GiB/GPU "
           f"({'fits' if fits else 'does NOT fit'} {plan.gpu_memory_gb:g} GiB); ~{steps * step_s / 3600:.2f} h")
     print(f"container: {container_line(cfg)}")
+    if stage == "rl":
+        print(f"rl hours include generation, an assumption: each step's {cfg.rl.prompts_per_step * cfg.rl.k} rollouts run "
+              f"together, each to rl.max_new_tokens={cfg.rl.max_new_tokens}, at megatron.vllm_decode_tokens_per_s="
+              f"{cfg.megatron.vllm_decode_tokens_per_s:g} tokens/s per sequence (not measured; set yours)")
+    else:
+        print("hours count compute only (no data loading, checkpoint writes or start-up)")
     return 0
