@@ -1,25 +1,19 @@
 #!/usr/bin/env bash
-# The sft / import / export container of engine=megatron: Megatron-Bridge's own Dockerfile at the
-# pinned commit (docker/Dockerfile.ci, target megatron_bridge, on nvcr.io/nvidia/pytorch:26.06-py3),
-# with its Megatron-LM submodule (megatron-core 0.19), imported as an enroot squashfs for pyxis.
+# The sft / import / export image of engine=megatron (docker/Dockerfile.megatron_bridge: Megatron-Bridge 0.6.2 and
+# megatron-core 0.19.2 from PyPI, sha256-checked, on nvcr.io/nvidia/pytorch:26.06-py3), imported as an enroot
+# squashfs for pyxis: one command, on a machine with docker, enroot and network access (PyPI, GitHub, nvcr.io).
 #
 #   docker/build_megatron_bridge.sh [OUTPUT_DIR]     (default: $HS3_CONTAINER_DIR, else /shared/containers)
 #
-# Needs docker (with buildx) and enroot on a machine with network access; the image is ~30 GB.
 # The output name is what conf/engine/megatron.yaml's megatron.container expects.
 set -euo pipefail
-COMMIT=51885cf132b2814188b6855c25a8588254274c2a   # v0.6.0 = megatron.megatron_bridge_commit
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VERSION=$(sed -n 's/^ARG MEGATRON_BRIDGE_VERSION=//p' "$ROOT/docker/Dockerfile.megatron_bridge")
 OUT_DIR=${1:-${HS3_CONTAINER_DIR:-/shared/containers}}
-TAG=megatron-bridge:v0.6.0-${COMMIT:0:7}
-SQSH=$OUT_DIR/megatron-bridge-v0.6.0-${COMMIT:0:7}.sqsh
-WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+TAG=megatron-bridge:$VERSION
+SQSH=$OUT_DIR/megatron-bridge-$VERSION-pytorch26.06.sqsh
 
-git clone --filter=blob:none https://github.com/NVIDIA-NeMo/Megatron-Bridge "$WORK/Megatron-Bridge"
-cd "$WORK/Megatron-Bridge"
-git checkout --quiet "$COMMIT"
-git submodule update --init --depth 1 3rdparty/Megatron-LM   # cd4afffa: megatron-core 0.19
-docker buildx build -f docker/Dockerfile.ci --target megatron_bridge -t "$TAG" --load .
+docker build -f "$ROOT/docker/Dockerfile.megatron_bridge" -t "$TAG" "$ROOT/docker"
 mkdir -p "$OUT_DIR"
 enroot import -o "$SQSH" "dockerd://$TAG"
 echo "built $SQSH (megatron.container); check: srun --container-image=$SQSH python -c 'import megatron.bridge, megatron.core; print(megatron.bridge.__version__, megatron.core.__version__)'"

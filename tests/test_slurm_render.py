@@ -54,7 +54,7 @@ def test_megatron_sft_on_four_8gpu_nodes(tmp_path):
     assert srun[:4] == ["srun", "--nodes=4", "--ntasks-per-node=8", "--kill-on-bad-exit=1"]
     # the Megatron engine's pinned container, with the repo and the run dir mounted at their own paths
     assert f"--container-image={compose('sft', ['engine=megatron']).megatron.container}" in srun
-    assert compose("sft", ["engine=megatron"]).megatron.container.endswith("/megatron-bridge-v0.6.0-51885cf.sqsh")
+    assert compose("sft", ["engine=megatron"]).megatron.container.endswith("/megatron-bridge-0.6.2-pytorch26.06.sqsh")
     mounts = next(a for a in srun if a.startswith("--container-mounts=")).split("=", 1)[1].split(",")
     assert {"/lustre:/lustre", f"{REPO_ROOT}:{REPO_ROOT}", f"{tmp_path}:{tmp_path}"} <= set(mounts)
     # each task: its rank from SLURM, the cluster's setup lines, then the stage
@@ -76,7 +76,7 @@ def test_hf_sft_on_two_nodes_uses_accelerate_per_node(tmp_path):
     assert opts["nodes"] == "2" and opts["ntasks-per-node"] == "1" and opts["gpus-per-node"] == "8"
     [srun] = srun_lines(script)
     assert srun[1:5] == ["--nodes=2", "--ntasks=2", "--ntasks-per-node=1", "--kill-on-bad-exit=1"]
-    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in srun  # the cluster's image (not Megatron's)
+    assert f"--container-image={compose('sft', ['cluster=example']).cluster.container_image}" in srun  # the cluster's (not Megatron's)
     task = srun[-1]
     launch = shlex.split(task.split("exec ", 1)[1])
     assert launch[:3] == ["python", "-m", "accelerate.commands.launch"]
@@ -207,4 +207,4 @@ def test_our_own_stages_run_in_the_clusters_image_on_the_megatron_engine(tmp_pat
     pinned Megatron-Bridge / NeMo-RL images do not carry: they use cluster.container_image."""
     script = dry_run(stage, "engine=megatron", "executor=slurm", "cluster=example", f"run_dir={tmp_path}")
     [srun] = srun_lines(script)
-    assert "--container-image=nvcr.io/nvidia/nemo:25.09" in srun
+    assert f"--container-image={compose(stage, ['cluster=example']).cluster.container_image}" in srun

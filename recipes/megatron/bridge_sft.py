@@ -17,16 +17,24 @@ Two halves:
     OUT/dataset/{training,validation}.jsonl (the layout GPTSFTChatDataset reads) and, with packing,
     Megatron-Bridge's own packing step (GPTSFTDatasetBuilder.prepare_data, which its finetune would
     otherwise run on rank 0 while every other rank waits in a barrier under the 10-minute NCCL
-    timeout: data/builders/gpt_sft.py:733-737 at v0.6.0); the other ranks wait for its marker file,
+    timeout: data/builders/gpt_sft.py:734-738 at 0.6.2); the other ranks wait for its marker file,
     outside any collective. Then every rank builds the recipe, applies the file with Megatron-Bridge's
     own override parser and calls `finetune`, whose packing step finds the packs and skips
-    (gpt_sft.py:653-655). Only this half imports megatron.bridge.
-Epochs: `train.num_epochs` (Megatron-Bridge 0.6.0, training/config.py:444): finetune sets train_iters
-from the length of the built training dataset (data/loaders.py:186-195, config.py:1586-1593), which with
+    (gpt_sft.py:652-654). Only this half imports megatron.bridge.
+Epochs: `train.num_epochs` (Megatron-Bridge 0.6.2, training/config.py:445): finetune sets train_iters
+from the length of the built training dataset (data/loaders.py:186-195, config.py:1591-1599), which with
 packing is the number of packs, so train.epochs=1 is one pass over the data, packed or not.
-Preemption: on SIGTERM Megatron-Bridge checkpoints and calls sys.exit(0) (train.py:794-805); the
-wrapper catches that SystemExit and exits PREEMPTED_EXIT_CODE when the saved iteration is short of
-the planned one, so the job requeues and its dependents do not start.
+Preemption: Megatron-Bridge's finetune returns only when its training loop ran to train_iters (and saved
+the last step: train.py:749-766); every exit condition (the exit signal: on SIGTERM it checkpoints; a
+duration or iteration limit) ends in sys.exit(exit_code) instead (train.py:794-805). The wrapper catches
+that SystemExit and exits PREEMPTED_EXIT_CODE when the saved iteration is short of the planned one, so the
+job requeues and its dependents do not start. The saved iteration is read with Megatron-Bridge's own
+read_train_state, whose lru_cache (checkpoint_utils.py:443) still holds the step this launch resumed from:
+the cache is cleared first, as Megatron-Bridge does before an in-process restart (state.py:476-480).
+Checkpoints kept: train.save_total_limit -> checkpoint.most_recent_k (Megatron's default -1 keeps every one,
+~1.3 TB each at 70B with optimizer state). Logging: train.report_to -> logger.tensorboard_dir (tensorboard)
+and logger.wandb_project (wandb: Megatron-Bridge's own W&B writer, state.py:197-221, which reads
+WANDB_API_KEY from the environment; the SLURM batch script fills it from the login's `wandb login` entry).
 """
 from __future__ import annotations
 
@@ -43,6 +51,7 @@ import yaml
 
 from recipes import preemption
 from recipes.config import ConfigError, to_yaml
+from recipes.curves import reporters
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import megatron_decay_style
 from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
@@ -113,6 +122,21 @@ def resume_dir(cfg) -> str | None:
     return str(cfg.resume)
 
 
+def logger_overrides(cfg) -> dict:
+    """train.report_to -> Megatron-Bridge's LoggerConfig (megatron-core training_config.py:244-348): TensorBoard
+    event files in OUT/tb_logs; W&B in project $WANDB_PROJECT (default helpsteer3-edit), entity
+    $WANDB_ENTITY, run RUN_DIR-NAME-STAGE, files under OUT/wandb. None: that logger off."""
+    names = reporters(cfg.train.report_to)
+    wandb = "wandb" in names
+    return {
+        "logger.tensorboard_dir": str(out_dir(cfg) / "tb_logs") if "tensorboard" in names else None,
+        "logger.wandb_project": (os.environ.get("WANDB_PROJECT") or "helpsteer3-edit") if wandb else None,
+        "logger.wandb_entity": os.environ.get("WANDB_ENTITY") if wandb else None,
+        "logger.wandb_exp_name": f"{Path(cfg.run_dir).resolve().name}-{cfg.stage}" if wandb else None,
+        "logger.wandb_save_dir": str(out_dir(cfg) / "wandb") if wandb else None,
+    }
+
+
 def bridge_config(cfg, rows: int) -> dict:
     """The document `render` writes: everything the in-container half needs, in Megatron-Bridge's names.
     rows: the plan's estimate of training rows, for the record only (the job counts the dataset)."""
@@ -130,7 +154,7 @@ def bridge_config(cfg, rows: int) -> dict:
         "model.recompute_method": "uniform" if p.recompute else None,
         "model.recompute_num_layers": 1 if p.recompute else None,
         # batch and schedule: train.max_steps iterations, else train.epochs passes over the built
-        # (packed) dataset; warmup as a fraction and decay over all iterations (config.py:1630-1641)
+        # (packed) dataset; warmup as a fraction and decay over all iterations (config.py:1622, 1647)
         "train.train_iters": t.max_steps if by_steps else None,
         "train.num_epochs": None if by_steps else t.epochs,
         "train.global_batch_size": t.global_batch,
@@ -153,8 +177,12 @@ def bridge_config(cfg, rows: int) -> dict:
         "checkpoint.save": str(out_dir(cfg) / "checkpoints"),
         "checkpoint.load": resume_dir(cfg),
         "checkpoint.save_interval": t.save_steps,
+        # keep the latest train.save_total_limit (>= 1): Megatron's CheckpointConfig.most_recent_k, whose
+        # default -1 keeps every checkpoint (megatron-core training_config.py:421); Megatron-Bridge removes
+        # the older ones after each save (checkpointing.py:1584-1626)
+        "checkpoint.most_recent_k": t.save_total_limit,
         "logger.log_interval": t.logging_steps,
-        "logger.tensorboard_dir": str(out_dir(cfg) / "tb_logs"),
+        **logger_overrides(cfg),
         # SIGTERM (the SLURM batch script sends it on USR1, before the time limit): save a checkpoint, stop.
         "train.exit_signal_handler": True,
         # backstop for collectives that wait on one rank (the packing itself runs before any collective)
@@ -365,22 +393,25 @@ def finetune_from_file(path: str, rank: int | None = None) -> int:
 
     container = build_container(document)
     start = time.monotonic()
+    stopped = False
     try:
         finetune(config=container, forward_step_func=forward_step)
-        code = 0
     except SystemExit as exc:  # exit signal / duration / iteration exit: train.py:794-805 calls sys.exit
         code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
         if code != 0:
             raise
-    return finish(document, container.train.train_iters, start, rank)
+        stopped = True
+    # train_iters: ours with train.max_steps, else the one finetune derived from train.num_epochs
+    return finish(document, document.get("train_iters") or container.train.train_iters, start, rank, stopped)
 
 
-def finish(document: dict, planned_iters: int, start: float, rank: int) -> int:
-    """After finetune: a saved iteration short of the plan means the run stopped at a checkpoint
-    (preempted): exit PREEMPTED_EXIT_CODE so the job requeues; else summary.json, exit 0."""
+def finish(document: dict, planned_iters: int | None, start: float, rank: int, stopped: bool) -> int:
+    """After finetune. It returned (stopped=False): the loop ran to train_iters, summary.json, exit 0. It
+    exited (stopped=True): a saved iteration short of the plan means it stopped at a checkpoint
+    (preempted): exit PREEMPTED_EXIT_CODE so the job requeues; else it had finished, as above."""
     out = Path(document["out"])
-    saved = saved_iteration(str(out / "checkpoints"))
-    if saved < planned_iters:
+    saved = saved_iteration(str(out / "checkpoints")) if stopped else None
+    if stopped and (planned_iters is None or saved < planned_iters):
         if rank == 0:
             atomic_write_json(out / preemption.PREEMPTED_MARKER_FILE, {"step": saved})
             print(f"sft: stopped at iteration {saved} of {planned_iters} with a checkpoint; exit "
@@ -390,17 +421,23 @@ def finish(document: dict, planned_iters: int, start: float, rank: int) -> int:
         summary = {"stage": "sft", "metric": "train_iters", "value": planned_iters,
                    "wall_s": round(time.monotonic() - start, 1), "out": str(out), "checkpoints": str(out / "checkpoints")}
         atomic_write_json(out / "summary.json", summary)
-        print(f"sft: {planned_iters} iterations in {time.monotonic() - start:.0f} s -> {out}/checkpoints")
+        print(f"sft: finetune completed (train_iters {planned_iters}) in {time.monotonic() - start:.0f} s -> {out}/checkpoints")
     return 0
 
 
 def saved_iteration(save_dir: str) -> int:
-    """The iteration of the latest checkpoint Megatron-Bridge saved in save_dir (-1: none yet)."""
+    """The iteration of the latest checkpoint Megatron-Bridge saved in save_dir (-1: none yet). Its
+    read_train_state is an lru_cache keyed by the file name (checkpoint_utils.py:443): this launch's resume
+    cached the step it started from, and every save since rewrote that same file, so the cache is
+    cleared first (as Megatron-Bridge's own reset_for_restart does, state.py:476-480)."""
     from megatron.bridge.training.utils.checkpoint_utils import (
         TRACKER_PREFIX, get_checkpoint_train_state_filename, read_train_state)
 
     tracker = get_checkpoint_train_state_filename(save_dir, prefix=TRACKER_PREFIX)
-    return read_train_state(tracker).step if Path(tracker).exists() else -1
+    if not Path(tracker).exists():
+        return -1
+    read_train_state.cache_clear()
+    return read_train_state(tracker).step
 
 
 def main(argv: list[str] | None = None) -> int:

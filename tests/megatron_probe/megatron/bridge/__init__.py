@@ -1,23 +1,31 @@
-"""PROBE, not Megatron-Bridge: stands in for `megatron.bridge` (which needs GPUs, CUDA and Python 3.12)
-where tests run recipes/megatron/bridge_sft.py's in-container half for real. It records what our wrapper
-hands it (JSON lines in $PROBE_LOG) and checks the calls are in the order Megatron-Bridge requires.
+"""PROBE, not Megatron-Bridge: stands in for `megatron.bridge` (which needs GPUs, CUDA, Transformer Engine
+and Python 3.12) where tests run recipes/megatron/bridge_sft.py's in-container half for real (on the test
+SLURM too: tests/test_megatron_chain_slurm.py). It has only the names that wrapper imports, and each one
+records what it received (one JSON line per call in $PROBE_LOG) and computes nothing Megatron-Bridge
+computes: no recipe, no override parsing, no packing, no train_iters, no training, no tracker.
 
-Behaviour of the probe's `finetune` ($PROBE_MODE):
-  complete  resolve train_iters from train.num_epochs as Megatron-Bridge 0.6.0 does
-            (training/config.py:1586-1593: ceil(num_epochs * ceil(dataset size / global batch)), the
-            dataset size being the number of packs with packing), "save" the last iteration, return;
-  preempt   the same, "save" iteration 1 and sys.exit(0), as train.py:794-805 does after its
-            exit-signal checkpoint.
-Only the names our wrapper imports exist here; a GPU cluster verifies the real ones.
+  recipe / AutoBridge.from_hf_pretrained / process_config_with_overrides   record their arguments; the
+      "container" they return only carries what the wrapper set on it (dataset, overrides);
+  GPTSFTDatasetBuilder.prepare_data      records the call (the wrapper's pack-once-before-any-collective
+      order is what a test checks); writes no packs;
+  finetune                               records the dataset and overrides it received, then creates the
+      directory checkpoint.save names with that record in it (the export after sft reads that directory:
+      it is all the next job needs), and returns, as Megatron-Bridge's finetune returns when its loop
+      reached train_iters. $PROBE_HOLD: wait until that file is gone first (a test kills the job while it
+      waits). $PROBE_EXIT=signal: sys.exit(0) instead, as Megatron-Bridge does after an exit-signal
+      checkpoint (train.py:794-805); the checkpoint itself is whatever the test put there.
+  training.utils.checkpoint_utils        Megatron-Bridge's OWN module (read_train_state, the tracker's name)
+      from the pinned wheel ($PROBE_MB_WHEEL, $PROBE_MCORE_WHEEL; tests/megatron_probe/mb_upstream.py says
+      what of its imports is left out); absent without those variables.
+A GPU cluster verifies the real thing (tests/gpu/).
 """
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
+import time
 import types
-from dataclasses import dataclass, field
 from pathlib import Path
 
 __version__ = "probe"
@@ -25,7 +33,7 @@ __version__ = "probe"
 
 def _log(event: str, **data) -> None:
     with open(os.environ["PROBE_LOG"], "a") as f:
-        f.write(json.dumps({"event": event, "pid": os.getpid(), "rank": os.environ.get("RANK"), **data}) + "\n")
+        f.write(json.dumps({"event": event, "pid": os.getpid(), "rank": os.environ.get("RANK"), **data}, default=str) + "\n")
 
 
 def _module(name: str, **attrs) -> types.ModuleType:
@@ -38,130 +46,86 @@ def _module(name: str, **attrs) -> types.ModuleType:
     return module
 
 
+class Recorded:
+    """A config object of Megatron-Bridge, as the wrapper builds it: the keyword arguments it was given."""
+
+    def __init__(self, **kwargs):
+        self.__dict__.update(kwargs)
+
+    def record(self) -> dict:
+        return {k: (v.record() if isinstance(v, Recorded) else v) for k, v in self.__dict__.items()}
+
+
 class AutoBridge:
     @classmethod
     def from_hf_pretrained(cls, path, **kwargs):
-        _log("from_hf_pretrained", path=path)
+        _log("from_hf_pretrained", path=str(path))
         return cls()
-
-
-@dataclass
-class ChatSFTPreprocessingConfig:
-    loss_mode: str = "assistant"
-
-
-@dataclass
-class PackedSequenceSpecs:
-    packed_sequence_size: int = -1
-    pad_seq_to_mult: int | None = None
-
-
-@dataclass
-class GPTSFTDatasetConfig:
-    dataset_root: str
-    seq_length: int
-    preprocessing: ChatSFTPreprocessingConfig
-    do_validation: bool = True
-    do_test: bool = True
-    enable_offline_packing: bool = False
-    offline_packing_specs: PackedSequenceSpecs | None = None
-    dataset_kwargs: dict | None = None
-    seed: int = 1234
-    dataloader_type: str = "single"
-
-
-def _packs(config: GPTSFTDatasetConfig) -> Path:
-    return Path(config.dataset_root) / "packed_probe.json"
 
 
 class GPTSFTDatasetBuilder:
     def __init__(self, config, tokenizer):
-        self.config, self.tokenizer = config, tokenizer
+        self.config = config
 
     def prepare_data(self):
-        """Packs (greedily, 2 conversations per pack) unless the packs exist: gpt_sft.py:653-655 skips."""
-        rows = Path(self.config.dataset_root, "training.jsonl").read_text().splitlines()
-        _log("prepare_data", rows=len(rows), exists=_packs(self.config).exists())
-        if not _packs(self.config).exists():
-            _packs(self.config).write_text(json.dumps({"packs": math.ceil(len(rows) / 2)}))
+        _log("prepare_data", dataset=self.config.record())
 
 
-@dataclass
-class _Section:
-    values: dict = field(default_factory=dict)
+class Container:
+    """What a recipe returns, as far as the wrapper touches it: .dataset, .tokenizer (handed to build_tokenizer),
+    then .train.train_iters after finetune (None here: only Megatron-Bridge derives it from train.num_epochs)."""
 
-    def __getattr__(self, key):
-        try:
-            return self.__dict__["values"][key]
-        except KeyError:
-            raise AttributeError(key) from None
-
-    def __setattr__(self, key, value):
-        if key == "values":
-            self.__dict__["values"] = value
-        else:
-            self.__dict__["values"][key] = value
+    def __init__(self, recipe: str):
+        self.recipe, self.dataset, self.overrides, self.tokenizer = recipe, None, [], None
+        self.train = types.SimpleNamespace(train_iters=None)
 
 
-class ConfigContainer:
-    def __init__(self):
-        self.train, self.checkpoint, self.tokenizer = _Section(), _Section(), _Section()
-        self.dataset = None
+def __getattr_recipes(name: str):
+    if name.startswith("__"):  # __file__, __spec__, ...: a module attribute, not a recipe
+        raise AttributeError(name)
 
-
-def llama31_70b_sft_config():
-    AutoBridge.from_hf_pretrained("meta-llama/Meta-Llama-3.1-70B")
-    return ConfigContainer()
+    def recipe():
+        AutoBridge.from_hf_pretrained("meta-llama/Meta-Llama-3.1-70B")  # as the 70B recipes do
+        _log("recipe", name=name)
+        return Container(name)
+    return recipe
 
 
 def process_config_with_overrides(container, cli_overrides):
-    for item in cli_overrides:
-        key, _, value = item.partition("=")
-        section, _, name = key.partition(".")
-        if hasattr(container, section) and isinstance(getattr(container, section), _Section):
-            parsed = None if value == "null" else json.loads(value) if value[:1].isdigit() or value in ("true", "false") else value
-            setattr(getattr(container, section), name, parsed)
+    container.overrides = list(cli_overrides)
+    _log("overrides", overrides=container.overrides)
     return container
 
 
-def _tracker(save_dir: str, prefix: str | None = None) -> str:
-    return str(Path(save_dir) / f"{prefix}_train_state.json")
-
-
-def _read_train_state(path: str):
-    return types.SimpleNamespace(step=json.loads(Path(path).read_text())["step"])
-
-
 def finetune(config, forward_step_func):
-    data = config.dataset
-    packs = json.loads(_packs(data).read_text())["packs"] if data.enable_offline_packing else None
-    size = packs if packs is not None else len(Path(data.dataset_root, "training.jsonl").read_text().splitlines())
-    if config.train.num_epochs is not None:  # training/config.py:1592-1593
-        config.train.train_iters = math.ceil(config.train.num_epochs * math.ceil(size / config.train.global_batch_size))
-    _log("finetune", train_iters=config.train.train_iters, dataset_size=size, packed=packs is not None,
-         dataloader_type=data.dataloader_type, loss_mode=data.preprocessing.loss_mode,
-         exit_signal_handler=config.train.exit_signal_handler)
-    save = config.checkpoint.save
+    _log("finetune", recipe=config.recipe, dataset=config.dataset.record(), overrides=config.overrides)
+    hold = os.environ.get("PROBE_HOLD")
+    while hold and Path(hold).exists():
+        time.sleep(0.5)
+    save = next(o.split("=", 1)[1] for o in config.overrides if o.startswith("checkpoint.save="))
     Path(save).mkdir(parents=True, exist_ok=True)
-    mode = os.environ.get("PROBE_MODE", "complete")
-    step = 1 if mode == "preempt" else config.train.train_iters
-    Path(_tracker(save, "latest")).write_text(json.dumps({"step": step}))
-    if mode == "preempt":
+    (Path(save) / f"PROBE_FINETUNE-rank{os.environ.get('RANK')}.json").write_text(
+        json.dumps({"dataset": config.dataset.record(), "overrides": config.overrides}, default=str))
+    if os.environ.get("PROBE_EXIT") == "signal":
         sys.exit(0)
 
 
+recipes = _module("megatron.bridge.recipes")
+llama = _module("megatron.bridge.recipes.llama")
+llama.__getattr__ = __getattr_recipes
 _module("megatron.bridge.data")
-_module("megatron.bridge.data.builders", ChatSFTPreprocessingConfig=ChatSFTPreprocessingConfig,
-        GPTSFTDatasetConfig=GPTSFTDatasetConfig, GPTSFTDatasetBuilder=GPTSFTDatasetBuilder)
-_module("megatron.bridge.data.packing", PackedSequenceSpecs=PackedSequenceSpecs)
-_module("megatron.bridge.recipes")
-_module("megatron.bridge.recipes.llama", llama31_70b_sft_config=llama31_70b_sft_config)
+_module("megatron.bridge.data.builders", ChatSFTPreprocessingConfig=Recorded, GPTSFTDatasetConfig=Recorded,
+        GPTSFTDatasetBuilder=GPTSFTDatasetBuilder)
+_module("megatron.bridge.data.packing", PackedSequenceSpecs=Recorded)
 _module("megatron.bridge.training")
 _module("megatron.bridge.training.finetune", finetune=finetune)
 _module("megatron.bridge.training.gpt_step", forward_step=lambda *a: None)
 _module("megatron.bridge.training.tokenizers")
-_module("megatron.bridge.training.tokenizers.tokenizer", build_tokenizer=lambda cfg: ("tokenizer", cfg))
+_module("megatron.bridge.training.tokenizers.tokenizer", build_tokenizer=lambda cfg: _log("build_tokenizer"))
 _module("megatron.bridge.training.utils")
 _module("megatron.bridge.training.utils.omegaconf_utils", process_config_with_overrides=process_config_with_overrides)
-_module("megatron.bridge.training.utils.checkpoint_utils", TRACKER_PREFIX="latest",
-        get_checkpoint_train_state_filename=_tracker, read_train_state=_read_train_state)
+if os.environ.get("PROBE_MB_WHEEL") and os.environ.get("PROBE_MCORE_WHEEL"):
+    from mb_upstream import CHECKPOINT_UTILS, load_checkpoint_utils
+
+    _module(CHECKPOINT_UTILS)  # the parent's attribute, then the real module in its place
+    sys.modules[CHECKPOINT_UTILS] = load_checkpoint_utils(os.environ["PROBE_MB_WHEEL"], os.environ["PROBE_MCORE_WHEEL"])
