@@ -15,8 +15,9 @@ Not covered: the bytes between the samples (a fine-tune changes every element of
 LoRA merged into a matrix too, so a trained model differs from its start and from its other checkpoints
 at the samples; a change of a few scattered elements could pass unseen), training state (optimizer,
 trainer_state.json, hs3_training.json), file names and mtimes, the dtype a model is loaded in (a bf16
-re-save of an fp32 model is another fingerprint). Cost: the safetensors headers and at most 12 KiB per
-tensor (Llama-3.3-70B: ~720 tensors, ~9 MB read), so a 140 GB checkpoint is fingerprinted in seconds.
+re-save of an fp32 model is another fingerprint). What it reads: the safetensors headers and at most
+12 KiB per tensor (Llama-3.3-70B has 723 tensors: about 9 MB of a 140 GB checkpoint), plus 256 KiB per
+other weight file; it never reads a checkpoint whole.
 """
 from __future__ import annotations
 
