@@ -95,14 +95,15 @@ HOSTILE = "run dir $(touch PWNED) `touch PWNED2`"
 
 
 @pytest.mark.parametrize("stage", ["rl", "rm", "dpo"])
-def test_nemo_rl_stage_runs_ray_across_two_nodes(stage, slurm, nemo_rl_src, srun_recorder, tmp_path):
+def test_nemo_rl_stage_runs_ray_across_two_nodes(stage, slurm, nemo_rl_src, srun_recorder, tmp_path, tiny_model_dir):
     """The rendered rm/rl/dpo script on 2 nodes: srun gets the expanded head node (-w/--exclude), never
     `$MASTER_ADDR`; Ray's head binds the first node's IP (ray.sub:271-313, 567) and a worker on the other
     node joins; each Ray node has its node's CPUTot (ray.sub:64-93, 860, 876), not cpus_per_task; the
     probe at NeMo-RL's entry point sees both nodes and runs a task on each."""
     run_dir = tmp_path / (HOSTILE if stage == "rl" else "run")
     write_edit_data(run_dir / "data", n_train=8, n_validation=2)
-    cfg = nemo_rl_cfg(stage, run_dir, "cluster.cpus_per_task=1")
+    # init: the model the job's wrapper counts tokens with (the length rules and rm's selection slice)
+    cfg = nemo_rl_cfg(stage, run_dir, "cluster.cpus_per_task=1", f"init={tiny_model_dir}")
     files = write_job(cfg)
     env, record = srun_recorder
     env.update({"PYTHONPATH": str(nemo_rl_src), "PROBE_RECORD": str(tmp_path / "probe.json"), "PROBE_EXPECT_NODES": "2",
