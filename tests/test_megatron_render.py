@@ -219,22 +219,6 @@ def test_rm_is_bradley_terry_on_dtensor_with_preference_data(run_dir: Path, init
         nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "parallel.fsdp=false"))
 
 
-def test_rm_tokenizer_pads_apart_from_the_end_of_turn(run_dir: Path, init_model):
-    """NeMo-RL sets pad = eos when a tokenizer has none (algorithms/utils.py get_tokenizer); a sequence
-    classifier reads its score at the last non-pad token, so with pad = <|eot_id|> the rm would be trained
-    to score one token before the <|eot_id|> engine=hf, rl's reward and the eval read. rm is handed the
-    init model's tokenizer with its distinct pad (the one engine=hf trains with)."""
-    from transformers import AutoTokenizer
-
-    from recipes import training
-
-    cfg, doc = rendered("rm", run_dir, "rm.selection_fraction=0", "rm.keep_best=false")
-    handed = AutoTokenizer.from_pretrained(doc["policy"]["tokenizer"]["name"])
-    assert handed.pad_token_id is not None and handed.pad_token_id != handed.convert_tokens_to_ids("<|eot_id|>")
-    assert handed.pad_token == training.load_tokenizer(cfg).pad_token
-    assert handed.chat_template == AutoTokenizer.from_pretrained(init_model).chat_template
-
-
 def test_rl_is_rloo_with_the_reward_model_environment(run_dir: Path, init_model):
     cfg, doc = rendered("rl", run_dir, "rl.k=6", "rl.kl_coef=0.02", "rl.prompts_per_step=16", "gbs=96",
                         f"rm={run_dir / 'rm' / 'final'}")
@@ -276,6 +260,15 @@ def test_dpo_uses_a_megatron_policy_and_beta(run_dir: Path, init_model):
     assert doc["policy"]["megatron_cfg"]["scheduler"] == {"lr_decay_style": "cosine", "lr_warmup_iters": 0, "lr_decay_iters": 1}
     with pytest.raises(ConfigError, match="train.lr_scheduler=polynomial"):
         nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "train.lr_scheduler=polynomial"))
+
+
+def test_keys_nemo_rl_cannot_honour_are_refused_not_ignored(run_dir: Path):
+    """Stage keys engine=hf honours and NeMo-RL v0.7.0 has no counterpart for: a one-line error, never a
+    silently different run."""
+    with pytest.raises(ConfigError, match=r"dpo.loss_type=ipo: NeMo-RL v0.7.0's DPO has the sigmoid"):
+        nemo_rl.nemo_rl_config(cfg_for("dpo", run_dir, "dpo.loss_type=ipo"), rows=100)
+    with pytest.raises(ConfigError, match="rm.center_rewards_coefficient: engine=hf only"):
+        nemo_rl.nemo_rl_config(cfg_for("rm", run_dir, "rm.center_rewards_coefficient=0.01"), rows=100)
 
 
 def test_fractional_epochs_and_max_steps_bound_nemo_rl_exactly(run_dir: Path):

@@ -191,6 +191,30 @@ def test_plan_refuses_what_nemo_rls_dtensor_worker_refuses(run_dir):
     assert "sequence_parallel is not support in HF tp plan." in source_text[715]  # line 716: the cited rule
 
 
+def test_rm_is_handed_a_tokenizer_whose_pad_is_not_the_end_of_turn(run_dir):
+    """Llama-3.3-70B-Instruct's tokenizer has no pad token; NeMo-RL's get_tokenizer then sets pad = eos =
+    <|eot_id|> (algorithms/utils.py), and a sequence classifier reads its score at the last non-pad token,
+    so the rm would learn to score one token before the <|eot_id|> where engine=hf, rl's reward and the
+    eval read it. The job hands NeMo-RL the init tokenizer with engine=hf's distinct pad."""
+    from transformers import AutoTokenizer
+
+    from recipes.tiny_model import build_llama3_tokenizer
+
+    init = run_dir / "sft" / "final"
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        (init / name).unlink(missing_ok=True)
+    like_llama33 = build_llama3_tokenizer()
+    assert like_llama33.pad_token is None and like_llama33.eos_token == "<|eot_id|>"
+    like_llama33.save_pretrained(init)
+    get_tokenizer = upstream_module("nemo_rl/algorithms/utils.py").get_tokenizer
+    assert get_tokenizer({"name": str(init)}).pad_token == "<|eot_id|>"  # what NeMo-RL did with the old config
+
+    cfg, _, ours = rendered_in_job("rm", run_dir)
+    handed = get_tokenizer(ours["policy"]["tokenizer"])  # the rendered tokenizer section, as run_rm.py passes it
+    assert handed.pad_token == "<|finetune_right_pad_id|>" and handed.pad_token_id != handed.eos_token_id
+    assert handed.chat_template == AutoTokenizer.from_pretrained(init).chat_template  # "default": the model's own
+
+
 # ---- NeMo-RL's config loading: our YAML over its example defaults -----------------------------------
 
 def example_key_paths() -> set[str]:

@@ -402,6 +402,9 @@ def nemo_rl_config(cfg, rows: int | None = None, policy_model: str | None = None
                 f"rm on NeMo-RL needs parallel.fsdp=true and pp=1 (got fsdp={cfg.parallel.fsdp}, pp={cfg.parallel.pp}):"
                 " NeMo-RL trains reward models only on its DTensor backend"
             )
+        if cfg.rm.center_rewards_coefficient is not None:
+            raise ConfigError("rm.center_rewards_coefficient: engine=hf only (TRL's RewardTrainer); NeMo-RL v0.7.0's "
+                              "Bradley-Terry loss has no centring term")
         from recipes.rm import evaluation_cadence
 
         eval_steps, save_steps = evaluation_cadence(cfg, steps)
@@ -423,6 +426,9 @@ def nemo_rl_config(cfg, rows: int | None = None, policy_model: str | None = None
             data["validation"] = None
         document.update(rm=algorithm, policy=policy, data=data)
     elif stage == "dpo":
+        if cfg.dpo.loss_type != "sigmoid":
+            raise ConfigError(f"dpo.loss_type={cfg.dpo.loss_type}: NeMo-RL v0.7.0's DPO has the sigmoid (DPO) loss only "
+                              "(-logsigmoid, algorithms/loss/loss_functions.py:810-823; dpo.yaml:18 lists others as a TODO); use engine=hf")
         policy["dtensor_cfg"] = {"enabled": False}
         policy["megatron_cfg"] = {**_megatron_policy(cfg), "scheduler": _megatron_schedule(cfg, steps)}
         # The Megatron optimizer and scheduler (megatron_cfg.*) replace the DTensor ones, as in
