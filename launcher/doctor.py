@@ -8,7 +8,15 @@ check fails, 0 otherwise.
   account     cluster.account is one of the user's SLURM associations (sacctmgr)
   partition   cluster.partition exists and is UP, with enough nodes for the plan (scontrol show partition)
   gpus        the partition's nodes have cluster.gpus_per_node GPUs (scontrol show node: Gres=gpu:...)
-  container   pyxis is in srun and enroot has credentials for the image's registry (nvcr.io needs them)
+  container   pyxis is in srun when the chain runs in containers
+  images      every image the chain uses (the Megatron-Bridge, NeMo-RL and data/eval images of the pipeline
+              preset: `container_image` of each entry) can be had: a squashfs file is readable; a registry
+              image's manifest answers the registry's HTTP API (Docker Registry v2: HEAD
+              /v2/REPO/manifests/TAG, with the bearer-token exchange and enroot's credentials for that
+              registry, $ENROOT_CONFIG_PATH/.credentials), which is what enroot asks before it pulls
+  image-deps  a one-task job in the image of the stages that run our code (data, eval) runs
+              `python -m launcher.image_probe`: our packages import and pyproject.toml's requirements are met
+              (its lower bounds are the versions the tests ran with)
   shared-fs   a one-minute job on a compute node writes a file under run_dir; the login node reads it
   hf-token    HF_TOKEN (or the login's token file) is set
   hf-model    the base model is reachable with it: an HTTP HEAD to $HF_ENDPOINT (default
@@ -18,13 +26,17 @@ check fails, 0 otherwise.
 """
 from __future__ import annotations
 
+import base64
 import getpass
+import json
+import netrc
 import os
 import re
 import shutil
 import subprocess
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
@@ -136,26 +148,219 @@ def check_gpus(cfg) -> tuple[str, str]:
     return PASS, f"every node of {name} has >= {want} GPUs (Gres)"
 
 
-def check_container(cfg) -> tuple[str, str]:
+def chain_images(cfgs: dict) -> dict[str, list[str]]:
+    """image -> the chain's entries that run in it (launcher.slurm.container_image of each)."""
     from launcher.slurm import container_image
 
-    image = container_image(cfg)
-    if not image:
+    images: dict[str, list[str]] = {}
+    for name, entry_cfg in cfgs.items():
+        image = container_image(entry_cfg)
+        if image:
+            images.setdefault(image, []).append(name)
+    return images
+
+
+def check_container(cfg, images: dict[str, list[str]]) -> tuple[str, str]:
+    if not images:
         return SKIP, "no container configured: tasks run the cluster's setup lines on the host"
     help_text = _run(["srun", "--help"]).stdout
     if "--container-image" not in help_text:
-        return FAIL, f"srun has no --container-image (pyxis is not installed) but {image} is configured -> ask the admins for pyxis/enroot, or set the container keys to null"
-    if image.startswith("/") or image.endswith(".sqsh"):  # a squashfs file built beforehand (README)
-        if not os.access(image, os.R_OK):
-            return FAIL, f"{image} is not readable here -> build it (README: the pinned container recipe) onto the shared file system"
-        return PASS, f"pyxis present; {image} is readable"
-    registry = image.split("/")[0] if "/" in image and "." in image.split("/")[0] else "registry-1.docker.io"
-    config_dir = Path(os.environ.get("ENROOT_CONFIG_PATH", Path.home() / ".config" / "enroot"))
-    creds = config_dir / ".credentials"
-    if registry == "nvcr.io" and not (creds.is_file() and re.search(r"machine\s+nvcr\.io\b", creds.read_text())):
-        return FAIL, (f"{image}: no nvcr.io credentials in {creds} -> add `machine nvcr.io login $oauthtoken password "
-                      f"NGC_API_KEY` (https://ngc.nvidia.com/setup/api-key)")
-    return PASS, f"pyxis present; enroot can authenticate to {registry} for {image} (the first job pulls it)"
+        return FAIL, (f"srun has no --container-image (pyxis is not installed) but the chain runs in {len(images)} "
+                      "image(s) -> ask the admins for pyxis/enroot, or set the container keys to null")
+    return PASS, f"pyxis present (srun --container-image) for {len(images)} image(s)"
+
+
+def parse_image(image: str) -> tuple[str, str, str]:
+    """(registry, repository, tag or digest) of a docker-style `[REGISTRY/]REPO[:TAG|@DIGEST]` or an enroot-style
+    `REGISTRY#REPO[:TAG]` reference; Docker Hub for a reference without a registry."""
+    if "#" in image:
+        registry, rest = image.split("#", 1)
+    else:
+        first, _, remainder = image.partition("/")
+        if remainder and ("." in first or ":" in first or first == "localhost"):
+            registry, rest = first, remainder
+        else:
+            registry, rest = "registry-1.docker.io", image
+    if registry in ("docker.io", "index.docker.io"):
+        registry = "registry-1.docker.io"
+    if registry == "registry-1.docker.io" and "/" not in rest.split("@")[0].split(":")[0]:
+        rest = "library/" + rest
+    if "@" in rest:
+        repository, reference = rest.split("@", 1)
+    else:
+        head, _, tag = rest.rpartition(":")
+        repository, reference = (head, tag) if head and "/" not in tag else (rest, "latest")
+    return registry, repository, reference
+
+
+def enroot_credentials(registry: str) -> tuple[str, str] | None:
+    """(login, password) for the registry from enroot's credentials file (netrc format; a password written as
+    $VARIABLE is read from the environment, as enroot does), or None."""
+    path = Path(os.environ.get("ENROOT_CONFIG_PATH", Path.home() / ".config" / "enroot")) / ".credentials"
+    if not path.is_file():
+        return None
+    try:
+        entry = netrc.netrc(str(path)).authenticators(registry.split(":")[0]) or netrc.netrc(str(path)).authenticators(registry)
+    except (netrc.NetrcParseError, OSError):
+        return None
+    if not entry:
+        return None
+    login, _, password = entry
+    if password and password.startswith("$"):
+        password = os.environ.get(password[1:], "")
+    return login or "", password or ""
+
+
+MANIFEST_TYPES = ", ".join(("application/vnd.oci.image.index.v1+json", "application/vnd.oci.image.manifest.v1+json",
+                            "application/vnd.docker.distribution.manifest.list.v2+json",
+                            "application/vnd.docker.distribution.manifest.v2+json"))
+
+
+def _challenge(header: str) -> tuple[str, dict[str, str]]:
+    scheme, _, params = header.partition(" ")
+    return scheme.lower(), dict(re.findall(r'(\w+)="([^"]*)"', params))
+
+
+def manifest_status(image: str, timeout: float = 15.0) -> tuple[int | None, str]:
+    """HTTP status of the image's manifest (None: unreachable, with the reason), after the registry's auth
+    exchange (Docker Registry HTTP API v2; token auth as nvcr.io and Docker Hub use it)."""
+    registry, repository, reference = parse_image(image)
+    scheme = "http" if registry.split(":")[0] in ("localhost", "127.0.0.1") else "https"
+    url = f"{scheme}://{registry}/v2/{repository}/manifests/{reference}"
+    credentials = enroot_credentials(registry)
+
+    def head(authorization: str | None):
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept": MANIFEST_TYPES})
+        if authorization:
+            request.add_header("Authorization", authorization)
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as response:
+                return response.status, response.headers
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers
+
+    try:
+        status, headers = head(None)
+        if status == 401 and headers.get("WWW-Authenticate"):
+            scheme_name, params = _challenge(headers["WWW-Authenticate"])
+            basic = None
+            if credentials:
+                basic = "Basic " + base64.b64encode(f"{credentials[0]}:{credentials[1]}".encode()).decode()
+            if scheme_name == "bearer" and params.get("realm"):
+                query = urllib.parse.urlencode({k: v for k, v in params.items() if k in ("service", "scope")})
+                token_request = urllib.request.Request(f"{params['realm']}?{query}")
+                if basic:
+                    token_request.add_header("Authorization", basic)
+                try:
+                    with urllib.request.urlopen(token_request, timeout=timeout) as response:
+                        reply = json.loads(response.read() or b"{}")
+                except urllib.error.HTTPError as exc:
+                    return exc.code, f"the token service {params['realm']} refused {'the credentials' if basic else 'an anonymous request'}"
+                token = reply.get("token") or reply.get("access_token")
+                status, headers = head(f"Bearer {token}") if token else (401, headers)
+            elif scheme_name == "basic" and basic:
+                status, headers = head(basic)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        return None, str(getattr(exc, "reason", exc))
+    return status, ""
+
+
+def check_images(cfg, images: dict[str, list[str]]) -> tuple[str, str]:
+    if not images:
+        return SKIP, "no container configured"
+    found, problems = [], []
+    for image, entries in images.items():
+        used_by = f"({', '.join(entries)})"
+        if image.startswith("/") or image.endswith(".sqsh"):
+            if os.access(image, os.R_OK):
+                found.append(f"{image} readable {used_by}")
+            else:
+                problems.append(f"{image} {used_by} is not readable here -> build it onto the shared file system "
+                                f"(docker/build_megatron_bridge.sh, docker/build_hs3.sh: docs/megatron.md)")
+            continue
+        registry = parse_image(image)[0]
+        status, reason = manifest_status(image)
+        if status is None:
+            problems.append(f"{image} {used_by}: registry {registry} unreachable ({reason}) -> the nodes pull it from there")
+        elif status in (401, 403):
+            creds = Path(os.environ.get("ENROOT_CONFIG_PATH", Path.home() / ".config" / "enroot")) / ".credentials"
+            what = "refused the credentials" if enroot_credentials(registry) else "needs credentials"
+            problems.append(f"{image} {used_by}: {registry} {what} (HTTP {status}{': ' + reason if reason else ''}) -> add "
+                            f"`machine {registry.split(':')[0]} login LOGIN password TOKEN` to {creds} (nvcr.io: login "
+                            f"$oauthtoken, password an NGC API key)")
+        elif status == 404:
+            problems.append(f"{image} {used_by}: no such image or tag on {registry} (HTTP 404)")
+        elif status >= 400:
+            problems.append(f"{image} {used_by}: HTTP {status} from {registry}")
+        else:
+            found.append(f"{image} can be pulled {used_by}")
+    if problems:
+        return FAIL, "; ".join(problems + found)
+    return PASS, "; ".join(found)
+
+
+def _submit_and_wait(cfg, name: str, log: Path, wrap: str) -> tuple[str, str]:
+    """(job id, final state) of a one-task job, or raises _JobProblem with the FAIL detail."""
+    command = ["sbatch", "--parsable", f"--job-name=hs3-doctor-{name}", "--time=5", "--nodes=1", "--ntasks=1",
+               f"--output={log}"]
+    for key in ("account", "partition", "qos"):
+        if cfg.cluster[key]:
+            command.append(f"--{key}={cfg.cluster[key]}")
+    proc = _run([*command, "--wrap=" + wrap])
+    if proc.returncode != 0:
+        raise _JobProblem(f"the test job was refused: {_err(proc)} -> fix the partition/account first")
+    job = proc.stdout.strip().split(";")[0]
+    deadline = time.monotonic() + FS_JOB_TIMEOUT_S
+    state = "?"
+    while time.monotonic() < deadline:
+        info = dict(re.findall(r"(\w+)=(\S*)", _run(["scontrol", "show", "job", "-o", job]).stdout))
+        state = info.get("JobState", "GONE")
+        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
+            return job, state
+        time.sleep(1)
+    _run(["scancel", job])
+    raise _JobProblem(f"test job {job} still {state} after {FS_JOB_TIMEOUT_S} s (cancelled) -> the queue is busy: "
+                      f"rerun later, or HS3_DOCTOR_JOB_TIMEOUT=SECONDS")
+
+
+class _JobProblem(Exception):
+    pass
+
+
+def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
+    """The image data and eval run in imports our packages at pyproject.toml's versions (a job runs the probe)."""
+    from launcher.slurm import container_image, in_task, srun_prefix
+
+    image = container_image(data_cfg)
+    where = image or "the nodes' own environment (cluster.setup lines; no container)"
+    if image and "--container-image" not in _run(["srun", "--help"]).stdout:
+        return SKIP, f"{image}: needs pyxis to start (see container)"
+    probe_dir = Path(cfg.run_dir).resolve() / ".doctor"
+    try:
+        probe_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        return FAIL, f"cannot create {probe_dir}: {exc.strerror} -> pick a writable run_dir"
+    log = probe_dir / f"image-deps-{uuid.uuid4().hex}.log"
+    wrap = f"{srun_prefix(data_cfg, '--nodes=1', '--ntasks=1')} {in_task(data_cfg, 'exec python -m launcher.image_probe')}"
+    try:
+        job, state = _submit_and_wait(cfg, "deps", log, wrap)
+    except _JobProblem as exc:
+        return FAIL, str(exc)
+    text = log.read_text(errors="replace") if log.is_file() else ""
+    log.unlink(missing_ok=True)
+    line = next((ln for ln in text.splitlines() if ln.startswith("HS3_IMAGE_PROBE ")), None)
+    if line is None:
+        last = (text.strip().splitlines() or [f"job {job} {state}"])[-1]
+        return FAIL, f"{where}: `python -m launcher.image_probe` did not run ({last[-200:]}) -> an image with Python 3.11+ and our dependencies (docker/build_hs3.sh)"
+    report = json.loads(line.split(" ", 1)[1])
+    bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
+    broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
+    if bad or broken:
+        return FAIL, (f"{where} (python {report['python']}): " + "; ".join(
+            ([f"requirements not met: {', '.join(bad)}"] if bad else []) + ([f"imports fail: {', '.join(broken)}"] if broken else []))
+            + " -> build the image with docker/build_hs3.sh (pyproject.toml's dependencies) and set cluster.container_image")
+    return PASS, (f"{where} (python {report['python']}): our packages import; {len(report['requirements'])} requirements "
+                  f"of pyproject.toml met")
 
 
 def check_shared_fs(cfg) -> tuple[str, str]:
@@ -273,10 +478,18 @@ def check_disk(cfg) -> tuple[str, str]:
     return PASS, text
 
 
-CHECKS = [("commands", check_commands), ("account", check_account), ("partition", check_partition),
-          ("gpus", check_gpus), ("container", check_container), ("shared-fs", check_shared_fs),
-          ("hf-token", check_hf_token), ("hf-model", check_hf_model), ("disk", check_disk)]
-NEEDS_SLURM = {"account", "partition", "gpus", "container", "shared-fs"}
+CHECK_NAMES = ["commands", "account", "partition", "gpus", "container", "images", "image-deps", "shared-fs",
+               "hf-token", "hf-model", "disk"]
+NEEDS_SLURM = {"account", "partition", "gpus", "container", "image-deps", "shared-fs"}
+
+
+def chain_cfgs(args: list[str]) -> dict:
+    """The pipeline the doctor's arguments would submit (launcher.pipeline: engine=megatron -> the megatron
+    preset), entry name -> config."""
+    from launcher.pipeline import stage_args
+
+    chain, entry_args, _ = stage_args("default", args)
+    return {name: compose(entry.stage, entry_args[name]) for name, entry in chain.items()}
 
 
 def main(argv: list[str]) -> int:
@@ -285,11 +498,20 @@ def main(argv: list[str]) -> int:
         raise UserError("usage: ./launch.sh doctor cluster=NAME [key=value ...] (checks for a run on that cluster)")
     defaults = [d for d, key in (("engine=megatron", "engine="), ("model=llama33_70b", "model="))
                 if not any(a.startswith(key) for a in argv)]
-    cfg = compose("sft", [*defaults, *argv, "executor=slurm"])
+    args = [*defaults, *argv, "executor=slurm"]
+    cfg = compose("sft", args)
     print(f"doctor: {cfg.model.name} on engine={cfg.engine}, cluster={cfg.cluster.name}, run_dir={cfg.run_dir}", flush=True)
+    cfgs = chain_cfgs(args)
+    images = chain_images(cfgs)
+    data_cfg = cfgs.get("data") or compose("data", args)
+    checks = {"commands": check_commands, "account": check_account, "partition": check_partition, "gpus": check_gpus,
+              "container": lambda c: check_container(c, images), "images": lambda c: check_images(c, images),
+              "image-deps": lambda c: check_image_deps(c, data_cfg), "shared-fs": check_shared_fs,
+              "hf-token": check_hf_token, "hf-model": check_hf_model, "disk": check_disk}
     failed = 0
     have_slurm = True
-    for name, check in CHECKS:
+    for name in CHECK_NAMES:
+        check = checks[name]
         if name in NEEDS_SLURM and not have_slurm:
             status, detail = SKIP, "needs the SLURM commands"
         else:

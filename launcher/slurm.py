@@ -123,12 +123,14 @@ def rollout_server_block(cfg, layout: dict) -> str:
 
 def container_image(cfg) -> str | None:
     """Megatron stages run in the Megatron engine's pinned containers (Megatron-Bridge for sft and
-    convert, NeMo-RL for rm/rl/dpo) when it names them; everything else (data, eval, its: our own code
-    and its dependencies, which those images do not carry) in cluster.container_image."""
+    convert, NeMo-RL for rm/rl/dpo and for a NeMo-RL checkpoint's export, whose converters are NeMo-RL's)
+    when it names them; everything else (data, eval, its: our own code and its dependencies, which those
+    images do not carry) in cluster.container_image."""
     from recipes.megatron import STAGE_MODULES
 
     if cfg.engine == "megatron" and cfg.stage in STAGE_MODULES:
-        pinned = cfg.megatron.get("nemo_rl_container") if launch_kind(cfg) == "nemo_rl" else None
+        nemo_rl = launch_kind(cfg) == "nemo_rl" or (cfg.stage == "convert" and cfg.megatron.convert_direction == "nemo_rl_to_hf")
+        pinned = cfg.megatron.get("nemo_rl_container") if nemo_rl else None
         if pinned or cfg.megatron.container:
             return pinned or cfg.megatron.container
     return cfg.cluster.container_image or None
@@ -308,6 +310,20 @@ def ray_block(cfg, command: str) -> str:
     return "\n".join(lines)
 
 
+def wandb_key_lines(cfg) -> str:
+    """train.report_to=wandb: W&B's key reaches the tasks through the environment, like HF_TOKEN: WANDB_API_KEY
+    when it is set, else the login's `wandb login` entry (machine api.wandb.ai in $NETRC or ~/.netrc), read on
+    the host into the environment, never into a file (the containers do not mount $HOME)."""
+    if "wandb" not in [v.strip() for v in str(cfg.train.report_to).split(",")]:
+        return ""
+    return ("# W&B (train.report_to=wandb): the key of your `wandb login`, through the environment only\n"
+            'if [ -z "${WANDB_API_KEY:-}" ] && [ -r "${NETRC:-$HOME/.netrc}" ]; then\n'
+            "  WANDB_API_KEY=$(awk '{for (i = 1; i <= NF; i++) { if ($i == \"machine\") m = $(i + 1); "
+            "if ($i == \"password\" && m == \"api.wandb.ai\") { print $(i + 1); exit } }}' \"${NETRC:-$HOME/.netrc}\")\n"
+            "  export WANDB_API_KEY\nfi\n"
+            '[ -n "${WANDB_API_KEY:-}" ] || echo "[hs3] note: no WANDB_API_KEY and no wandb login: W&B will not log"\n')
+
+
 def render_script(cfg, command: list[str] | str | None = None) -> str:
     """The sbatch script of one stage (pure: same config -> same text). `command` replaces the stage's
     own command inside the same launch layout (to probe a cluster's environment)."""
@@ -369,7 +385,7 @@ export HS3_RUN_DIR={shlex.quote(str(Path(cfg.run_dir).resolve()))}
 HF_TOKEN_FILE="${{HF_TOKEN_PATH:-${{HF_HOME:-$HOME/.cache/huggingface}}/token}}"
 if [ -z "${{HF_TOKEN:-}}" ] && [ -r "$HF_TOKEN_FILE" ]; then export HF_TOKEN="$(cat "$HF_TOKEN_FILE")"; fi
 [ -n "${{HF_TOKEN:-}}" ] || echo "[hs3] note: HF_TOKEN is not set (a gated model such as Llama-3.3-70B cannot be downloaded; see ./launch.sh doctor)"
-
+{wandb_key_lines(cfg)}
 # Preemption / time limit: USR1 arrives {c.signal_seconds}s before the end; the stage checkpoints,
 # exits {code}, and this script requeues the job (it resumes from the latest checkpoint).
 OUT={shlex.quote(str(out))}

@@ -892,6 +892,17 @@ def _local_model_path(path: str) -> bool:
     return path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path
 
 
+def wandb_login_key() -> Optional[str]:
+    """The API key `wandb login` keeps in the login's netrc ($NETRC, else ~/.netrc; machine api.wandb.ai)."""
+    import netrc
+
+    try:
+        entry = netrc.netrc(os.environ.get("NETRC") or None).authenticators("api.wandb.ai")
+    except (OSError, netrc.NetrcParseError):
+        return None
+    return entry[2] if entry and entry[2] else None
+
+
 def validate_more(cfg: DictConfig) -> None:
     """Checks that once gave a traceback or a wrong success later (issue 11, item 8); run by validate()
     before anything is written."""
@@ -904,9 +915,9 @@ def validate_more(cfg: DictConfig) -> None:
     for name in names:
         if name not in REPORTERS:
             raise ConfigError(f"train.report_to={t.report_to}: {name} is not one of {', '.join(REPORTERS)}")
-    if "wandb" in names and not os.environ.get("WANDB_API_KEY"):
-        raise ConfigError("train.report_to=wandb needs WANDB_API_KEY in the environment (it is read from there, never "
-                          "written anywhere)")
+    if "wandb" in names and not (os.environ.get("WANDB_API_KEY") or wandb_login_key()):
+        raise ConfigError("train.report_to=wandb needs WANDB_API_KEY in the environment or a `wandb login` (its entry "
+                          "in ~/.netrc; SLURM jobs get it through the environment, never a file)")
     if cfg.peft.enabled and not cfg.peft.target_modules:
         raise ConfigError("peft.target_modules is empty: LoRA would adapt nothing")
     path = str(cfg.model.path)

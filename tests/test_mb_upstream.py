@@ -187,3 +187,33 @@ def test_checkpoints_kept_and_loggers_reach_megatron_bridge(wheels, monkeypatch)
     assert "wandb-secret-1234" not in yaml.safe_dump(bridge_sft.bridge_config(cfg, 100))
     none = overrides(compose("sft", [*base, "train.report_to=none"]))
     assert none["logger.tensorboard_dir"] == "null" and none["logger.wandb_project"] == "null"
+
+
+def test_wandb_key_comes_from_the_users_login_through_the_environment(tmp_path, monkeypatch):
+    """`wandb login` keeps the key in ~/.netrc (machine api.wandb.ai). Submitting accepts that login without
+    WANDB_API_KEY; the batch script reads it on the host into the environment the tasks inherit (the
+    containers do not mount $HOME), and no rendered file holds it."""
+    from launcher.slurm import render_script
+
+    netrc = tmp_path / "netrc"
+    netrc.write_text("machine example.com login a password b\nmachine api.wandb.ai\n  login me\n  password wandb-key-777\n")
+    netrc.chmod(0o600)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(netrc))
+    cfg = compose("sft", ["engine=megatron", "executor=slurm", "cluster=example", "train.report_to=wandb",
+                          f"run_dir={tmp_path / 'run'}", "megatron.container="])  # no ConfigError: the login counts
+    script = render_script(cfg)
+    assert "wandb-key-777" not in script + yaml.safe_dump(bridge_sft.bridge_config(cfg, 10))
+    section = script[script.index("# W&B (train.report_to=wandb)"):script.index("# Preemption / time limit")]
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "NETRC": str(netrc)}
+    out = subprocess.run(["bash", "-c", section + 'python3 -c "import os; print(os.environ[\'WANDB_API_KEY\'])"'],
+                         env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "wandb-key-777", out.stderr
+    netrc.write_text("machine example.com login a password b\n")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    from recipes.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs WANDB_API_KEY in the environment or a `wandb login`"):
+        compose("sft", ["engine=megatron", "train.report_to=wandb"])
+    assert "# W&B" not in render_script(compose("sft", ["engine=megatron", "executor=slurm", "cluster=example",
+                                                         f"run_dir={tmp_path / 'run'}", "megatron.container="]))

@@ -1,0 +1,69 @@
+"""`python -m launcher.image_probe`: run inside an image (by `./launch.sh doctor`, as a one-task job) to tell
+whether our code can run there. Standard library only, so that it runs where our dependencies are missing.
+
+Prints one JSON object: {"python": VERSION, "requirements": {REQUIREMENT: {"found": VERSION | null, "ok": bool}},
+"imports": {MODULE: null | "error"}}. The requirements are pyproject.toml's (the core list and the hf and
+eval extras): their lower bounds are the versions the tests ran with.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import re
+import sys
+from importlib import metadata
+from pathlib import Path
+
+PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+EXTRAS = ("hf", "eval")
+# what the data and eval stages import when their job starts (python -m launcher.run CONFIG)
+MODULES = ("launcher.run", "recipes.config", "recipes.training", "data_prep.build", "eval.run")
+
+
+def requirements() -> list[str]:
+    import tomllib
+
+    project = tomllib.loads(PYPROJECT.read_text())["project"]
+    return list(project["dependencies"]) + [r for extra in EXTRAS for r in project["optional-dependencies"][extra]]
+
+
+def _release(version: str) -> tuple[int, ...]:
+    return tuple(int(p) for p in re.findall(r"\d+", version.split("+")[0].split("a")[0].split("rc")[0])[:4])
+
+
+def satisfied(requirement: str, found: str) -> bool:
+    """Every `>=`, `==`, `<` bound of a plain `name>=X[,<Y]` requirement (pyproject's form)."""
+    try:
+        from packaging.requirements import Requirement
+
+        return Requirement(requirement).specifier.contains(found, prereleases=True)
+    except ImportError:
+        pass
+    for op, bound in re.findall(r"(>=|==|<=|<|>)\s*([\w.]+)", requirement):
+        have, want = _release(found), _release(bound)
+        if not {">=": have >= want, "==": have == want, "<=": have <= want, "<": have < want, ">": have > want}[op]:
+            return False
+    return True
+
+
+def probe() -> dict:
+    report: dict = {"python": sys.version.split()[0], "requirements": {}, "imports": {}}
+    for requirement in requirements():
+        name = re.split(r"[<>=!\[; ]", requirement, maxsplit=1)[0]
+        try:
+            found = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            found = None
+        report["requirements"][requirement] = {"found": found, "ok": found is not None and satisfied(requirement, found)}
+    sys.path.insert(0, str(PYPROJECT.parent))
+    for package in MODULES:
+        try:
+            importlib.import_module(package)
+            report["imports"][package] = None
+        except Exception as exc:  # noqa: BLE001 (any failure is the answer)
+            report["imports"][package] = f"{type(exc).__name__}: {exc}"
+    return report
+
+
+if __name__ == "__main__":
+    print("HS3_IMAGE_PROBE " + json.dumps(probe()), flush=True)
