@@ -143,10 +143,14 @@ def section_fields(section: str | None) -> list[tuple[str, dataclasses.Field, ob
     return [(f"{section}.{f.name}", f, sub[f.name]) for f in dataclasses.fields(cls)]
 
 
+# Stages that run the same code on either engine (engine=megatron only picks their container): no engine sections.
+ENGINE_NEUTRAL = ("data", "eval", "its")
+
+
 def sections_for(stage: str) -> list[str | None]:
     from launcher.run import STAGE_RUNNERS
 
-    engines = [e for e in ENGINE_SECTIONS if (stage, e) in STAGE_RUNNERS]
+    engines = [] if stage in ENGINE_NEUTRAL else [e for e in ENGINE_SECTIONS if (stage, e) in STAGE_RUNNERS]
     wanted: list[str | None] = [None, *STAGE_SECTIONS.get(stage, ()), *COMMON_SECTIONS]
     for engine in engines:
         wanted += [s for s in ENGINE_SECTIONS[engine] if s not in wanted]
@@ -191,7 +195,7 @@ def stage_help(stage: str, args: list[str]) -> str:
         title = "run" if section is None else section
         rows = []
         for key, f, kind in section_fields(section):
-            value = OmegaConf.select(OmegaConf.create(values), key) if section else values.get(key)
+            value = values[section].get(key.split(".", 1)[1]) if section else values.get(key)
             rows.append((key, type_name(kind), shown(value), key_doc(stage, key, f, owner)))
         head = f"[{title}]"
         if section and hints[section].__doc__ and not hints[section].__doc__.startswith(hints[section].__name__ + "("):

@@ -202,9 +202,14 @@ class TrainConfig:
     compile: bool = False  # torch.compile the model (TrainingArguments.torch_compile)
     gradient_checkpointing: bool = False
     bf16: bool = False
-    # HF stages: tensorboard (OUT/tensorboard, the default), wandb (needs WANDB_API_KEY in the environment;
-    # never written to any file), none, or a comma-separated list (recipes/curves.py).
+    # HF stages: tensorboard (OUT/tensorboard, the default), wandb (the wandb extra; your `wandb login` or
+    # WANDB_API_KEY, never written to any file; WANDB_MODE=offline needs neither), none, or a comma-separated
+    # list (recipes/curves.py).
     report_to: str = "tensorboard"
+    # W&B project; null: $WANDB_PROJECT, else helpsteer3-edit.
+    wandb_project: Optional[str] = None
+    # The run's name in W&B (TrainingArguments.run_name); null: RUN_DIR's name and the entry's, e.g. my_run-sft.
+    run_name: Optional[str] = None
 
 
 @dataclass
@@ -915,7 +920,8 @@ def validate_more(cfg: DictConfig) -> None:
     for name in names:
         if name not in REPORTERS:
             raise ConfigError(f"train.report_to={t.report_to}: {name} is not one of {', '.join(REPORTERS)}")
-    if "wandb" in names and not (os.environ.get("WANDB_API_KEY") or wandb_login_key()):
+    offline = os.environ.get("WANDB_MODE", "").lower() in ("offline", "disabled", "dryrun")
+    if "wandb" in names and not (offline or os.environ.get("WANDB_API_KEY") or wandb_login_key()):
         raise ConfigError("train.report_to=wandb needs WANDB_API_KEY in the environment or a `wandb login` (its entry "
                           "in ~/.netrc; SLURM jobs get it through the environment, never a file)")
     if cfg.peft.enabled and not cfg.peft.target_modules:

@@ -2,8 +2,8 @@
 OUT/progress.json.
 
 - report_to(cfg): the Trainer's `report_to` from `train.report_to` (tensorboard by default, into
-  OUT/tensorboard; wandb only when asked and WANDB_API_KEY is in the environment: the key is read by
-  wandb from there and never written by us; none).
+  OUT/tensorboard; wandb when asked, in project train.wandb_project as run train.run_name, logged in
+  by the user's `wandb login` or WANDB_API_KEY (read by wandb itself, never written by us); none).
 - RunObserver, a TrainerCallback every stage gets (recipes.training.callbacks): on each log it writes
   OUT/progress.json (step, total steps, elapsed seconds, ETA: what `./launch.sh status RUN_DIR` shows);
   on each checkpoint it gives the files the umask's mode (safetensors writes 0600); at the end of
@@ -54,12 +54,24 @@ def report_to(cfg) -> list[str]:
     for name in names:
         if name in ("tensorboard", "wandb") and importlib.util.find_spec(name) is None:
             raise ConfigError(f"train.report_to={cfg.train.report_to}: the {name} package is not installed "
-                              f"(pip install {name}; or train.report_to=none)")
+                              f"({'EXTRAS=hf,eval,wandb ./launch.sh setup, or ' if name == 'wandb' else ''}pip install "
+                              f"{name}; or train.report_to=none)")
     if "tensorboard" in names:
         os.environ["TENSORBOARD_LOGGING_DIR"] = str(Path(cfg.out) / "tensorboard")
-    if "wandb" in names:
+    if "wandb" in names:  # read by transformers' WandbCallback; the key stays wandb's own business
         os.environ.setdefault("WANDB_DIR", str(cfg.out))
+        os.environ["WANDB_PROJECT"] = wandb_project(cfg)
     return names or ["none"]
+
+
+def wandb_project(cfg) -> str:
+    """train.wandb_project, else $WANDB_PROJECT, else helpsteer3-edit."""
+    return str(cfg.train.get("wandb_project") or os.environ.get("WANDB_PROJECT") or "helpsteer3-edit")
+
+
+def run_name(cfg) -> str:
+    """train.run_name, else RUN_DIR's name and the entry's (`my_run-sft`)."""
+    return str(cfg.train.get("run_name") or f"{Path(str(cfg.run_dir)).resolve().name}-{cfg.get('name') or cfg.stage}")
 
 
 def _series(log_history: list[dict], key: str) -> tuple[list[int], list[float]]:

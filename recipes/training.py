@@ -143,7 +143,7 @@ RESULT_NEUTRAL_KEYS = (
     "run_dir", "name", "out", "data_dir", "resume", "dry_run", "executor", "cluster", "eval", "prep",
     "megatron", "parallel", "model.name", "train.logging_steps", "train.eval_steps", "train.save_steps",
     "train.save_total_limit", "train.gradient_checkpointing", "hf.accelerate_config",
-    "hf.gather_weights_for_generation", "train.report_to",
+    "hf.gather_weights_for_generation", "train.report_to", "train.wandb_project", "train.run_name",
     # kernels and placement: the same model and loss, computed faster (docs/gpu.md)
     "train.packed_attention", "train.liger", "train.compile", "rl.vllm_server_url", "rl.vllm_gpus",
 )
@@ -368,6 +368,7 @@ def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
         data_seed=cfg.seed,
         use_cpu=not torch.cuda.is_available(),
         report_to=curves.report_to(cfg),  # tensorboard (OUT/tensorboard) by default; recipes/curves.py
+        run_name=curves.run_name(cfg),  # the run's name in W&B
         dataloader_num_workers=0,
         disable_tqdm=False,
     )
