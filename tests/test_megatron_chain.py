@@ -3,12 +3,12 @@ conversion destination, and the in-container wrappers run for real against the p
 where it runs on CPU (NeMo-RL's message formatting, processor registry and TimeoutChecker; Megatron-Bridge's
 output-directory check), and against PROBES where it cannot (tests/megatron_probe: a stand-in for
 megatron.bridge; probe scripts at NeMo-RL's entry point and converter paths). Upstream files and lines
-are cited at each check (Megatron-Bridge v0.6.0 51885cf, NeMo-RL v0.7.0 81aa43d)."""
+are cited at each check (tests/upstream.toml: Megatron-Bridge 0.6.2 wheel and commit 51885cf, NeMo-RL v0.7.0
+81aa43d). Megatron-Bridge's sft wrapper: tests/test_mb_upstream.py; conversions: tests/test_megatron_convert.py."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import re
 import subprocess
@@ -25,9 +25,6 @@ from recipes.preemption import PREEMPT_REQUEST_FILE, PREEMPTED_EXIT_CODE, PREEMP
 from tests import upstream
 from tests.conftest import run_cli
 
-BRIDGE_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+Megatron-Bridge/repo")
-NEMO_RL_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+RL/repo")
-PROBE_PATH = Path(__file__).parent / "megatron_probe"
 CONVERSATION = [
     {"role": "user", "content": "Write a haiku about rain."},
     {"role": "assistant", "content": "Rain falls."},
@@ -35,11 +32,9 @@ CONVERSATION = [
 ]
 
 
-def git_show(mirror: Path, rev: str, path: str) -> str:
-    if not mirror.is_dir():
-        pytest.skip(f"no mirror of the pinned upstream at {mirror}")
-    return subprocess.run(["git", f"--git-dir={mirror}", "show", f"{rev}:{path}"], capture_output=True, text=True,
-                          check=True).stdout
+def pinned(name: str, path: str) -> str:
+    """A file of tests/upstream.toml's NAME git tree (skips, naming the fetch script, when it is absent)."""
+    return (upstream.source(name, "git") / path).read_text()
 
 
 @pytest.fixture(scope="session")
@@ -119,8 +114,11 @@ def test_every_hand_over_in_the_chain_is_what_the_producer_writes(tmp_path):
     assert nemo_rl.nemo_rl_config(cfgs["rl"], rows=64)["env"]["reward_model"]["model_name"] == str(run / "rm" / "final")
     assert Path(cfgs["eval"].init).resolve() == run / "rl" / "final"
     # NeMo-RL's converters run in NeMo-RL's container; Megatron-Bridge's in Megatron-Bridge's
-    assert cfgs["rm_export"].megatron.container == cfgs["rm_export"].megatron.nemo_rl_container
-    assert cfgs["import"].megatron.container.endswith("megatron-bridge-v0.6.0-51885cf.sqsh")
+    from launcher.slurm import container_image
+
+    assert container_image(cfgs["rm_export"]) == cfgs["rm_export"].megatron.nemo_rl_container
+    assert container_image(cfgs["import"]) == container_image(cfgs["sft_export"]) == cfgs["import"].megatron.container
+    assert cfgs["import"].megatron.container.endswith("megatron-bridge-0.6.2-pytorch26.06.sqsh")
 
 
 # ---- convert: the destination stays empty ----------------------------------------------------------
@@ -128,7 +126,7 @@ def test_every_hand_over_in_the_chain_is_what_the_producer_writes(tmp_path):
 def test_convert_destination_is_empty_when_megatron_bridge_gets_it(tmp_path):
     """Megatron-Bridge refuses a non-empty destination (scripts/conversion/utils.py:135-156,
     "Destination is not empty"): run its own check, from the pinned source, on what convert renders."""
-    source = git_show(BRIDGE_MIRROR, "v0.6.0", "scripts/conversion/utils.py")
+    source = pinned("megatron_bridge", "scripts/conversion/utils.py")
     assert 'raise FileExistsError(f"Destination is not empty: {output_path}. Pass --overwrite to replace it.")' in source
     module_file = tmp_path / "mb_conversion_utils.py"
     module_file.write_text(source)
@@ -172,12 +170,12 @@ def test_nemo_rl_export_picks_the_step_and_the_converter(tmp_path):
     (step / "policy" / "weights" / "iter_0000000").mkdir(parents=True)
     (step / "config.yaml").write_text(yaml.safe_dump({"policy": {"megatron_cfg": {"enabled": True}}}))
     assert convert.converter_command(step, tmp_path / "out", Path("/c"))[:6] == [
-        "python", "/c/convert_megatron_to_hf.py", "--config", str(step / "config.yaml"), "--megatron-ckpt-path",
+        convert.MCORE_PYTHON, "/c/convert_megatron_to_hf.py", "--config", str(step / "config.yaml"), "--megatron-ckpt-path",
         str(step / "policy" / "weights" / "iter_0000000")]
     # the real flags of NeMo-RL's converters
     for script, flags in (("convert_dcp_to_hf.py", ("--config", "--dcp-ckpt-path", "--hf-ckpt-path")),
                           ("convert_megatron_to_hf.py", ("--config", "--megatron-ckpt-path", "--hf-ckpt-path"))):
-        source = git_show(NEMO_RL_MIRROR, "v0.7.0", f"examples/converters/{script}")
+        source = pinned("nemo_rl", f"examples/converters/{script}")
         assert all(f'"{flag}"' in source for flag in flags)
 
     # the wrapper itself, run as the job runs it, against a probe at the converter's path
@@ -193,55 +191,6 @@ def test_nemo_rl_export_picks_the_step_and_the_converter(tmp_path):
     empty = run_cli("-m", "recipes.megatron.convert", "--checkpoints", str(tmp_path / "none"), "--dest", str(tmp_path / "x"),
                     "--converters", str(converters), timeout=120)
     assert empty.returncode == 2 and "no NeMo-RL step_N checkpoint" in empty.stderr
-
-
-# ---- sft in the container: pack once, epochs, preemption (probe for megatron.bridge) ----------------
-
-def sft_job(run_dir: Path, log: Path, mode: str, rank: int, launch: str, **popen) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": f"{PROBE_PATH}{os.pathsep}{REPO_ROOT}", "PROBE_LOG": str(log), "PROBE_MODE": mode,
-           "RANK": str(rank), "LOCAL_RANK": str(rank), "SLURM_JOB_ID": launch, "SLURM_RESTART_COUNT": "0"}
-    return subprocess.Popen([sys.executable, "-m", "recipes.megatron.bridge_sft", "--config",
-                             str(run_dir / "sft" / bridge_sft.CONFIG_NAME)], cwd=REPO_ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **popen)
-
-
-def test_sft_packs_once_before_the_distributed_job_and_trains_one_epoch_of_packs(tmp_path):
-    write_data(tmp_path, n_train=7)
-    cfg = compose("sft", ["engine=megatron", f"run_dir={tmp_path}", "gbs=2", "train.packing=true",
-                          "parallel.nodes=1", "tp=8", "pp=1"])
-    bridge_sft.render(cfg)
-    log = tmp_path / "probe.jsonl"
-    waiting = sft_job(tmp_path, log, "complete", 1, "41")  # rank 1 starts first and must wait for rank 0's data
-    first = sft_job(tmp_path, log, "complete", 0, "41")
-    outs = [p.communicate(timeout=120) for p in (first, waiting)]
-    assert [p.returncode for p in (first, waiting)] == [0, 0], outs
-    events = [json.loads(line) for line in log.read_text().splitlines()]
-    prepares = [e for e in events if e["event"] == "prepare_data"]
-    assert [(e["rank"], e["exists"]) for e in prepares] == [("0", False)]  # once, by rank 0
-    finetunes = [e for e in events if e["event"] == "finetune"]
-    assert sorted(e["rank"] for e in finetunes) == ["0", "1"]
-    assert events.index(prepares[0]) < min(events.index(e) for e in finetunes)  # before any rank trains
-    # one epoch of packs: 7 conversations -> 4 packs (the probe packs 2 per pack) -> ceil(4 / 2) = 2 iterations,
-    # not ceil(7 / 2) = 4 (train_iters from conversations made several passes over the packs)
-    assert {(e["train_iters"], e["dataset_size"], e["packed"]) for e in finetunes} == {(2, 4, True)}
-    assert {(e["dataloader_type"], e["loss_mode"], e["exit_signal_handler"]) for e in finetunes} == {("batch", "last_turn", True)}
-    summary = json.loads((tmp_path / "sft" / "summary.json").read_text())
-    assert summary["value"] == 2 and not (tmp_path / "sft" / PREEMPTED_MARKER_FILE).exists()
-
-
-def test_sft_preempted_by_the_exit_signal_exits_75(tmp_path):
-    """Megatron-Bridge checkpoints on SIGTERM, then sys.exit(0) (train.py:794-805): the stage must still
-    exit PREEMPTED_EXIT_CODE so the batch script requeues it and its dependents (afterok) wait."""
-    source = git_show(BRIDGE_MIRROR, "v0.6.0", "src/megatron/bridge/training/train.py")
-    assert source.splitlines()[804].strip() == "sys.exit(exit_code)" and "exit_code = 0" in source.splitlines()[205]
-    write_data(tmp_path)
-    bridge_sft.render(compose("sft", ["engine=megatron", f"run_dir={tmp_path}", "gbs=2", "parallel.nodes=1", "tp=8", "pp=1"]))
-    job = sft_job(tmp_path, tmp_path / "probe.jsonl", "preempt", 0, "42")
-    out, err = job.communicate(timeout=120)
-    assert job.returncode == PREEMPTED_EXIT_CODE, err
-    assert "stopped at iteration 1 of 2 with a checkpoint" in out  # 5 rows -> 3 packs -> 2 iterations
-    assert json.loads((tmp_path / "sft" / PREEMPTED_MARKER_FILE).read_text()) == {"step": 1}
-    assert not (tmp_path / "sft" / "summary.json").exists()
 
 
 # ---- NeMo-RL stages in the container: data hand-over, processor, stopping early ---------------------
@@ -397,17 +346,9 @@ def test_checkpoint_must_save_by_follows_the_slurm_time_limit(nemo_rl_src, monke
 def test_plan_prints_the_pinned_container():
     proc = run_cli("-m", "launcher", "plan", "model=llama33_70b", timeout=120, env={**os.environ, "HS3_CONTAINER_DIR": "/images"})
     assert proc.returncode == 0, proc.stderr
-    assert "container: /images/megatron-bridge-v0.6.0-51885cf.sqsh (Megatron-Bridge v0.6.0, 51885cf)" in proc.stdout
-    # the pin is the one whose Dockerfile builds it: Megatron-Bridge's own, on the PyTorch 26.06 base, Megatron-LM cd4afffa
-    dockerfile = git_show(BRIDGE_MIRROR, "v0.6.0", "docker/Dockerfile.ci")
-    assert "ARG BASE_IMAGE=nvcr.io/nvidia/pytorch:26.06-py3" in dockerfile and "--target megatron_bridge" not in dockerfile
-    tree = subprocess.run(["git", f"--git-dir={BRIDGE_MIRROR}", "ls-tree", "v0.6.0", "3rdparty/Megatron-LM"],
-                          capture_output=True, text=True, check=True).stdout
-    assert "cd4afffa648426a959dc7cb1e24b5ce7d0c3ff54" in tree
-    script = (REPO_ROOT / "docker" / "build_megatron_bridge.sh").read_text()
-    assert "COMMIT=51885cf132b2814188b6855c25a8588254274c2a" in script and "--target megatron_bridge" in script
-    # and why not NeMo Framework 26.06: it ships Megatron-Bridge 0.5.0 (docs/releases/software-versions.md)
-    versions = git_show(BRIDGE_MIRROR, "v0.6.0", "docs/releases/software-versions.md")
+    assert "container: /images/megatron-bridge-0.6.2-pytorch26.06.sqsh (Megatron-Bridge 0.6.2, 51885cf)" in proc.stdout
+    # why not NeMo Framework 26.06: it ships Megatron-Bridge 0.5.0 (docs/releases/software-versions.md)
+    versions = pinned("megatron_bridge", "docs/releases/software-versions.md")
     nemo_2606 = versions.split("## NeMo Framework 26.06")[1].split("## ")[0]
     assert "| Megatron-Bridge | 0.5.0 |" in nemo_2606 and "| Megatron Core | 0.18.0 |" in nemo_2606
 
