@@ -360,6 +360,9 @@ def test_report_to_becomes_nemo_rls_logger_config(run_dir, monkeypatch):
     monkeypatch.setenv("WANDB_PROJECT", "mine")
     both = nemo_rl.nemo_rl_config(stage_cfg("dpo", run_dir, "train.report_to=tensorboard,wandb"), rows=100)["logger"]
     assert (both["wandb_enabled"], both["tensorboard_enabled"], both["wandb"]["project"]) == (True, True, "mine")
+    named = nemo_rl.nemo_rl_config(stage_cfg("rm", run_dir, "train.report_to=wandb", "train.wandb_project=p",
+                                             "train.run_name=r"), rows=100)["logger"]["wandb"]
+    assert named == {"project": "p", "name": "r"}  # the keys engine=hf uses (recipes/curves.py)
     none = nemo_rl.nemo_rl_config(stage_cfg("rm", run_dir, "train.report_to=none"), rows=100)["logger"]
     assert not none["wandb_enabled"] and not none["tensorboard_enabled"]
 

@@ -52,9 +52,10 @@ rebuilt sft/final at the same path would train the stale model. The job hands Ne
 OUT/policy_source/<content fingerprint> (a link to it; recipes.provenance.model_fingerprint), so the
 cache key changes exactly when the weights do.
 
-Logging: train.report_to -> logger.tensorboard_enabled / wandb_enabled (W&B project from WANDB_PROJECT,
-else helpsteer3-edit, run name RUN_DIR-STAGE, entity WANDB_ENTITY read by wandb itself, as sft's Megatron-Bridge
-logger; credentials from the user's `wandb login` or WANDB_API_KEY, never written anywhere by us).
+Logging: train.report_to -> logger.tensorboard_enabled / wandb_enabled; W&B project train.wandb_project and
+run name train.run_name, as on engine=hf (recipes/curves.py: null = $WANDB_PROJECT or helpsteer3-edit, and
+RUN_DIR-ENTRY); entity WANDB_ENTITY, read by wandb itself; credentials from the user's `wandb login` or
+WANDB_API_KEY, never written anywhere by us.
 
 Every stage runs as `python -m recipes.megatron.nemo_rl --stage-config OUT/config.yaml --entry ENTRY
 --config OUT/nemo_rl_STAGE.yaml` on the Ray head node. Submission renders the files without reading any
@@ -101,7 +102,6 @@ EDIT_PROCESSOR = "hs3_edit_prompt"
 # NeMo-RL names the validation set of data.validation "default" (data/utils.py setup_preference_data):
 # its loss is this metric (rm.py:304-311; dpo alike), the one rm's best checkpoint is chosen by.
 VALIDATION_METRIC = "val:validation-default_loss"
-WANDB_PROJECT = "helpsteer3-edit"  # when WANDB_PROJECT is not set (wandb's own variable)
 
 # Start-up allowance before NeMo-RL's first iteration (its TimeoutChecker starts there), out of the SLURM
 # time limit, when megatron.setup_minutes is null. Assumptions, not measurements (put your measured figure
@@ -358,13 +358,12 @@ def logger_config(cfg) -> dict:
     """train.report_to -> NeMo-RL's logger (utils/logger.py:950-985): TensorBoard under OUT/logs/exp_N/
     tensorboard, W&B with our project and run name. W&B reads its credentials itself (the user's
     `wandb login` or WANDB_API_KEY); nothing here writes them."""
-    from recipes.curves import reporters
+    from recipes.curves import reporters, run_name, wandb_project
 
     names = reporters(cfg.train.report_to)
-    name = f"{Path(str(cfg.run_dir)).resolve().name}-{cfg.stage}"  # as Megatron-Bridge's sft (bridge_sft.py)
     return {"log_dir": str(out_dir(cfg) / "logs"), "tensorboard_enabled": "tensorboard" in names,
             "wandb_enabled": "wandb" in names, "mlflow_enabled": False, "swanlab_enabled": False,
-            "wandb": {"project": os.environ.get("WANDB_PROJECT") or WANDB_PROJECT, "name": name}}
+            "wandb": {"project": wandb_project(cfg), "name": run_name(cfg)}}
 
 
 def nemo_rl_config(cfg, rows: int | None = None, policy_model: str | None = None) -> dict:
