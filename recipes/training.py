@@ -28,6 +28,7 @@ from omegaconf import OmegaConf
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, to_yaml, validate
 from recipes import curves
 from hs3.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
+from hs3.versions import software_versions
 
 # Set in the processes that `accelerate launch` starts for us, so that they do not relaunch again.
 CHILD_ENV = "HS3_UNDER_ACCELERATE"
@@ -475,6 +476,7 @@ def write_training_record(final_dir, cfg, trained_on: list[str], inputs: Optiona
         from recipes.provenance import training_inputs
 
         record["inputs"] = training_inputs(cfg, inputs)  # fingerprints read files: once, on the main process
+        record["versions"] = software_versions()  # the packages it ran with, vs the tested ones (constraints.txt)
         atomic_write_json(Path(final_dir) / "hs3_training.json", record)
     return record
 
@@ -485,7 +487,7 @@ def write_summary(cfg, metric: str, value: Optional[float], start_time: float, *
     wall_s = time.monotonic() - start_time
     summary = {"stage": cfg.stage, "metric": metric, "value": value, "wall_s": round(wall_s, 1), "out": str(cfg.out), **extra}
     if is_main_process():
-        atomic_write_json(Path(cfg.out) / "summary.json", summary)
+        atomic_write_json(Path(cfg.out) / "summary.json", {**summary, "versions": software_versions()})
         shown = ", ".join(f"{k}={_fmt(v)}" for k, v in extra.items())
         print(f"{cfg.stage}: {metric}={_fmt(value)} in {wall_s:.0f} s -> {cfg.out}/final" + (f" ({shown})" if shown else ""))
     return summary
