@@ -66,10 +66,16 @@ def dir_fingerprint(path: str) -> str:
 class HFEngine:
     """Batched generation with left padding (a decoder generates at the right end of every row)."""
 
-    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: Optional[str] = None):
+    def __init__(self, model, tokenizer, batch_size: int = 8, model_id: Optional[str] = None,
+                 cache_implementation: Optional[str] = "auto"):
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.batch_size = batch_size
+        # The KV cache generate() uses: auto = "static" on CUDA (transformers then compiles the decoding step:
+        # generation/utils.py _valid_auto_compile_criteria), its dynamic default elsewhere; or static | dynamic.
+        if cache_implementation == "auto":
+            cache_implementation = "static" if model.device.type == "cuda" else "dynamic"
+        self.cache_implementation = None if cache_implementation == "dynamic" else cache_implementation
         # What the generation cache keys on: the checkpoint's path and its files' sizes and times,
         # so a checkpoint retrained in place is not served stale generations.
         self.model_id = model_id or str(getattr(model, "name_or_path", "")) or type(model).__name__
@@ -119,7 +125,7 @@ class HFEngine:
 
         self.tokenizer.padding_side = "left"
         inputs = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.model.device)
-        kwargs = {}
+        kwargs = {"cache_implementation": self.cache_implementation} if self.cache_implementation else {}
         if sampling.temperature > 0:
             seeds = list(seeds) if seeds is not None else [sampling.seed + i for i in range(len(texts))]
             kwargs["logits_processor"] = LogitsProcessorList([SeededRowSampler(seeds, sampling, self.model.device)])
