@@ -165,6 +165,20 @@ def server_layout(cfg) -> dict | None:
             "url": f"http://127.0.0.1:{port}"}
 
 
+def rollout_plan(cfg) -> str:
+    """One line: where each step's rollouts are generated and, with vLLM, how long that is expected to take."""
+    n, tokens = cfg.rl.prompts_per_step * cfg.rl.k, cfg.rl.max_new_tokens
+    head = f"rl rollouts: {cfg.rl.prompts_per_step} prompts x rl.k={cfg.rl.k} = {n} completions per step, up to {tokens} tokens each"
+    if cfg.rl.vllm == "none":
+        return (f"{head}, by transformers' generate in the training processes (a static KV cache on CUDA; "
+                "benchmarks/gpu_checks.sh measures its tokens/s)")
+    where = {"server": f"on a vLLM server ({cfg.rl.vllm_server_url or f'{cfg.rl.vllm_gpus} GPUs of the node'})",
+             "colocate": f"by vLLM in each training process ({cfg.rl.vllm_gpu_memory_utilization:g} of its GPU)"}[cfg.rl.vllm]
+    rate = cfg.megatron.vllm_decode_tokens_per_s
+    return (f"{head}, {where}: ~{tokens / rate:.0f} s of generation per step if all {n} decode together at "
+            f"megatron.vllm_decode_tokens_per_s={rate:g} tokens/s per sequence (an assumption, not measured; set yours)")
+
+
 def prompt_limit(cfg) -> int:
     """The longest prompt (tokens, with the generation prompt) that leaves room for a full completion."""
     return cfg.train.seq_len - cfg.rl.max_new_tokens
@@ -236,6 +250,8 @@ def run(cfg) -> dict:
     if not cfg.dry_run:
         check_vllm(cfg)
     finished = training.preflight(cfg, "prompts/train.jsonl")  # dry run; checks; or run under accelerate
+    if cfg.dry_run:
+        print(rollout_plan(cfg))
     if finished:
         return finished
     start = time.monotonic()

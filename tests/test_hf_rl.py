@@ -234,3 +234,14 @@ def test_slurm_layout_serves_rollouts_on_some_gpus_and_trains_on_the_others(tmp_
     # a server given by URL: the job starts none and trains on every GPU
     given = job_config(compose("rl", args + ["rl.vllm_server_url=http://rollouts:8000"]))
     assert given.hf.num_processes == 8 and given.rl.vllm_server_url == "http://rollouts:8000"
+
+
+def test_dry_run_prints_where_rollouts_run_and_the_expected_generation_time(tmp_path):
+    from tests.conftest import run_cli
+
+    proc = run_cli("-m", "launcher", "rl", f"run_dir={tmp_path}", "rl.vllm=server", "rl.vllm_server_url=http://rollouts:8000",
+                   "rl.max_new_tokens=400", "megatron.vllm_decode_tokens_per_s=20", "--dry-run")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert ("rl rollouts: 2 prompts x rl.k=4 = 8 completions per step, up to 400 tokens each, on a vLLM server "
+            "(http://rollouts:8000): ~20 s of generation per step") in proc.stdout
+    assert not (tmp_path / "rl").exists()
