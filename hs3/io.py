@@ -113,3 +113,33 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def truncated(path: str | os.PathLike) -> str | None:
+    """Why a checkpoint file is incomplete (a node crash before fsync, a full disk), or None when it looks
+    whole. Cheap: a safetensors file must be as long as its header says (8-byte header length, the JSON
+    header, then the tensors up to the largest data offset); a torch.save / .bin / .pth file (a zip
+    archive) must end with the zip's central directory. Other files: None."""
+    import struct
+    import zipfile
+
+    path = Path(path)
+    try:
+        size = path.stat().st_size
+        if path.suffix == ".safetensors":
+            with open(path, "rb") as f:
+                head = f.read(8)
+                if len(head) < 8:
+                    return f"{path.name} is truncated ({size} bytes)"
+                (length,) = struct.unpack("<Q", head)
+                if 8 + length > size:
+                    return f"{path.name} is truncated (its header alone is {length} bytes; the file has {size})"
+                header = json.loads(f.read(length))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if size != 8 + length + end:
+                return f"{path.name} is truncated ({size} bytes; its header says {8 + length + end})"
+        elif path.suffix in (".pt", ".pth", ".bin") and not zipfile.is_zipfile(path):
+            return f"{path.name} is truncated or not a torch.save archive"
+    except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+        return f"{path.name} cannot be read ({type(exc).__name__})"
+    return None

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import signal
 import socket
@@ -54,16 +55,77 @@ _installed = False
 
 
 def run_guarded(cfg, runner):
-    """Run a stage's runner on this machine with what every training stage needs: SIGUSR1 / the batch
-    script's request file -> checkpoint, exit 75, requeue; and one writer per output dir (OutputLock).
+    """Run a stage's runner on this machine with what every training stage needs: an output dir that is
+    new, empty or one of ours (check_output_dir_is_ours); SIGUSR1 / the batch script's request file ->
+    checkpoint, exit 75, requeue; and one writer per output dir (OutputLock).
     Other stages (data, eval, its, convert) and dry runs run as they are."""
     if cfg.stage not in TRAINING_STAGES or cfg.dry_run:
         return runner(cfg)
+    check_output_dir_is_ours(cfg.out)
     install_signal_handler()
     with OutputLock(cfg.out):
         if "SLURM_JOB_ID" not in os.environ:  # in a job, the batch script clears it before starting
             clear_request(cfg.out)
         return runner(cfg)
+
+
+# What a stage may have written into OUT before its config.yaml (the lock, the batch script's request
+# file and the preemption marker). Once OUT/config.yaml (the resolved config, written first) is there,
+# the dir is a run of ours and the resume checks (recipes.training.check_output_dir) decide.
+BEFORE_CONFIG = (LOCK_FILE, PREEMPT_REQUEST_FILE, PREEMPTED_MARKER_FILE)
+# TRL writes a model card, OUT/README.md, with every checkpoint (trl/trainer/base_trainer.py
+# create_model_card, trl/templates/lm_model_card.md): one that carries this line is TRL's.
+TRL_CARD_LINE = "It has been trained using [TRL](https://github.com/huggingface/trl)."
+# Dirs a stage writes itself: never through a symlink a user put there.
+STAGE_DIRS = ("final", "adapter")
+
+
+def check_output_dir_is_ours(out: str | os.PathLike) -> None:
+    """Refuse (one-line ConfigError, before anything is written) an OUT that exists and holds anything this
+    project did not write: `out=/`, a dir with the user's files, a config.yaml that is not a stage's config,
+    a README.md that is not TRL's card (TRL would replace it), final/ or adapter/ as a symlink (the stage
+    would write through it into the link's target). New, empty and our own dirs pass."""
+    from recipes.config import STAGES, ConfigError, load_yaml
+
+    out = Path(out)
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"out={out}: a symlink to nothing ({os.readlink(out)})")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"out={out}: exists and is not a directory")
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"out={out}: cannot list it: {exc.strerror or exc}") from None
+    if "config.yaml" in names:
+        try:
+            previous = load_yaml(out / "config.yaml")
+        except ConfigError as exc:
+            raise ConfigError(f"out={out}: its config.yaml is damaged or not this project's ({exc}); move it away or "
+                              "pick another out=") from None
+        if previous.get("stage") not in STAGES:
+            raise ConfigError(f"out={out}: its config.yaml is not a stage config of this project (no stage: key); "
+                              "pick another out= (a new or empty dir)")
+    else:
+        foreign = [name for name in names if name not in BEFORE_CONFIG]
+        if foreign:
+            shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+            raise ConfigError(f"out={out}: holds files this project did not write ({shown}); a stage writes only "
+                              "into a new or empty dir, or into its own earlier run (pick another out= or run_dir=)")
+    readme = out / "README.md"
+    if readme.exists():
+        try:
+            trl_card = readme.is_file() and TRL_CARD_LINE in readme.read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            trl_card = False
+        if not trl_card:
+            raise ConfigError(f"out={out}: holds a README.md that is not TRL's model card (a stage would replace it); "
+                              "move it away or pick another out=")
+    for name in STAGE_DIRS:
+        if (out / name).is_symlink():
+            raise ConfigError(f"out={out}: {name} is a symlink (to {os.readlink(out / name)}); the stage writes {name}/ "
+                              "itself and would write through it (remove the link)")
 
 
 def _on_usr1(signum, frame) -> None:
@@ -138,10 +200,82 @@ def _make_callback_class():
     return PreemptionCallback
 
 
+class TrainingDiverged(UserError):
+    """The loss or the weights stopped being finite: the stage stops (exit 2) without saving them."""
+
+
+def _make_guard_class():
+    from transformers import TrainerCallback
+
+    class NonFiniteGuard(TrainerCallback):
+        """Stop the stage when training stops being finite (issue 18, item 6: train.lr=inf gave a final/
+        whose every tensor was NaN, with exit 0). Checked: every logged training loss; the trainable
+        weights before each checkpoint is written (a NaN update can come between two logged losses) and
+        at the end of training, every rank on its own shard, agreed by all-reduce. On a failure it raises
+        TrainingDiverged: nothing more is saved, so the checkpoints on disk are the good ones, and the
+        stage writes no final/ and no summary.json (the pipeline does not count it as finished)."""
+
+        def __init__(self, out: str | os.PathLike, stage: str = ""):
+            self.out = Path(out)
+            self.stage = stage
+
+        def _stop(self, state, what: str) -> None:
+            from recipes.training import latest_checkpoint
+
+            last = latest_checkpoint(self.out)
+            if last:
+                after = (f"the last good checkpoint is {last}; no final/ written); lower train.lr or check the data, "
+                         f"then rerun (resume=auto goes on from {Path(last).name}, resume=never starts over)")
+            else:
+                after = ("no checkpoint was written; no final/ written); check the starting model, the data and "
+                         "train.lr, then rerun")
+            raise TrainingDiverged(f"{self.stage}: {what} at step {state.global_step}: stopped without saving ({after}")
+
+        @staticmethod
+        def _weights_finite(args, model) -> bool:
+            import torch
+
+            finite = True
+            if model is not None:
+                with torch.no_grad():
+                    for param in model.parameters():
+                        if param.requires_grad:
+                            tensor = getattr(param, "ds_tensor", param)  # ZeRO-3: this rank's shard
+                            if tensor.numel() and not bool(torch.isfinite(tensor).all()):
+                                finite = False
+                                break
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                flag = torch.tensor([0 if finite else 1], device=args.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                finite = not flag.item()
+            return finite
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            loss = (logs or {}).get("loss")
+            if isinstance(loss, (int, float)) and not math.isfinite(loss):
+                self._stop(state, f"the training loss is {loss}")
+            return control
+
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            if control.should_save and not self._weights_finite(args, model):
+                self._stop(state, "the weights are no longer finite")
+            return control
+
+        def on_train_end(self, args, state, control, model=None, **kwargs):
+            if not self._weights_finite(args, model):
+                self._stop(state, "the weights are no longer finite")
+            return control
+
+    return NonFiniteGuard
+
+
 def __getattr__(name):
-    # transformers is imported only when a trainer asks for the callback.
-    if name == "PreemptionCallback":
-        cls = _make_callback_class()
+    # transformers is imported only when a trainer asks for a callback.
+    makers = {"PreemptionCallback": _make_callback_class, "NonFiniteGuard": _make_guard_class}
+    if name in makers:
+        cls = makers[name]()
         globals()[name] = cls
         return cls
     raise AttributeError(name)

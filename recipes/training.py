@@ -24,8 +24,9 @@ from pathlib import Path
 from typing import Optional
 
 from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
-from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, to_yaml, validate
+from recipes.config import REPO_ROOT, ConfigError, RunConfig, grad_accum_steps, load_yaml, to_yaml, validate
 from recipes import curves
 from hs3.io import atomic_write_json, atomic_write_text, follow_umask, sha256_file
 from hs3.versions import software_versions
@@ -117,7 +118,10 @@ def check_output_dir(cfg) -> None:
     out = Path(cfg.out)
     previous = out / "config.yaml"
     if previous.is_file() and cfg.resume != "never":
-        old = OmegaConf.load(previous)
+        try:
+            old = load_yaml(previous)
+        except ConfigError as exc:  # a node crash mid-write, a hand edit: one line, not a YAML traceback
+            raise ConfigError(f"out={out}: its config.yaml is damaged ({exc}); move it away or pick another out=") from None
         for key in ("stage", "model.path"):
             was, now = OmegaConf.select(old, key), OmegaConf.select(cfg, key)
             if was != now:
@@ -178,24 +182,74 @@ def prepare_output_dir(cfg) -> Path:
     return out
 
 
-def latest_checkpoint(out: str | os.PathLike) -> Optional[str]:
-    """The highest-numbered complete checkpoint-N in out (one with trainer_state.json), or None."""
+def checkpoint_problem(path: str | os.PathLike) -> Optional[str]:
+    """Why checkpoint-N cannot be resumed from, or None when it is intact: its trainer_state.json must be
+    a JSON object with the step, and its weights, optimizer, scheduler and RNG files whole (hs3.io.truncated:
+    a node that crashed before its writes reached the disk leaves them short)."""
+    from hs3.io import truncated
+
+    path = Path(path)
+    try:
+        state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return "no trainer_state.json"
+    except (OSError, ValueError) as exc:
+        return f"trainer_state.json cannot be read ({str(exc).splitlines()[0][:80]}: truncated?)"
+    if not isinstance(state, dict) or not isinstance(state.get("global_step"), int):
+        return "trainer_state.json has no global_step"
+    files = sorted(p for p in path.iterdir() if p.is_file())
+    weights = [p for p in files if p.suffix == ".safetensors" or p.name in ("pytorch_model.bin", "adapter_model.bin")]
+    for index in path.glob("*.safetensors.index.json"):
+        try:
+            shards = set(json.loads(index.read_text(encoding="utf-8"))["weight_map"].values())
+        except (OSError, ValueError, KeyError, AttributeError):
+            return f"{index.name} cannot be read"
+        if missing := sorted(s for s in shards if not (path / s).is_file()):
+            return f"{index.name} names missing shards ({', '.join(missing[:3])})"
+    if not weights and not any(path.glob("global_step*")):  # DeepSpeed keeps its shards in global_stepN/
+        return "no model weights"
+    for file in files:
+        if problem := truncated(file):
+            return problem
+    return None
+
+
+def latest_checkpoint(out: str | os.PathLike, skipped: Optional[list] = None) -> Optional[str]:
+    """The highest-numbered intact checkpoint-N in out (checkpoint_problem), or None. Newer ones that are
+    not intact are passed over; with `skipped`, (path, why) of each is appended to it."""
     found = []
     for path in Path(out).glob("checkpoint-*"):
         match = re.fullmatch(r"checkpoint-(\d+)", path.name)
-        if match and (path / "trainer_state.json").is_file():
-            found.append((int(match.group(1)), str(path)))
-    return max(found)[1] if found else None
+        if match and path.is_dir():
+            found.append((int(match.group(1)), path))
+    for _, path in sorted(found, reverse=True):
+        problem = checkpoint_problem(path)
+        if problem is None:
+            return str(path)
+        if skipped is not None:
+            skipped.append((str(path), problem))
+    return None
 
 
 def resume_checkpoint(cfg) -> Optional[str]:
     """What to pass to Trainer.train(resume_from_checkpoint=...): HF restores optimizer, scheduler,
-    RNG states and the data position (it skips the batches already seen) from there."""
+    RNG states and the data position (it skips the batches already seen) from there. resume=auto takes
+    the newest intact checkpoint and says which newer ones it passed over and why; resume=PATH must be intact."""
     if cfg.resume == "never":
         return None
-    checkpoint = latest_checkpoint(cfg.out) if cfg.resume == "auto" else str(cfg.resume)
+    if cfg.resume != "auto":
+        if problem := checkpoint_problem(cfg.resume):
+            raise ConfigError(f"resume={cfg.resume}: cannot resume from it: {problem}")
+        checkpoint = str(cfg.resume)
+    else:
+        skipped: list = []
+        checkpoint = latest_checkpoint(cfg.out, skipped)
+        for path, problem in skipped if is_main_process() else ():
+            print(f"{cfg.stage}: skipping {path}: {problem}", file=sys.stderr, flush=True)
     if checkpoint and is_main_process():
         print(f"{cfg.stage}: resuming from {checkpoint}", file=sys.stderr, flush=True)
+    elif is_main_process() and cfg.resume == "auto" and skipped:
+        print(f"{cfg.stage}: no intact checkpoint left: starting from the beginning", file=sys.stderr, flush=True)
     return checkpoint
 
 
@@ -356,6 +410,7 @@ def common_args(cfg, args_class, *, evaluate: bool = True, **stage_kwargs):
         warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of the total steps
         weight_decay=t.weight_decay,
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN/inf loss is logged as such (NonFiniteGuard stops on it), not averaged away
         save_strategy="steps",
         save_steps=t.save_steps,
         eval_strategy="steps" if evaluate else "no",
@@ -396,10 +451,12 @@ def callbacks(cfg) -> list:
     """Callbacks every trainer gets: progress.json, umask modes of checkpoints and curves.png at the
     end (recipes/curves.py; first, so that the curves are drawn before a preempted run exits); on
     SIGUSR1 or the batch script's request file, save a checkpoint and stop (recipes/preemption.py;
-    run_stage installs the signal handler)."""
+    run_stage installs the signal handler); a non-finite loss or weights stop the stage with exit 2,
+    before anything non-finite is saved (preemption.NonFiniteGuard)."""
     from recipes import preemption
 
-    return [curves.RunObserver(cfg.out, cfg.stage), preemption.PreemptionCallback(cfg.out)]
+    return [curves.RunObserver(cfg.out, cfg.stage), preemption.PreemptionCallback(cfg.out),
+            preemption.NonFiniteGuard(cfg.out, cfg.stage)]
 
 
 def dry_run(cfg) -> dict:
@@ -588,7 +645,10 @@ def maybe_relaunch(cfg) -> Optional[dict]:
 
 def load_resolved_config(path: str | os.PathLike):
     """A config written by to_yaml, re-typed against the schema and re-validated."""
-    cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), OmegaConf.load(path))
+    try:
+        cfg = OmegaConf.merge(OmegaConf.structured(RunConfig), load_yaml(path))
+    except OmegaConfBaseException as exc:
+        raise ConfigError(f"{path}: {str(exc).strip().splitlines()[0]}") from None
     validate(cfg)
     return cfg
 

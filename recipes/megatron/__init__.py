@@ -40,7 +40,10 @@ def stage_module(cfg):
 def build_command(cfg) -> list[str]:
     """Render the stage's files into cfg.out and return the command that runs it (a module's
     `job_command` when it has one: convert's job wraps the upstream worker that `build_command` names)."""
+    from recipes.preemption import check_output_dir_is_ours
+
     module = stage_module(cfg)
+    check_output_dir_is_ours(cfg.out)  # someone else's files in OUT: refused before anything is written there
     module.render(cfg)
     return getattr(module, "job_command", module.build_command)(cfg)
 
