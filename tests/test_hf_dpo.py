@@ -29,8 +29,14 @@ def test_lora_dpo_writes_a_merged_plain_model(edit_data_dir, tmp_path, tiny_mode
     assert changed and all(any(m in name for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                     "down_proj")) for name in changed), changed
     record = json.loads((final / "hs3_training.json").read_text())
-    assert record == {"stage": "dpo", "trained_on": ["edit_quality/train"], "init": str(tiny_model_dir),
-                      "data_manifest_sha256": sha256_file(edit_data_dir / "manifest.json")}
+    assert {k: record[k] for k in ("stage", "trained_on", "init", "data_manifest_sha256")} == {
+        "stage": "dpo", "trained_on": ["edit_quality/train"], "init": str(tiny_model_dir),
+        "data_manifest_sha256": sha256_file(edit_data_dir / "manifest.json")}
+    # its inputs, with content fingerprints (recipes/provenance.py): the KL reference is the initial model
+    from recipes.provenance import model_fingerprint
+
+    assert record["inputs"]["reference"]["path"] == str(tiny_model_dir)
+    assert record["inputs"]["reference"]["fingerprint"] == model_fingerprint(tiny_model_dir)
 
 
 def test_dpo_skips_and_counts_pairs_over_seq_len(edit_data_dir, tmp_path, tiny_model_dir):
