@@ -6,6 +6,7 @@ import functools
 import hashlib
 import json
 import os
+import stat
 import sys
 import tempfile
 from pathlib import Path
@@ -77,14 +78,23 @@ def pid_alive(pid: int) -> bool:
 def follow_umask(path: str | os.PathLike) -> None:
     """Give a file, or a dir and everything under it, the mode a new file gets under the umask
     (0o666, dirs 0o777, less the umask). For outputs that a library writes owner-only (safetensors
-    writes 0600, tempfile.mkdtemp makes 0700)."""
+    writes 0600, tempfile.mkdtemp makes 0700). Only what this process's user owns is changed: in a run
+    dir shared by a group (umask 002), another member's files keep their modes (chmod on them is not
+    allowed, and they are theirs to set)."""
     mask = _umask()
+    me = os.geteuid()
     path = Path(path)
     paths = [path, *path.rglob("*")] if path.is_dir() else [path]
     for p in paths:
-        if p.is_symlink() or not p.exists():
+        try:
+            st = p.lstat()
+        except OSError:
             continue
-        os.chmod(p, (0o777 if p.is_dir() else 0o666) & ~mask)
+        if stat.S_ISLNK(st.st_mode) or st.st_uid != me:
+            continue
+        mode = (0o777 if stat.S_ISDIR(st.st_mode) else 0o666) & ~mask
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.chmod(p, mode)
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -13,6 +13,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from hs3.io import follow_umask
+
 SPECIAL_TOKENS = [
     "<|begin_of_text|>",
     "<|end_of_text|>",
@@ -152,6 +154,7 @@ def ensure_tiny_model(model_cfg, cache_dir: str | os.PathLike, seed: int = 0) ->
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=target.parent))
     try:
         build_tiny_model(model_cfg, tmp, seed)
+        follow_umask(tmp)  # mkdtemp makes 0700, safetensors 0600: a cache the group can read (umask 002)
         try:
             os.rename(tmp, target)
         except OSError:  # another process built it first
