@@ -17,6 +17,7 @@ import os
 import platform
 import random
 import shutil
+import sys
 import tempfile
 import time
 from collections import Counter
@@ -549,6 +550,10 @@ def remove_stale_temp_dirs(out: Path) -> list[Path]:
         if pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)) and path.is_dir():
             shutil.rmtree(path, ignore_errors=True)
             removed.append(path)
+    for path in sorted(out.parent.glob(f".{out.name}{TMP_MARK}*")):  # whether another host's build still runs is unknowable here
+        if path.is_dir() and not path.name.startswith(f".{out.name}{TMP_MARK}{host}-"):
+            print(f"data: left alone: {path} is the temp dir of a build on another host (delete it if no build runs "
+                  "there)", file=sys.stderr)
     return removed
 
 
@@ -620,6 +625,8 @@ def _build(source, out, revision, options, progress, tokenizer, workers, timings
     options.validate()
     orders = parse_feedback_orders(options.feedback_orders)
     out = Path(out)
+    if out.is_symlink():  # build where it points (the temp dir beside the target, renamed onto it): the link stays
+        out = Path(os.path.realpath(out))
     previous = existing_build(out)
 
     counter = None

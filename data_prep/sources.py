@@ -51,6 +51,19 @@ def _finite_float(text: str) -> float:
     return value
 
 
+class DuplicateKey(ValueError):
+    """An object with one key twice: json.loads would keep the last value silently."""
+
+
+def _unique_keys(pairs: list) -> dict:
+    obj = dict(pairs)
+    if len(obj) != len(pairs):
+        seen: set = set()
+        key = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise DuplicateKey(f"duplicate key {key!r} (JSON would keep only its last value)")
+    return obj
+
+
 def _depth(value: Any) -> int:
     """Nesting depth of a parsed JSON value, without recursion."""
     deepest, stack = 0, [(value, 1)]
@@ -70,10 +83,10 @@ def parse_line(row: int, raw: bytes) -> RawRow:
         return RawRow(row, reason=INVALID_UTF8, detail=f"byte {exc.start}: {exc.reason}",
                       text=raw.decode("utf-8", "backslashreplace"))
     try:
-        record = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float)
+        record = json.loads(text, parse_constant=_no_constant, parse_float=_finite_float, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         return RawRow(row, reason=MALFORMED_JSON, detail=str(exc), text=text)
-    except ValueError as exc:  # NaN, Infinity, 1e400
+    except ValueError as exc:  # NaN, Infinity, 1e400, a key twice
         return RawRow(row, reason=MALFORMED_JSON, detail=str(exc), text=text)
     except RecursionError:
         return RawRow(row, reason=MALFORMED_JSON, detail=f"nested deeper than {MAX_DEPTH} levels", text=text)
@@ -130,6 +143,11 @@ class DirSource:
             raise UserError(f"cannot read {path}: {exc}") from None
         if data.startswith(codecs.BOM_UTF8):  # a UTF-8 BOM (utf-8-sig) is not part of the first row
             data = data[len(codecs.BOM_UTF8):]
+        head = data[:4096]
+        if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) or (head and head.count(0) * 4 >= len(head)):
+            # UTF-16/32 (a BOM, or NUL bytes in every other byte): not a file of bad rows but one of another encoding
+            raise UserError(f"cannot read {path}: it is UTF-16 or UTF-32 text (or binary), not UTF-8 JSON lines; "
+                            "save it as UTF-8")
         # Rows are lines; blank lines (e.g. the final newline) are not rows. A file that ends its lines
         # with CR alone (old Mac) is split on CR (a JSON text holds no raw CR inside a string).
         newline = b"\r" if b"\n" not in data and b"\r" in data else b"\n"
