@@ -272,17 +272,47 @@ def cmd_generate(args) -> None:
 
 
 def cmd_rl_vllm(args) -> None:
-    """A probe, not a measurement: TRL's vLLM rollouts (rl.vllm=server|colocate) need vllm in this environment
-    and NCCL between trainer and server; it records what is there for that check (docs/vllm.md)."""
+    """TRL's vLLM rollouts (rl.vllm=colocate: one GPU is enough) where vllm is importable: a tiny RLOO run of 2
+    steps through the real stage, which must push its weights into vLLM after step 1 (the part a CPU cannot
+    run: NCCL) and finish with finite reward and KL and a final/ that differs from its start. Without vllm it
+    is a probe that records why it did not run (docs/vllm.md)."""
     import importlib.util
+    import subprocess
+    import tempfile
 
     import torch
 
-    have = importlib.util.find_spec("vllm") is not None
-    emit(check="rl_vllm", probe=True, vllm_importable=have, cuda=torch.cuda.is_available(),
-         nccl=torch.distributed.is_nccl_available() if torch.cuda.is_available() else False,
-         status="ready to run tests/test_vllm_rl.py's path on CUDA" if have else
-         "not run: no vllm here (the CUDA vllm wheel is too large to bring to this machine)")
+    have, cuda = importlib.util.find_spec("vllm") is not None, torch.cuda.is_available()
+    if not (have and cuda):
+        emit(check="rl_vllm", probe=True, vllm_importable=have, cuda=cuda,
+             status="not run: " + ("no vllm here (the CUDA vllm wheel is too large to bring to this machine)"
+                                   if not have else "needs CUDA (NCCL weight push)"))
+        return
+    from safetensors.torch import load_file
+
+    from tests.vllm_server import build_model
+
+    run = Path(tempfile.mkdtemp(prefix="rl-vllm-"))
+    policy, rm = build_model(run / "policy"), build_model(run / "rm", seed=1, classifier=True)
+    root = Path(__file__).resolve().parent.parent
+
+    def launch(*argv):
+        return subprocess.run([sys.executable, "-m", "launcher", *argv], cwd=root, capture_output=True, text=True,
+                              timeout=400)
+
+    data = launch("data", f"run_dir={run}", "model=tiny", "prep.source=data_prep/sample")
+    done = launch("rl", f"run_dir={run}", "model=tiny", f"init={policy}", f"rm={rm}", "rl.vllm=colocate",
+                  "rl.vllm_gpu_memory_utilization=0.3", "train.max_steps=2", "train.save_steps=2", "rl.max_new_tokens=16",
+                  "model.dtype=bfloat16", "train.bf16=true", "rl.mask_truncated_completions=false")
+    summary = json.loads((run / "rl" / "summary.json").read_text()) if done.returncode == 0 else {}
+    moved = None
+    if (run / "rl" / "final" / "model.safetensors").is_file():
+        before, after = load_file(str(policy / "model.safetensors")), load_file(str(run / "rl" / "final" / "model.safetensors"))
+        moved = any(not torch.equal(before[k].float(), after[k].float()) for k in before if k in after)
+    finite = all(isinstance(summary.get(k), float) and math.isfinite(summary[k]) for k in ("value", "kl"))
+    emit(check="rl_vllm", mode="colocate", data_exit=data.returncode, exit=done.returncode, mean_reward=summary.get("value"),
+         kl=summary.get("kl"), finite=finite, weights_moved=moved, ok=done.returncode == 0 and finite and bool(moved),
+         stderr_tail=done.stderr[-400:] if done.returncode else None)
 
 
 def megatron_init():

@@ -18,7 +18,8 @@
 #   3 sft       the ~1.2B Llama, seq 4096, packed: sdpa / flex_attention / + Liger / + torch.compile
 #   4 generate  eval generation (eval.engines.HFEngine): today's path (dynamic cache, batch 8) against a
 #               static KV cache with compiled decoding (batch 32); same prompts, greedy, tokens/s
-#   5 rl        probe: whether TRL's vLLM rollouts can run here (vllm importable, NCCL); docs/vllm.md
+#   5 rl        where vllm is importable: 2 RLOO steps with rl.vllm=colocate (the weight push into vLLM that a
+#               CPU cannot run; finite reward/KL, weights moved); elsewhere a probe saying why not (docs/vllm.md)
 #   6 megatron  megatron-core trains our tiny Llama shape on the bundled sample (a few steps)
 #   7 stages    the HF engine on CUDA in bf16: data, sft, rm, rl (RLOO), dpo, eval, a few steps each
 set -uo pipefail
@@ -108,7 +109,7 @@ if want generate; then
   run generate_dynamic 150 "${bench[@]}" generate --cache dynamic --batch-size 8 "${small[@]}"
   run generate_static 180 "${bench[@]}" generate --cache static --batch-size 32 "${small[@]}"
 fi
-want rl && run rl_vllm 60 "${bench[@]}" rl_vllm "${small[@]}"
+want rl && run rl_vllm 150 "${bench[@]}" rl_vllm "${small[@]}"
 want megatron && run megatron_core 120 "${bench[@]}" megatron "${small[@]}"
 
 if want stages; then

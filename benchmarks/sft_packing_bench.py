@@ -10,8 +10,10 @@ the longest in each micro batch) is the baseline. Goal: packed padding < 3% and 
 Each comparison runs --repeats times, unpacked and packed alternating (a load change hits both); the
 ratio is reported as the median with its range. On CPU packing can be slower than padding: the packed
 rows' block-diagonal mask makes sdpa take its masked path, which costs more here than the padding it
-saves. It pays on a GPU (2.27x measured on one H200 at seq 4096, benchmarks/gpu_checks.sh), and more with
-flash-attention's varlen kernels.
+saves. It pays on a GPU (2.27x measured on one H200 at seq 4096, benchmarks/gpu_checks.sh), where
+train.packed_attention=auto also gives packed rows document-aware attention (flex_attention with a document
+block mask, docs/gpu.md); on a CPU auto keeps sdpa (FlexAttention has no backward there), so this CPU
+ratio is unchanged by it.
 """
 from __future__ import annotations
 
