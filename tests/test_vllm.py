@@ -124,12 +124,13 @@ def test_its_loop_on_vllm_generators_and_a_vllm_pooling_select_model(vllm, local
         candidates = [c for c in record["candidates"]] + [e for c in record["candidates"] for e in c["edits"]]
         expected = scorer.score([record["prompt"] + [{"role": "assistant", "content": c["text"]}] for c in candidates])
         assert [c["score"] for c in candidates] == pytest.approx(expected, abs=1e-4)
-        assert record["final"]["score"] == pytest.approx(max(expected), abs=1e-4)
+        assert record["final"]["text"] in [c["text"] for c in candidates]  # chosen among them (its.loop.choose)
 
 
 def test_eval_of_a_vllm_served_model_with_a_vllm_gold_rm_equals_the_in_process_eval(vllm, eval_data_dir, tmp_path):
     """`./launch.sh eval model=http://...vLLM.../v1 eval.gold_rm=http://...vLLM pooling...` against the same
-    eval with the model dir in process and the gold reward model dir: the same edits and the same gold scores."""
+    eval with the model dir in process and the gold reward model dir: the same edits, and the gold reward
+    model's scores of the held-out preference pairs (likelihood.jsonl) the same through vLLM's /pooling."""
     common = [f"data={eval_data_dir}", "rm=null", "eval.max_new_tokens=8", "eval.bootstrap_samples=50",
               "eval.max_rows=4", "eval.policy_likelihood=false"]
     served = run_cli("-m", "launcher", "eval", f"model={vllm['generate'].url}", f"eval.gold_rm={vllm['score'].root}",
@@ -145,11 +146,17 @@ def test_eval_of_a_vllm_served_model_with_a_vllm_gold_rm_equals_the_in_process_e
     for theirs, mine in zip(rows["served"], rows["local"]):
         assert theirs["error"] is None
         assert theirs["generated"] == mine["generated"] or theirs["generated"] == mine["generated"].rstrip(REPLACEMENT)
-        if theirs["generated"] == mine["generated"]:  # the same text: the same gold scores
-            for key in ("gold_reward_generated", "gold_reward_original", "gold_reward_reference"):
-                assert theirs["metrics"][key] == pytest.approx(mine["metrics"][key], abs=1e-4), key
+    pairs = {name: [json.loads(line) for line in (tmp_path / name / "likelihood.jsonl").read_text().splitlines()]
+             for name in ("served", "local")}
+    scores = {name: [(p["metrics"]["gold_rm_reward_chosen"], p["metrics"]["gold_rm_reward_rejected"]) for p in rows]
+              for name, rows in pairs.items()}
+    assert len(scores["served"]) >= 4 and len({s for pair in scores["local"] for s in pair}) > 2
+    assert [s for pair in scores["served"] for s in pair] == pytest.approx([s for pair in scores["local"] for s in pair],
+                                                                           abs=1e-4)
     report = json.loads((tmp_path / "served" / "report.json").read_text())
+    local_report = json.loads((tmp_path / "local" / "report.json").read_text())
     assert report["meta"]["gold"]["reward_model"] == vllm["score"].root and report["counts"]["errors"] == 0
+    assert report["gold_rm_accuracy"] == local_report["gold_rm_accuracy"]
 
 
 class Relay:
@@ -203,8 +210,9 @@ def test_slurm_eval_of_a_vllm_served_model(slurm, vllm, local_engine, eval_data_
     relay = Relay(slurm_host_address(slurm), vllm["generate"].port)
     try:
         url = f"http://{relay.address}:{relay.port}/v1"
-        cfg = compose("eval", ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny", f"model.path={url}",
-                               f"run_dir={tmp_path}", f"data={eval_data_dir}", "rm=null", "eval.max_new_tokens=8",
+        cfg = compose("eval", ["executor=slurm", "cluster=local", "cluster.time=10", f"model={url}",
+                               f"run_dir={tmp_path}", f"out={tmp_path / 'eval'}", f"data={eval_data_dir}", "rm=null",
+                               "eval.max_new_tokens=8",
                                "eval.max_rows=3", "eval.bootstrap_samples=50", "eval.policy_likelihood=false",
                                f"model.tokenizer={vllm['model_dir']}"])
         job = submit_stage(cfg)["value"]
