@@ -179,8 +179,7 @@ def test_checkpoints_kept_and_loggers_reach_megatron_bridge(wheels, monkeypatch)
     assert kept["logger.tensorboard_dir"].endswith("/sft/tb_logs") and kept["logger.wandb_project"] == "null"
 
     monkeypatch.setenv("WANDB_API_KEY", "wandb-secret-1234")
-    monkeypatch.setenv("WANDB_PROJECT", "my-project")
-    cfg = compose("sft", [*base, "train.report_to=wandb", "run_dir=runs/r7"])
+    cfg = compose("sft", [*base, "train.report_to=wandb", "run_dir=runs/r7", "train.wandb_project=my-project"])
     logged = overrides(cfg)
     assert logged["logger.wandb_project"] == "my-project" and logged["logger.wandb_exp_name"] == "r7-sft"
     assert logged["logger.wandb_save_dir"].endswith("/runs/r7/sft/wandb") and logged["logger.tensorboard_dir"] == "null"

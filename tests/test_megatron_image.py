@@ -121,3 +121,27 @@ def test_what_runs_in_the_image_finds_the_names_it_imports_in_the_wheel():
     assert not missing, missing
     recipe = compose("sft", ["engine=megatron"]).megatron.megatron_bridge_recipe
     assert _defined(wheel, "megatron.bridge.recipes.llama", recipe)
+
+
+def test_no_file_names_a_path_of_the_machine_it_was_written_on():
+    """A test that names a directory of one machine (a local mirror, a home) skips or fails everywhere else
+    (issue 16, finding 11): absolute paths in the code and tests must be the repo's, the system's, or a
+    documented default (/shared, /lustre, /opt inside the images), never one that exists only here."""
+    import subprocess
+
+    files = subprocess.run(["git", "ls-files", "tests", "recipes", "launcher", "eval", "its", "hs3", "data_prep", "conf",
+                            "docker"], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout.split()
+    allowed = ("/tmp", "/usr", "/etc", "/opt", "/dev", "/proc", "/bin", "/sbin", "/lib", "/var", "/run", "/sys",
+               "/shared", "/lustre", "/images", "/c", "/path", "/models", "/data", "/checkpoints", "/root/.cache")
+    found = []
+    for name in files:
+        path = REPO_ROOT / name
+        if path.suffix not in (".py", ".yaml", ".sh", ".toml", ".md") or not path.is_file():
+            continue
+        for quoted in re.findall(r"""["'`(=\s](/[A-Za-z0-9_.+-]+(?:/[A-Za-z0-9_.+-]+)+)""", path.read_text(errors="replace")):
+            top = "/" + quoted.split("/")[1]
+            if quoted.startswith(str(REPO_ROOT)) or quoted.startswith(allowed) or top in allowed:
+                continue
+            if Path(top).exists():  # a directory of this machine outside the system's own
+                found.append(f"{name}: {quoted}")
+    assert not found, found

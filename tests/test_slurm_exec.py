@@ -6,6 +6,7 @@ pyxis --container-* flags: no pyxis here).
 
 Only the upstream entry points cannot run here (NeMo-RL's examples/run_*.py need GPUs and NeMo-RL's
 container): at those paths (megatron.nemo_rl_dir=tests/probes/nemo_rl) a PROBE records what it received.
+The whole Megatron chain, submitted and resubmitted as `./launch.sh pipeline` does: tests/test_megatron_chain_slurm.py.
 """
 from __future__ import annotations
 
@@ -24,10 +25,10 @@ from recipes.config import REPO_ROOT, compose
 from launcher.slurm import render_script, sbatch, write_job
 from tests.conftest import write_edit_data
 from tests.test_slurm_jobs import wait_for
+from tests.upstream import source
 
 pytestmark = pytest.mark.slurm
 
-NEMO_RL_MIRROR = Path("/work/.mirror/NVIDIA-NeMo+RL/repo")
 PROBES = REPO_ROOT / "tests" / "probes"
 ON_SLURM = ["executor=slurm", "cluster=local", "cluster.time=10", "model=tiny"]
 RECORDER = """#!/bin/bash
@@ -69,13 +70,10 @@ def recorded_sruns(record: Path) -> list[list[str]]:
 
 @pytest.fixture(scope="session")
 def nemo_rl_src(tmp_path_factory) -> Path:
-    """NeMo-RL v0.7.0's nemo_rl package from the mirror: our wrapper imports its pure-Python parts."""
-    if not NEMO_RL_MIRROR.is_dir():
-        pytest.skip("no NeMo-RL mirror (the wrapper imports nemo_rl.utils.timer)")
-    root = tmp_path_factory.mktemp("nemo_rl_v0.7.0")
-    archive = subprocess.run(["git", f"--git-dir={NEMO_RL_MIRROR}", "archive", "v0.7.0", "nemo_rl"],
-                             capture_output=True, check=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(root)], input=archive, check=True)
+    """A directory holding only NeMo-RL's `nemo_rl` package at the pin (tests/upstream.toml): our wrapper and
+    the probes import its pure-Python parts; the pinned tree's own `tests` package must not shadow ours."""
+    root = tmp_path_factory.mktemp("nemo_rl_pinned")
+    (root / "nemo_rl").symlink_to(source("nemo_rl", "git") / "nemo_rl", target_is_directory=True)
     return root
 
 
@@ -106,7 +104,7 @@ def test_nemo_rl_stage_runs_ray_across_two_nodes(stage, slurm, nemo_rl_src, srun
     cfg = nemo_rl_cfg(stage, run_dir, "cluster.cpus_per_task=1", f"init={tiny_model_dir}")
     files = write_job(cfg)
     env, record = srun_recorder
-    env.update({"PYTHONPATH": str(nemo_rl_src), "PROBE_RECORD": str(tmp_path / "probe.json"), "PROBE_EXPECT_NODES": "2",
+    env.update({"PYTHONPATH": str(nemo_rl_src), "PROBE_ENTRY_RECORD": str(tmp_path / "probe.json"), "PROBE_EXPECT_NODES": "2",
                 "HF_TOKEN": "hf_probe_secret_123"})
     job = submit(files["script"], env)
     info = wait_for([job], timeout=240)[job]
@@ -199,45 +197,46 @@ def test_hf_token_reaches_the_task_from_the_login_token_file(slurm, tmp_path):
     assert "hf_file_secret_456" not in script.read_text() + log
 
 
-MEGATRON_PROBE = REPO_ROOT / "tests" / "megatron_probe"  # PROBE of megatron.bridge (tests/test_megatron_chain.py)
+MEGATRON_PROBE = REPO_ROOT / "tests" / "megatron_probe"  # PROBE of megatron.bridge (its docstring)
 
 
-def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder, tmp_path):
-    """engine=megatron's own scripts, rendered and submitted as `./launch.sh` does (write_job): convert
-    (hf_to_megatron, one task) hands Megatron-Bridge's conversion worker (a PROBE at
-    megatron.megatron_bridge_dir) an empty destination; sft runs our bridge_sft wrapper as one task per
-    GPU on 2 nodes (megatron.bridge is a PROBE: tests/megatron_probe) and every rank reaches finetune; the
-    export (megatron_to_hf) runs after sft (afterok) into an empty sft/final."""
+def test_megatron_sft_and_convert_scripts_run_on_two_nodes(slurm, srun_recorder, tiny_model_dir, tmp_path):
+    """engine=megatron's own scripts, rendered and submitted as `./launch.sh` does (write_job), in a run dir with a
+    space: convert (hf_to_megatron, one task) runs our convert job, which hands Megatron-Bridge's conversion
+    worker (a PROBE at megatron.megatron_bridge_dir running Megatron-Bridge's own destination check) a fresh
+    staging dir and renames it onto import's destination; sft runs our bridge_sft wrapper as one task per GPU on
+    2 nodes (megatron.bridge is a PROBE: tests/megatron_probe) and every rank reaches finetune; the export
+    (megatron_to_hf) runs after sft (afterok) and leaves an HF model in sft/final."""
     run_dir = tmp_path / "run dir"
     write_edit_data(run_dir / "data", n_train=8, n_validation=2)
-    common = ["engine=megatron", f"run_dir={run_dir}", *ON_SLURM, "megatron.container=", "cluster.signal_seconds=60"]
-    convert = write_job(compose("convert", [*common, f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}"]))
+    common = ["engine=megatron", f"run_dir={run_dir}", *ON_SLURM, "megatron.container=", "cluster.signal_seconds=60",
+              f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}", f"megatron.hf_model_id={tiny_model_dir}"]
+    convert = write_job(compose("convert", [*common, f"init={tiny_model_dir}"]))
     sft = write_job(compose("sft", [*common, "parallel.nodes=2", "parallel.gpus_per_node=1", "cluster.gpus_per_node=1",
                                     "cluster.request_gpus=false", "tp=1", "pp=1", "sp=false", "gbs=2", "mbs=1"]))
     env, record = srun_recorder
-    env.update({"PROBE_RECORD": str(tmp_path / "convert.json"), "PROBE_LOG": str(tmp_path / "sft.jsonl"),
-                "PROBE_MODE": "complete", "PYTHONPATH": str(MEGATRON_PROBE)})
+    env.update({"PROBE_RECORD": str(tmp_path / "conversions.jsonl"), "PROBE_LOG": str(tmp_path / "sft.jsonl"),
+                "PROBE_MB_SCRIPTS": str(source("megatron_bridge", "git") / "scripts" / "conversion"),
+                "PYTHONPATH": str(MEGATRON_PROBE), "HF_HUB_OFFLINE": "1"})
     # the export after sft (afterok), as the pipeline chains it: Megatron checkpoints -> sft/final (HF)
     export = write_job(compose("convert", [*common, "name=sft_export", f"out={run_dir}/sft_export",
                                            "megatron.convert_direction=megatron_to_hf", f"init={run_dir}/sft/checkpoints",
-                                           f"megatron.convert_dest={run_dir}/sft/final", "megatron.hf_model_id=org/model",
-                                           f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}"]))
+                                           f"megatron.convert_dest={run_dir}/sft/final"]))
     jobs = {"convert": submit(convert["script"], env), "sft": submit(sft["script"], env)}
-    jobs["sft_export"] = submit(export["script"], {**env, "PROBE_RECORD": str(tmp_path / "export.json")}, after=jobs["sft"])
-    infos = wait_for(jobs.values(), timeout=180)
+    jobs["sft_export"] = submit(export["script"], env, after=jobs["sft"])
+    infos = wait_for(jobs.values(), timeout=300)
     logs = {s: Path(str(f["log"]).replace("%j", jobs[s])).read_text()
             for s, f in (("convert", convert), ("sft", sft), ("sft_export", export))}
     assert {s: infos[j]["JobState"] for s, j in jobs.items()} == dict.fromkeys(jobs, "COMPLETED"), logs
     assert infos[jobs["sft"]]["EndTime"] <= infos[jobs["sft_export"]]["StartTime"]
-    exported = json.loads((tmp_path / "export.json").read_text())
-    assert exported["errors"] == [] and exported["argv"][:1] == ["export"]
-    assert exported["argv"][exported["argv"].index("--hf-path") + 1] == str(run_dir / "sft" / "final")
-    assert (run_dir / "sft" / "final" / "PROBE_CONVERTED").is_file()
-
-    conversion = json.loads((tmp_path / "convert.json").read_text())
-    assert conversion["errors"] == [] and conversion["dest_was_empty"]
-    assert conversion["argv"][0] == "import"
-    assert conversion["argv"][conversion["argv"].index("--megatron-path") + 1] == str(run_dir / "convert" / "converted")
+    calls = {c["argv"][0]: c["argv"] for c in map(json.loads, (tmp_path / "conversions.jsonl").read_text().splitlines())}
+    assert calls["import"][calls["import"].index("--megatron-path") + 1] == str(run_dir / "convert" / ".converted.converting")
+    assert calls["export"][calls["export"].index("--hf-path") + 1] == str(run_dir / "sft" / ".final.converting")
+    assert calls["export"][calls["export"].index("--megatron-path") + 1] == str(run_dir / "sft" / "checkpoints")
+    assert (run_dir / "convert" / "converted" / "PROBE_RECORD.json").is_file()
+    assert json.loads((run_dir / "sft" / "final" / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    for name in ("convert", "sft_export"):
+        assert json.loads((run_dir / name / "summary.json").read_text())["metric"] == "converted"
 
     events = [json.loads(line) for line in (tmp_path / "sft.jsonl").read_text().splitlines()]
     finetunes = [e for e in events if e["event"] == "finetune"]

@@ -51,7 +51,7 @@ import yaml
 
 from recipes import preemption
 from recipes.config import ConfigError, to_yaml
-from recipes.curves import reporters
+from recipes.curves import reporters, run_name, wandb_project
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, read_jsonl
 from recipes.megatron import megatron_decay_style
 from recipes.megatron.plan import count_rows, plan_from_cfg, plan_nodes, validate_plan
@@ -124,15 +124,15 @@ def resume_dir(cfg) -> str | None:
 
 def logger_overrides(cfg) -> dict:
     """train.report_to -> Megatron-Bridge's LoggerConfig (megatron-core training_config.py:244-348): TensorBoard
-    event files in OUT/tb_logs; W&B in project $WANDB_PROJECT (default helpsteer3-edit), entity
-    $WANDB_ENTITY, run RUN_DIR-NAME-STAGE, files under OUT/wandb. None: that logger off."""
+    event files in OUT/tb_logs; W&B in project train.wandb_project as run train.run_name (as on engine=hf:
+    recipes/curves.py), entity $WANDB_ENTITY, files under OUT/wandb. None: that logger off."""
     names = reporters(cfg.train.report_to)
     wandb = "wandb" in names
     return {
         "logger.tensorboard_dir": str(out_dir(cfg) / "tb_logs") if "tensorboard" in names else None,
-        "logger.wandb_project": (os.environ.get("WANDB_PROJECT") or "helpsteer3-edit") if wandb else None,
+        "logger.wandb_project": wandb_project(cfg) if wandb else None,
         "logger.wandb_entity": os.environ.get("WANDB_ENTITY") if wandb else None,
-        "logger.wandb_exp_name": f"{Path(cfg.run_dir).resolve().name}-{cfg.stage}" if wandb else None,
+        "logger.wandb_exp_name": run_name(cfg) if wandb else None,
         "logger.wandb_save_dir": str(out_dir(cfg) / "wandb") if wandb else None,
     }
 
