@@ -5,7 +5,7 @@
 #   IN_CONTAINER=1 tests/gpu/run_gpu_checks.sh bridge|nemo_rl   # already inside the right container
 #
 # Images: the Megatron-Bridge one built by docker/build_megatron_bridge.sh (docker tag
-# megatron-bridge:v0.6.0-51885cf; on SLURM the same image as the .sqsh in megatron.container) and
+# megatron-bridge:VERSION, megatron.megatron_bridge_version; on SLURM the same image as the .sqsh in megatron.container) and
 # NeMo-RL's (megatron.nemo_rl_container). The NeMo-RL check needs 2 GPUs.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
@@ -29,8 +29,7 @@ if [[ "${IN_CONTAINER:-0}" == 1 ]]; then
 fi
 
 command -v docker >/dev/null || { echo "error: docker not found; run inside the containers with IN_CONTAINER=1 $0 bridge|nemo_rl" >&2; exit 2; }
-BRIDGE_COMMIT="$(conf megatron_bridge_commit)"
-BRIDGE_IMAGE="${BRIDGE_IMAGE:-megatron-bridge:v0.6.0-${BRIDGE_COMMIT:0:7}}"   # docker/build_megatron_bridge.sh
+BRIDGE_IMAGE="${BRIDGE_IMAGE:-megatron-bridge:$(conf megatron_bridge_version)}"   # docker/build_megatron_bridge.sh
 RL_IMAGE="$(conf nemo_rl_container)"
 
 status=0
