@@ -107,8 +107,15 @@ def test_sft_config_golden(run_dir: Path):
                 "train.exit_signal_handler": "true"}  # SIGTERM on preemption: checkpoint, stop
     assert {k: overrides[k] for k in expected} == expected
     # every key is a real field: megatron-core's classes here, the verified list for the rest
+    # logger.* / checkpoint.*: megatron-core's LoggerConfig / CheckpointConfig from the pinned wheel (test_mb_upstream.py)
+    from tests.test_mb_upstream import megatron_core_training_config
+    from tests.upstream import source
+
+    training_config = megatron_core_training_config(source("megatron_core", "wheel"))
     known = (BRIDGE_KEYS | {f"model.{f}" for f in _fields(TransformerConfig)}
-             | {f"optimizer.{f}" for f in _fields(OptimizerConfig)} | {f"ddp.{f}" for f in _fields(DistributedDataParallelConfig)})
+             | {f"optimizer.{f}" for f in _fields(OptimizerConfig)} | {f"ddp.{f}" for f in _fields(DistributedDataParallelConfig)}
+             | {f"logger.{f}" for f in _fields(training_config.LoggerConfig)}
+             | {f"checkpoint.{f}" for f in _fields(training_config.CheckpointConfig)})
     assert set(overrides) - known == set()
     assert not Path(doc["dataset"]["dataset_root"]).exists()  # rendering reads and writes no data
     max_steps = yaml.safe_load(bridge_sft.render(cfg_for("sft", run_dir, "train.max_steps=7"))[str(bridge_sft.config_path(cfg))])
