@@ -357,7 +357,7 @@ def _run(cfg, out: Path, prompts: list[dict], rejected: list[dict], endpoints) -
     atomic_write_jsonl(out / "rejected.jsonl", rejected)
     summary = summarize(cfg, records, models, rejected, resumed, time.monotonic() - started)
     gain = summary["select_score"]["gain"]
-    summary = {"stage": "its", "metric": "select_score_gain", "value": gain, "out": str(out), **summary}
+    summary = {"stage": "its", "metric": "select_score_gain (proxy)", "value": gain, "out": str(out), **summary}
     atomic_write_json(out / "summary.json", summary)
     write_report(summary, records, out)
     atomic_write_text(out / "config.yaml", to_yaml(cfg))  # last: with summary.json it marks the stage done
@@ -365,7 +365,7 @@ def _run(cfg, out: Path, prompts: list[dict], rejected: list[dict], endpoints) -
           f"of the final {summary['select_score']['final_mean']} (select_score_gain {gain}: a proxy, the Select model "
           f"grading its own pick; judge quality with its-eval); finals that are edits {summary['edit_share']}, cut "
           f"{summary['finals_cut']}; {summary['failed_requests']} failed requests -> {out}/results.jsonl")
-    return {"stage": "its", "metric": "select_score_gain", "value": gain, "out": str(out)}
+    return {"stage": "its", "metric": "select_score_gain (proxy)", "value": gain, "out": str(out)}
 
 
 def _mean(values: list[float]) -> Optional[float]:

@@ -219,7 +219,7 @@ def test_local_loop_asks_in_the_seed_formats_and_selects_the_best(select, tmp_pa
     # 8 new tokens: the tiny model never ends its turn, so every response and edit is counted as cut
     assert summary["cut"]["responses"] == summary["cut"]["of_responses"] == 6 and summary["finals_cut"] == 3
     assert "mean nothing" in summary["notes"][0] and (tmp_path / "select_scores.png").stat().st_size > 0
-    assert result["metric"] == "select_score_gain" and (tmp_path / "config.yaml").is_file()
+    assert result["metric"] == "select_score_gain (proxy)" and (tmp_path / "config.yaml").is_file()
     assert "select_score_gain (proxy" in (tmp_path / "report.md").read_text()
 
 

@@ -38,6 +38,7 @@ def test_smoke_pipeline_runs_every_stage_and_prints_the_table():
     its = [json.loads(line) for line in (run_dir / "its" / "results.jsonl").read_text().splitlines()]
     assert len(its) == 4 and all(len(r["candidates"]) == 2 and r["final"] for r in its)
     assert "mean nothing" in summaries["its"]["notes"][0]
+    assert summaries["its"]["metric"] == "select_score_gain (proxy)" and summaries["its"]["select_score"]["is_proxy"]
 
     # the closing table: one row per stage with its wall time, key metric and output dir
     table = proc.stderr[proc.stderr.index("pipeline summary"):]
