@@ -127,6 +127,7 @@ def test_its_loop_on_vllm_generators_and_a_vllm_pooling_select_model(vllm, local
         assert record["final"]["text"] in [c["text"] for c in candidates]  # chosen among them (its.loop.choose)
 
 
+@pytest.mark.slow
 def test_eval_of_a_vllm_served_model_with_a_vllm_gold_rm_equals_the_in_process_eval(vllm, eval_data_dir, tmp_path):
     """`./launch.sh eval model=http://...vLLM.../v1 eval.gold_rm=http://...vLLM pooling...` against the same
     eval with the model dir in process and the gold reward model dir: the same edits, and the gold reward

@@ -16,7 +16,7 @@ from recipes import rl
 from recipes.config import compose
 from tests import vllm_server
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.slow]
 
 CLIENT = r"""
 import json, sys
