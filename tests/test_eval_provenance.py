@@ -5,7 +5,6 @@ never count as finished ones, and the eval's modules import one way."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -49,10 +48,7 @@ def _copy_tokenizer(source: Path, out: Path) -> None:
 def run(tiny_model_dir, tiny_rm_dir, varied_model_dir, tmp_path_factory) -> Path:
     """A run dir as the pipeline leaves it: data, sft/final, rm/final (+ rm/checkpoint-8, other weights),
     rl/final, each final/ with the training record its stage writes."""
-    import torch
-    from transformers import AutoModelForSequenceClassification
-
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     root = tmp_path_factory.mktemp("run")
     args = [f"run_dir={root}"]
