@@ -102,6 +102,7 @@ def test_a_destination_the_stage_did_not_write_is_refused_and_left_alone(mb_scri
     model = tmp_path / "model"
     subprocess.run(["cp", "-r", str(tiny_model_dir), str(model)], check=True)
     cfg = compose("convert", ["engine=megatron", f"run_dir={tmp_path / 'run'}", f"init={model}",
+                              "megatron.convert_dest=${run_dir}/megatron_model",
                               f"megatron.megatron_bridge_dir={PROBES / 'megatron_bridge'}"])
     dest = convert.destination(cfg)
     dest.mkdir(parents=True)  # an existing empty destination is fine (the staging dir replaces it)
