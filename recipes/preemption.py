@@ -61,7 +61,8 @@ def run_guarded(cfg, runner):
     Other stages (data, eval, its, convert) and dry runs run as they are."""
     if cfg.stage not in TRAINING_STAGES or cfg.dry_run:
         return runner(cfg)
-    check_output_dir_is_ours(cfg.out)
+    if int(os.environ.get("RANK", "0")) == 0:  # one rank checks: the others may already be writing into OUT
+        check_output_dir_is_ours(cfg.out)
     install_signal_handler()
     with OutputLock(cfg.out):
         if "SLURM_JOB_ID" not in os.environ:  # in a job, the batch script clears it before starting
@@ -107,8 +108,8 @@ def check_output_dir_is_ours(out: str | os.PathLike) -> None:
         if previous.get("stage") not in STAGES:
             raise ConfigError(f"out={out}: its config.yaml is not a stage config of this project (no stage: key); "
                               "pick another out= (a new or empty dir)")
-    else:
-        foreign = [name for name in names if name not in BEFORE_CONFIG]
+    else:  # (".config.yaml.XXXX": the atomic write of config.yaml, under way)
+        foreign = [name for name in names if name not in BEFORE_CONFIG and not name.startswith(".config.yaml.")]
         if foreign:
             shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
             raise ConfigError(f"out={out}: holds files this project did not write ({shown}); a stage writes only "
