@@ -56,6 +56,7 @@ def main() -> None:
     parser.add_argument("--max-batch", type=int, default=32, help="eval.serve's batch limit")
     parser.add_argument("--max-new-tokens", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--top-p", type=float, default=0.9, help="its.top_p of the sampled requests (the loop's default 0.9)")
     args = parser.parse_args()
 
     from its.loop import run
@@ -76,7 +77,8 @@ def main() -> None:
                                        for i in range(args.prompts)))
             common = [f"prompts={prompts}", f"policy={gen_url}", f"feedback_model={gen_url}", f"edit_model={gen_url}",
                       f"select_model={rm_url}", "its.responses=2", "its.feedbacks=3", "its.edits=1",
-                      f"its.max_new_tokens={args.max_new_tokens}", f"its.feedback_max_new_tokens={args.max_new_tokens}"]
+                      f"its.max_new_tokens={args.max_new_tokens}", f"its.feedback_max_new_tokens={args.max_new_tokens}",
+                      f"its.top_p={args.top_p}"]
             for r in range(args.repeats):
                 for name, extra in settings.items():
                     cfg = compose("its", common + extra + [f"out={tmp}/run-{name}-{r}"])
@@ -92,6 +94,7 @@ def main() -> None:
     load_after = os.getloadavg()
     ratios = [a / b for a, b in zip(times["sequential"], times["concurrent"])]
     print(f"its loop, {args.prompts} prompts x 2 responses x 3 feedback x 1 edit, {args.max_new_tokens} new tokens, "
+          f"top_p {args.top_p}, "
           f"eval.serve (--max-batch {args.max_batch}) + eval.serve_rm on 127.0.0.1, {os.cpu_count()} CPUs")
     print(f"  sequential (1 prompt, 1 request in flight)     : {statistics.median(times['sequential']):.2f} s "
           f"(range {min(times['sequential']):.2f}-{max(times['sequential']):.2f})")

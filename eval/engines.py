@@ -167,10 +167,13 @@ class SeededRowSampler:
 
         for warper in self.warpers:
             scores = warper(input_ids, scores)
-        probs = torch.softmax(scores.float(), dim=-1)
-        chosen = torch.cat([torch.multinomial(probs[i], 1, generator=g) for i, g in enumerate(self.generators)])
+        # Inverse-CDF draw: one uniform number per row from that row's generator, then one vectorised search
+        # (a multinomial call per row costs ~10x more on CPU).
+        cdf = torch.softmax(scores.float(), dim=-1).cumsum_(dim=-1)
+        u = torch.cat([torch.rand(1, generator=g, device=cdf.device) for g in self.generators])
+        chosen = torch.searchsorted(cdf, (u * cdf[:, -1]).unsqueeze(1), right=True).clamp_(max=cdf.shape[1] - 1)
         out = torch.full_like(scores, float("-inf"))
-        return out.scatter_(1, chosen.unsqueeze(1), 0.0)
+        return out.scatter_(1, chosen, 0.0)
 
 
 # --- OpenAI-compatible endpoint -------------------------------------------------------------------

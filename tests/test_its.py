@@ -760,3 +760,23 @@ def test_its_eval_reads_a_finished_run_and_refuses_bad_options(tmp_path):
         if not option.startswith("judge="):
             args.append("judge=http://127.0.0.1:9/v1")
         assert message in _its_eval_one_line(*args)
+
+
+def test_the_per_row_sampler_draws_from_the_warped_distribution():
+    """eval.engines.SeededRowSampler: each row's token follows softmax(logits / temperature) within the top-p
+    nucleus, tokens outside it are never drawn, and a row's draw depends on its own seed only."""
+    import torch
+
+    from eval.engines import Sampling, SeededRowSampler
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    rows = 4000
+    scores = logits.repeat(rows, 1)
+    picked = SeededRowSampler(range(rows), Sampling(temperature=1.0, top_p=1.0), "cpu")(None, scores.clone()).argmax(-1)
+    freq = torch.bincount(picked, minlength=4).float() / rows
+    assert torch.allclose(freq, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.03), freq
+    nucleus = SeededRowSampler(range(rows), Sampling(temperature=1.0, top_p=0.7), "cpu")(None, scores.clone()).argmax(-1)
+    assert set(nucleus.tolist()) == {0, 1}  # 0.5 + 0.3 reach 0.7: tokens 2 and 3 are outside the nucleus
+    again = SeededRowSampler([7, 3], Sampling(temperature=1.0), "cpu")(None, scores[:2].clone()).argmax(-1)
+    alone = SeededRowSampler([3], Sampling(temperature=1.0), "cpu")(None, scores[:1].clone()).argmax(-1)
+    assert again[1] == alone[0] and again[0] == picked[7]
