@@ -77,9 +77,12 @@ def main() -> None:
 
     paired = json.loads((run / "compare" / "paired.json").read_text())
     sft = json.loads((run / "sft" / "summary.json").read_text())
+    rows = paired["metrics"].get("rouge_l", {}).get("n")
+    loss = sft.get("value")
     print(f"\nlearn_bench: SmolLM2-135M-Instruct, edit SFT on data_prep/sample ({sft.get('steps')} steps, "
-          f"eval_loss {sft.get('value')}), scored on {paired['matched_rows']} held-out edit rows "
-          f"(greedy, {args.max_new_tokens} new tokens), paired bootstrap {paired['bootstrap_samples']} resamples")
+          f"validation loss {loss:.3f}), scored on {rows} held-out edit rows (greedy, {args.max_new_tokens} new "
+          f"tokens) and the held-out edit_quality pairs, paired bootstrap {paired['bootstrap_samples']} resamples"
+          if isinstance(loss, float) else f"\nlearn_bench: {rows} held-out edit rows")
     print(f"{'metric':<24} {'base':>8} {'sft':>8} {'sft - base [95% CI]':>30}  CI excludes 0")
     for key in METRICS:
         r = paired["metrics"].get(key)
