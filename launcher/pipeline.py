@@ -37,7 +37,7 @@ from pathlib import Path
 
 from recipes.config import REPO_ROOT, ConfigError, compose, split_config_args, to_yaml
 from hs3.io import UserError, atomic_write_json, sha256_file
-from launcher.stages import Entry, _what_runs, is_finished, load_preset
+from launcher.stages import Entry, is_finished, load_preset, setting_changes, stored_config
 
 DEFAULT_PRESET = "default"
 # engine=megatron without preset=: the Megatron chain (import -> sft -> export -> rm -> rl -> export -> eval).
@@ -165,16 +165,6 @@ def read_links(run_dir: Path) -> dict:
     return links if isinstance(links, dict) and isinstance(links.get("entries"), dict) else {}
 
 
-def _stored_config(out: Path) -> dict | None:
-    import yaml
-
-    try:
-        data = yaml.safe_load((out / "config.yaml").read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _json(path: Path) -> dict | None:
     try:
         data = json.loads(path.read_text())
@@ -190,7 +180,7 @@ def check_base_entry(name: str, entry: Entry, args: list[str], base: Path) -> tu
     from recipes.provenance import model_fingerprint
 
     out = base / name
-    stored = _stored_config(out)
+    stored = stored_config(out)
     summary = _json(out / "summary.json")
     if stored is None or summary is None:
         return None, f"{out} is not a finished stage (no config.yaml and summary.json)"
@@ -200,8 +190,9 @@ def check_base_entry(name: str, entry: Entry, args: list[str], base: Path) -> tu
         return None, f"its config does not compose with the base run's run_dir ({exc})"
     if Path(str(cfg.out)).resolve() != out.resolve():
         return None, f"its out={cfg.out} is not {out}"
-    if _what_runs(to_yaml(cfg)) != _what_runs((out / "config.yaml").read_text()):
-        return None, "its settings differ from this run's"
+    changed = setting_changes(stored, cfg)
+    if changed:
+        return None, f"its settings differ from this run's ({'; '.join(changed[:3])}{'; ...' if len(changed) > 3 else ''})"
     if summary.get("stage") != entry.stage:
         return None, f"summary.json is of stage {summary.get('stage')!r}"
     record = {"target": str(out.resolve()), "stage": entry.stage, "config_sha256": sha256_file(out / "config.yaml"),
@@ -306,8 +297,8 @@ def check_settings(chain, cfgs, decisions, run_dir: Path, base: Path | None) -> 
 
     for name, decision in decisions.items():
         cfg = cfgs[name]
-        if decision.action != "run" or cfg.stage not in TRAINING_STAGES or cfg.engine != "hf":
-            continue
+        if decision.action != "run" or cfg.stage not in TRAINING_STAGES or cfg.engine != "hf" or decision.link.get("unlink"):
+            continue  # (a stale link is removed before the stage runs: it then starts in an empty dir)
         try:
             check_output_dir(cfg)
         except ConfigError as exc:
@@ -366,12 +357,12 @@ def run_local(chain: dict[str, Entry], entry_args: dict[str, list[str]],
         if decision.action in ("skip", "linked"):
             summary = _json(Path(str(cfg.out)) / "summary.json") or {}
             what = "finished earlier with the same config, skipped" if decision.action == "skip" else decision.note
-            console.print(f"{name}: {what}")
+            print(f"{name}: {what}", file=sys.stderr, flush=True)  # one line, unwrapped
             rows.append({**summary, "stage": name, "wall_s": 0.0, "out": str(cfg.out),
                          "note": "skipped" if decision.action == "skip" else "linked"})
             continue
         if decision.note:
-            console.print(f"{name}: {decision.note}")
+            print(f"{name}: {decision.note}", file=sys.stderr, flush=True)
         start = time.monotonic()
         proc = subprocess.run([sys.executable, "-m", "launcher", entry.stage, *args], cwd=REPO_ROOT, env=os.environ.copy())
         wall = time.monotonic() - start

@@ -82,15 +82,49 @@ def _what_runs(config_text: str) -> dict:
     return {k: v for k, v in config.items() if k not in LAUNCH_KEYS}
 
 
+def _flat(node, prefix: str = "") -> dict:
+    out = {}
+    for key, value in node.items():
+        if isinstance(value, dict) and value:
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def setting_changes(stored: dict, cfg) -> list[str]:
+    """`key: was -> now` for each setting of a stored config.yaml (a dict) that this config changes, launch
+    keys aside. A key the stored config does not have (the schema grew since it was written) counts only
+    when this config sets it to something other than the schema's default: a stage finished before a new
+    key existed is not rerun for it."""
+    from recipes.config import RunConfig
+
+    was = _flat(_what_runs(to_yaml(OmegaConf.create(stored))))
+    now = _flat(_what_runs(to_yaml(cfg)))
+    default = _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    changes = [f"{k}: {was[k]} -> {now[k]}" for k in now if k in was and was[k] != now[k]]
+    changes += [f"{k}: (not set) -> {now[k]}" for k in now if k not in was and now[k] != default.get(k)]
+    return changes + [f"{k}: {was[k]} -> (no such key)" for k in was if k not in now]
+
+
+def stored_config(out: Path) -> dict | None:
+    """OUT/config.yaml as a dict, or None (absent, damaged, not a mapping)."""
+    try:
+        data = yaml.safe_load((Path(out) / "config.yaml").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
 def is_finished(cfg) -> bool:
-    """A stage is finished when it wrote summary.json under the same config (launch keys aside). A
+    """A stage is finished when it wrote summary.json under the same config (launch keys aside; keys the
+    schema gained since, at their defaults, aside). A
     Megatron conversion also needs its destination to still hold what it wrote, converted from the
     source as it is now (recipes.megatron.convert.is_current): its job runs the upstream converter,
     which refuses a non-empty destination, so a rerun would fail and cancel the chain behind it."""
     out = Path(cfg.out)
-    config_file = out / "config.yaml"
-    if not ((out / "summary.json").is_file() and config_file.is_file()
-            and _what_runs(config_file.read_text()) == _what_runs(to_yaml(cfg))):
+    stored = stored_config(out)
+    if not ((out / "summary.json").is_file() and stored is not None and not setting_changes(stored, cfg)):
         return False
     if cfg.stage == "convert" and cfg.engine == "megatron":
         from recipes.megatron.convert import is_current

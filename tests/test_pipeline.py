@@ -83,7 +83,8 @@ def test_slurm_does_not_import_the_pipeline():
 def test_unknown_stage_prefix_is_one_line_error():
     proc = run_cli("-m", "launcher", "pipeline", "sfft:train.lr=0.5", timeout=120)
     assert proc.returncode == 2
-    assert proc.stderr.strip() == "error: 'sfft:train.lr=0.5': 'sfft' is not a pipeline stage (data, sft, rm, rl, eval)"
+    assert proc.stderr.strip() == ("error: 'sfft:train.lr=0.5': 'sfft' is not a pipeline stage (did you mean sft?) "
+                                   "(data, sft, rm, rl, eval)")
 
 
 @pytest.mark.slow
@@ -91,7 +92,10 @@ def test_failed_stage_stops_the_pipeline_and_a_rerun_resumes_there(tmp_path):
     args = smoke_args(tmp_path)
     failed = run_cli("-m", "launcher", "pipeline", *args, f"rl:rm={tmp_path}/no_such_rm", timeout=900)
     assert failed.returncode == 2
-    assert "error: stage rl failed (exit 2); later stages not run." in failed.stderr
+    # a stage's own one-line error (exit 2): rerunning as is would repeat it, so the advice is to fix it
+    assert ("error: stage rl failed (exit 2: the error above); later stages not run. Fix what it says and rerun: "
+            "the finished stages are skipped.") in failed.stderr
+    assert "Rerun the same command" not in failed.stderr
     assert f"reward_model={tmp_path}/no_such_rm: no model there" in failed.stderr  # the stage's own one line
     done = {stage for stage in PIPELINE_STAGES if (tmp_path / stage / "summary.json").is_file()}
     assert done == {"data", "sft", "rm"}
