@@ -241,3 +241,73 @@ def pytest_unconfigure(config):
             f"(python tests/fetch_upstream.py; see tests/upstream.toml)" if count else
             "upstream: no test skipped for an absent upstream source (tests/upstream.toml)")
     print(line)
+
+
+# --- test tiers (docs/testing.md): `./launch.sh test` runs everything; `./launch.sh test fast` deselects the
+# tests marked slow, slurm or gpu. Besides the marks in the test files, tests are classified here, so that
+# the split stays honest without editing every file: a test that uses the `slurm` fixture is a slurm test, one
+# that starts a vLLM server (the `vllm` fixture) is slow, and SLOW_TESTS lists tests measured to be slow
+# (over ~4 s on 2 cores, setup included) by `benchmarks/test_tiers.py --measure`. A node id here matches that
+# test and all its parameter cases; a module path (tests/test_x.py) every test of the module.
+SLOW_TESTS: dict[str, float] = {  # node id -> seconds measured (the figure is for reading, not used)
+    # measured 2026-12-04 with benchmarks/test_tiers.py --measure (threshold 4 s, then the tests >= 4 s that the
+    # first pass had left; a session fixture's first user pays its setup), 2 CPUs, load average 0.0-1.1
+    "tests/test_attention_paths.py::test_packed_row_equals_its_documents_alone_on_every_attention_path": 4.7,
+    "tests/test_attention_paths.py::test_the_attention_the_trainer_gets_and_what_is_refused": 4.0,
+    "tests/test_curves.py::test_a_stage_writes_tensorboard_curves_progress_and_umask_modes": 7.1,
+    "tests/test_edit_cmd.py::test_a_local_checkpoint_with_a_helpsteer3_row": 4.2,
+    "tests/test_edit_cmd.py::test_context_from_stdin_and_each_feedback_on_the_command_line": 4.3,
+    "tests/test_edit_cmd.py::test_through_eval_serve_on_localhost": 4.0,
+    "tests/test_eval_cli.py::test_eval_cli_writes_the_report_files": 5.7,
+    "tests/test_eval_cli.py::test_report_names_what_produced_every_figure": 6.0,
+    "tests/test_eval_cli.py::test_rerun_from_scratch_gives_the_same_bytes": 5.6,
+    "tests/test_eval_cli.py::test_without_the_pipelines_reward_model_the_reward_metrics_are_skipped": 5.1,
+    "tests/test_eval_engines.py::test_a_row_the_endpoint_fails_on_is_retried_recorded_and_counted_not_fatal": 5.0,
+    "tests/test_eval_engines.py::test_http_engine_retries_with_backoff_until_the_server_is_up": 6.2,
+    "tests/test_eval_http_replies.py::test_malformed_200_replies_are_retried_then_recorded_row_failures": 4.1,
+    "tests/test_eval_http_replies.py::test_the_eval_against_a_proxy_that_answers_html_records_the_rows_and_goes_on": 4.2,
+    "tests/test_eval_provenance.py::test_each_models_eval_has_its_own_dir_and_a_dir_of_another_model_is_refused": 5.4,
+    "tests/test_feedback_eval.py::test_feedback_eval_end_to_end": 4.0,
+    "tests/test_feedback_megatron.py::test_feedback_on_megatron_submits_through_slurm": 4.8,
+    "tests/test_feedback_megatron.py::test_feedback_plan_and_select_on_megatron": 4.7,
+    "tests/test_help.py::test_a_saved_config_reruns_its_stage_byte_for_byte": 6.9,
+    "tests/test_help.py::test_a_saved_training_config_round_trips": 7.2,
+    "tests/test_hf_config_errors.py::test_a_model_that_cannot_be_loaded_is_one_line": 5.0,
+    "tests/test_hf_resume.py::test_stopped_and_resumed_run_matches_uninterrupted_run": 20.2,
+    "tests/test_hf_sft.py::test_no_usable_validation_row_is_one_line_naming_the_key": 5.5,
+    "tests/test_its.py::test_a_flaky_endpoint_is_retried_and_a_request_that_keeps_failing_is_recorded": 4.8,
+    "tests/test_its.py::test_a_local_select_model_scoring_nan_is_a_failure_and_stops_the_run_with_one_line": 4.1,
+    "tests/test_its.py::test_a_nan_select_score_from_an_endpoint_is_a_recorded_failure": 4.2,
+    "tests/test_its.py::test_endpoints_a_failing_request_is_recorded_and_its_eval_judges_both_orders": 8.9,
+    "tests/test_its.py::test_prompts_overlap_and_each_role_keeps_its_own_concurrency": 5.6,
+    "tests/test_mb_upstream.py::test_sft_prepares_the_data_once_before_any_rank_trains": 7.4,
+    "tests/test_megatron_chain.py::test_megatron_pipeline_dry_run_on_an_empty_run_dir_shows_every_job": 13.0,
+    "tests/test_megatron_chain.py::test_nemo_rl_wrapper_hands_over_data_and_requeues_an_early_stop": 5.2,
+    "tests/test_megatron_chain.py::test_plan_prints_the_pinned_container": 5.2,
+    "tests/test_megatron_chain.py::test_submitting_the_megatron_chain_needs_hf_token": 7.1,
+    "tests/test_megatron_convert.py::test_a_destination_the_stage_did_not_write_is_refused_and_left_alone": 5.2,
+    "tests/test_megatron_convert.py::test_megatron_bridge_conversion_runs_once_and_resubmits_as_a_no_op": 7.3,
+    "tests/test_megatron_convert.py::test_rm_export_loads_in_the_proxy_scorer_and_runs_once": 8.0,
+    "tests/test_megatron_plan.py::test_plan_cli_prints_the_table_and_fails_in_one_line": 5.7,
+    "tests/test_megatron_plan.py::test_rl_hours_include_generation_at_a_stated_assumption": 10.5,
+    "tests/test_megatron_render.py::test_sft_dry_run_cli_prints_config_and_command": 5.2,
+    "tests/test_nemo_rl_upstream.py::test_rm_policy_passes_nemo_rls_parallelize_dispatch_and_the_old_one_did_not": 9.1,
+    "tests/test_nonfinite.py::test_a_nan_loss_from_the_first_step_stops_the_stage_through_the_cli": 6.6,
+    "tests/test_resume_guard.py::test_an_explicit_resume_from_a_damaged_checkpoint_is_one_line": 5.6,
+    "tests/test_resume_guard.py::test_resume_of_a_finished_stage_with_other_data_or_lr_is_refused": 21.6,
+    "tests/test_resume_guard.py::test_resume_passes_over_a_damaged_newest_checkpoint_and_says_why": 13.7,
+    "tests/test_server_load.py::test_a_client_that_sends_less_than_it_announced_does_not_hold_a_handler": 6.1,
+    "tests/test_slurm_preemption.py::test_preemption_checkpoints_at_the_current_step_and_exits_75": 5.3,
+    "tests/test_slurm_render.py::test_megatron_sft_on_four_8gpu_nodes": 4.7,
+    "tests/test_wandb.py::test_an_offline_run_logs_project_and_run_name_and_writes_no_key": 7.6,
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        fixtures = getattr(item, "fixturenames", ())
+        if "slurm" in fixtures and item.get_closest_marker("slurm") is None:
+            item.add_marker(pytest.mark.slurm)
+        base = item.nodeid.split("[", 1)[0]
+        if "vllm" in fixtures or base in SLOW_TESTS or base.split("::", 1)[0] in SLOW_TESTS:
+            item.add_marker(pytest.mark.slow)
