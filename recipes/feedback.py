@@ -14,10 +14,10 @@ the Feedback model was trained with SFT only, for 1 epoch (conf/stage/feedback.y
 """
 from __future__ import annotations
 
-from recipes import sft
+from recipes import sft, training
 
 SPLIT_DIR = "feedback"
-TRAINED_ON = ["feedback/train"]
+TRAINED_ON = training.STAGE_SPLITS["feedback"]
 
 
 def build_trainer(cfg):

@@ -24,10 +24,10 @@ response (no edit request), one float out, and that it may not work well past 4,
 """
 from __future__ import annotations
 
-from recipes import rm
+from recipes import rm, training
 
 SPLIT_DIR = "select"
-TRAINED_ON = ["preference/train"]
+TRAINED_ON = training.STAGE_SPLITS["select"]
 
 
 def scaled_bt_loss(rewards_chosen, rewards_rejected, weight):

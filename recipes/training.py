@@ -41,6 +41,8 @@ STAGE_SPLITS = {
     "rm": ["edit_quality/train"],
     "dpo": ["edit_quality/train"],
     "rl": ["edit/train"],
+    "feedback": ["feedback/train"],    # the Feedback model (recipes/feedback.py)
+    "select": ["preference/train"],    # the Select model (recipes/select.py)
 }
 
 

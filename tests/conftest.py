@@ -47,6 +47,18 @@ def varied_model_dir(tiny_model_dir, tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def _own_environment():
+    """Each test gets the environment as the session had it: stages run in-process set variables for
+    the libraries they drive (WANDB_DIR, TENSORBOARD_LOGGING_DIR, ...), which must not leak into the next
+    test's subprocesses (a later W&B run logged into an earlier test's dir)."""
+    saved = dict(os.environ)
+    yield
+    if os.environ != saved:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def run_cli(*args: str, cwd: Path = REPO_ROOT, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
     """Run `python -m ...` the way a user would, capturing output."""
     return subprocess.run(

@@ -273,3 +273,38 @@ def test_megatron_converter_runs_in_the_images_mcore_environment(monkeypatch, tm
     # the DTensor converter needs no Megatron: the default python
     (step / "config.yaml").write_text(yaml.safe_dump({"policy": {"megatron_cfg": {"enabled": False}}}))
     assert convert.converter_command(step, tmp_path / "final", Path("/c"))[0] == "python"
+
+
+def test_an_export_of_a_stage_carries_that_stages_training_record(nemo_rl_rm_checkpoint, tmp_path):
+    """rm/final exported from NeMo-RL's checkpoints gets the hs3_training.json an engine=hf rm/final has,
+    made from the rm stage's own config.yaml beside its checkpoints: the splits it trained on (over the
+    lineage: sft/final's record), the data manifest, dtype and seq_len, the inputs' fingerprints. The eval's
+    held-out check, lineage check and load settings read it (they saw nothing for a Megatron checkpoint)."""
+    import shutil
+
+    from eval.data import training_record
+    from recipes.config import to_yaml
+
+    nemo_rl = source("nemo_rl", "git")
+    run_dir = tmp_path / "run"
+    sft_final = run_dir / "sft" / "final"  # what sft_export wrote before (with its own record)
+    sft_final.mkdir(parents=True)
+    (sft_final / "hs3_training.json").write_text(json.dumps({"stage": "sft", "trained_on": ["edit/train"]}))
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "manifest.json").write_text('{"source": "tests"}')
+    rm_cfg = compose("rm", ["engine=megatron", f"run_dir={run_dir}", "train.seq_len=4096", "model.dtype=bfloat16"])
+    (run_dir / "rm").mkdir()
+    (run_dir / "rm" / "config.yaml").write_text(to_yaml(rm_cfg))  # as the rm job's render wrote it
+    shutil.copytree(nemo_rl_rm_checkpoint, run_dir / "rm" / "checkpoints")
+    cfg = compose("convert", ["engine=megatron", f"run_dir={run_dir}", "name=rm_export", "out=${run_dir}/rm_export",
+                              "megatron.convert_direction=nemo_rl_to_hf", "init=${run_dir}/rm/checkpoints",
+                              "megatron.convert_dest=${run_dir}/rm/final", f"megatron.nemo_rl_dir={nemo_rl}"])
+    done = run_job(cfg, {"PYTHONPATH": f"{REPO_ROOT}{os.pathsep}{nemo_rl}"})
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    record = training_record(str(run_dir / "rm" / "final"))
+    assert record["stage"] == "rm" and record["engine"] == "megatron"
+    assert record["trained_on"] == ["edit/train", "edit_quality/train"]  # sft's lineage, then rm's own split
+    assert (record["dtype"], record["seq_len"]) == ("bfloat16", 4096)
+    assert record["data_manifest_sha256"] and record["exported_from"] == str((run_dir / "rm" / "checkpoints").resolve())
+    assert json.loads((run_dir / "rm_export" / "summary.json").read_text())["training_record"] is True
+    assert is_finished(cfg)  # the record is part of what the destination's fingerprint covers

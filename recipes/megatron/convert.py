@@ -257,6 +257,7 @@ def convert_once(cfg) -> dict:
                         f"{dest} was left as it was")
     if not staging.is_dir() or not any(staging.iterdir()):
         raise UserError(f"the conversion exited 0 but wrote nothing to {staging} (command: {shlex.join(command)})")
+    record = write_export_record(cfg, staging)
     dest_print = tree_fingerprint(str(staging))["sha256"]  # relative paths: the same after the rename
     if dest.is_dir():
         dest.rmdir()  # empty (checked above): nothing of the user's is in it
@@ -265,10 +266,35 @@ def convert_once(cfg) -> dict:
     summary = {"stage": cfg.stage, "metric": "converted", "value": 1.0, "wall_s": round(time.monotonic() - start, 1),
                "out": str(cfg.out), "direction": cfg.megatron.convert_direction, "source": src,
                "source_fingerprint": source_print, "dest": str(dest), "dest_fingerprint": dest_print,
-               "worker": worker_key(cfg)}
+               "worker": worker_key(cfg), "training_record": bool(record)}
     atomic_write_json(out_dir(cfg) / "summary.json", summary)
     print(f"convert: {src} -> {dest} in {summary['wall_s']:.0f} s", flush=True)
     return summary
+
+
+def write_export_record(cfg, hf_dir: Path) -> dict | None:
+    """An HF export of a training stage's checkpoints gets the record an HF-engine final/ has
+    (hs3_training.json: the splits it was trained on, over its lineage, the data manifest, dtype and seq_len
+    it was trained at, its inputs with content fingerprints; recipes.training.write_training_record), made from
+    that stage's own config.yaml beside its checkpoints dir (RUN/STAGE/config.yaml for RUN/STAGE/checkpoints).
+    The eval's held-out check, its lineage check and its load settings read it. A source that is not a stage
+    of this project (no such config) gets no record, and says so."""
+    if cfg.megatron.convert_direction == "hf_to_megatron":
+        return None  # a Megatron checkpoint to start from, not a model anyone scores
+    from recipes.training import STAGE_SPLITS, load_resolved_config, write_training_record
+
+    stage_config = Path(source(cfg)).resolve().parent / "config.yaml"
+    if not stage_config.is_file():
+        print(f"convert: no training record for {destination(cfg)}: {stage_config} does not exist (the source is not "
+              "a stage of this project)", flush=True)
+        return None
+    trained = load_resolved_config(stage_config)
+    if trained.stage not in STAGE_SPLITS:
+        raise UserError(f"{stage_config}: stage {trained.stage} trains no model to export")
+    scoring = ({"reward_model": {"scoring": {"max_length": trained.train.seq_len, "dtype": trained.model.dtype}}}
+               if trained.stage == "rl" else None)
+    return write_training_record(hf_dir, trained, STAGE_SPLITS[trained.stage], inputs=scoring, engine="megatron",
+                                 exported_from=source(cfg), export_direction=cfg.megatron.convert_direction)
 
 
 def job_main(stage_config: str) -> int:
