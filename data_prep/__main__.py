@@ -34,7 +34,7 @@ def parser() -> argparse.ArgumentParser:
                     "RL prompts (prompts/), rejected.jsonl and manifest.json under OUT.",
         epilog="OUT is built in a temp dir beside it and renamed at the end. Rerunning the same build into the same "
                "OUT (same input contents, options and tokenizer) rewrites nothing and reports it up to date, once every "
-               "file's size (and sha256, with --verify) matches the manifest; an OUT holding anything else is an error. See the README's 'Data preparation' section for the schemas.",
+               "file's size (and sha256, with --verify) matches the manifest; an OUT holding anything else is an error. See docs/data.md for the schemas.",
     )
     p.add_argument("--source", default="hf", metavar="hf|DIR",
                    help="hf (default): nvidia/HelpSteer3 from the Hugging Face hub via datasets.load_dataset. "

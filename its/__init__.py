@@ -5,6 +5,6 @@
 
 its.loop (the `its` stage), its.feedback (which feedback is kept), its.models (generation and scoring
 clients with their caches), its.evaluate (`its-eval`: pairwise judge of two runs), launcher.its_job (one
-model server per model inside a SLURM job). README "Feedback-Edit inference-time scaling" has the
+model server per model inside a SLURM job). docs/its.md has the
 procedure and its sources.
 """

@@ -41,7 +41,8 @@ def run_stage(cfg) -> dict:
         return load("launcher.slurm:submit_stage")(cfg)
     key = (cfg.stage, cfg.engine)
     if key not in STAGE_RUNNERS:
-        raise UserError(f"stage {cfg.stage} has no {cfg.engine} engine (try engine=megatron or engine=hf)")
+        others = [engine for (stage, engine) in STAGE_RUNNERS if stage == cfg.stage]
+        raise UserError(f"stage {cfg.stage} has no {cfg.engine} engine (it runs on engine={' or engine='.join(others)})")
     from recipes import preemption
 
     return preemption.run_guarded(cfg, load(STAGE_RUNNERS[key]))

@@ -304,8 +304,9 @@ class EvalConfig:
     gold_rm: Optional[str] = None
     gold_rm_kind: Optional[str] = one_of(None, ("seqcls", "first_logit"))
     gold_rm_input: str = one_of("context", ("context", "edit_request"))
-    # Prompts longer than this many tokens are shortened by eval/prompts.py's rule before generation;
-    # None = the local model's context (max_position_embeddings) minus max_new_tokens, no limit for an endpoint.
+    # Prompts longer than this many tokens are shortened by eval/prompts.py's rule before generation; None = the
+    # data build's --max-seq-len (its manifest), else the local model's context (max_position_embeddings) minus
+    # max_new_tokens, else (an endpoint) no limit (eval/run.py prompt_budget).
     max_prompt_tokens: Optional[int] = num(None, COUNT)
     # The default out dir is ${run_dir}/eval/${eval.name}; None = the model's name (compose(): rl for
     # RUN/rl/final, the last part of a hub id, HOST_PORT for an endpoint).
