@@ -33,7 +33,10 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
+from omegaconf import OmegaConf
+
 from eval.engines import GenerationCache, Generation, HFEngine, HTTPEngine, Sampling, is_endpoint
+from eval.target import Settings, model_settings
 from hs3.io import UserError, dumps_json
 
 Messages = list[dict]
@@ -338,6 +341,12 @@ class Selector:
             self.pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _preset(cfg) -> Settings:
+    """The composed model preset: what a local model without a record or config.json dtype is loaded at."""
+    return Settings(str(cfg.model.dtype), int(cfg.train.seq_len), f"conf/model ({cfg.model.name})",
+                    f"conf/model ({cfg.model.name})")
+
+
 def _fingerprint(path: str) -> str:
     from eval.engines import dir_fingerprint
 
@@ -372,7 +381,10 @@ class Models:
         spec = str(endpoints.get("select_model") or its.select_model)
         from eval.reward_scorers import load_scorer
 
-        scorer = load_scorer(spec, its.select_kind, dtype=cfg.model.dtype, batch_size=its.batch_size,
+        local = not is_endpoint(spec) and Path(spec).is_dir()
+        settings = model_settings(spec, preset=_preset(cfg)) if local else None
+        scorer = load_scorer(spec, its.select_kind, dtype=settings.dtype if settings else cfg.model.dtype,
+                             max_length=settings.seq_len if settings else None, batch_size=its.batch_size,
                              concurrency=concurrency(cfg, "select_model"), max_retries=its.max_retries,
                              timeout_s=its.request_timeout_s, api_key_env=its.api_key_env)
         if not is_endpoint(spec):
@@ -389,7 +401,9 @@ class Models:
             return HFEngine.load(cfg.model, None, batch_size=its.batch_size)
         if not Path(spec).is_dir():
             raise UserError(f"{role}={spec}: no such directory (a checkpoint dir or an http(s) endpoint)")
-        return HFEngine.load(cfg.model, spec, batch_size=its.batch_size)
+        # a checkpoint at its own dtype (its hs3_training.json, else config.json), never the preset's
+        model_cfg = OmegaConf.merge(cfg.model, {"dtype": model_settings(spec, preset=_preset(cfg)).dtype})
+        return HFEngine.load(model_cfg, spec, batch_size=its.batch_size)
 
     def halt(self) -> None:
         """No new request from now on: waiting local jobs fail with Stopped, queued endpoint requests are dropped."""

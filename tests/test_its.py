@@ -780,3 +780,31 @@ def test_the_per_row_sampler_draws_from_the_warped_distribution():
     again = SeededRowSampler([7, 3], Sampling(temperature=1.0), "cpu")(None, scores[:2].clone()).argmax(-1)
     alone = SeededRowSampler([3], Sampling(temperature=1.0), "cpu")(None, scores[:1].clone()).argmax(-1)
     assert again[1] == alone[0] and again[0] == picked[7]
+
+
+def test_local_models_load_at_their_own_dtype_not_the_presets(tiny_model_dir, tiny_rm_dir, tmp_path):
+    """Each local model of the loop (generators and the Select model) is loaded at the dtype its training
+    record names (else its config.json's), never the composed preset's: `its policy=DIR` sits on the tiny
+    preset (float32), where a 70B checkpoint trained in bf16 would load at twice its size."""
+    import shutil
+
+    import torch
+
+    from its.models import Models
+    from recipes.config import compose
+
+    policy, select = tmp_path / "policy", tmp_path / "select"
+    shutil.copytree(tiny_model_dir, policy)
+    shutil.copytree(tiny_rm_dir, select)
+    for model, seq_len in ((policy, 512), (select, 256)):
+        (model / "hs3_training.json").write_text(json.dumps({"stage": "sft", "trained_on": [], "dtype": "bfloat16",
+                                                             "seq_len": seq_len}))
+    cfg = compose("its", [f"out={tmp_path}/out", f"policy={policy}", f"feedback_model={policy}",
+                          f"edit_model={policy}", f"select_model={select}"])
+    assert cfg.model.dtype == "float32"  # the preset's
+    models = Models(cfg, tmp_path / "cache")
+    try:
+        assert models.generators["policy"].engine.model.dtype == torch.bfloat16
+        assert models.selector.scorer.model.dtype == torch.bfloat16 and models.selector.scorer.max_length == 256
+    finally:
+        models.halt()
