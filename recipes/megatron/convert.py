@@ -284,13 +284,11 @@ def write_export_record(cfg, hf_dir: Path) -> dict | None:
     from recipes.training import STAGE_SPLITS, load_resolved_config, write_training_record
 
     stage_config = Path(source(cfg)).resolve().parent / "config.yaml"
-    if not stage_config.is_file():
-        print(f"convert: no training record for {destination(cfg)}: {stage_config} does not exist (the source is not "
-              "a stage of this project)", flush=True)
+    trained = load_resolved_config(stage_config) if stage_config.is_file() else None
+    if trained is None or trained.stage not in STAGE_SPLITS:
+        print(f"convert: no training record for {destination(cfg)}: the source is not the checkpoints of a training "
+              f"stage of this project (no training stage's config.yaml at {stage_config})", flush=True)
         return None
-    trained = load_resolved_config(stage_config)
-    if trained.stage not in STAGE_SPLITS:
-        raise UserError(f"{stage_config}: stage {trained.stage} trains no model to export")
     scoring = ({"reward_model": {"scoring": {"max_length": trained.train.seq_len, "dtype": trained.model.dtype}}}
                if trained.stage == "rl" else None)
     return write_training_record(hf_dir, trained, STAGE_SPLITS[trained.stage], inputs=scoring, engine="megatron",
