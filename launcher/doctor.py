@@ -299,16 +299,16 @@ def check_images(cfg, images: dict[str, list[str]]) -> tuple[str, str]:
     return PASS, "; ".join(found)
 
 
-def _submit_and_wait(cfg, name: str, log: Path, wrap: str) -> tuple[str, str]:
-    """(job id, final state) of a one-task job, or raises _JobProblem with the FAIL detail."""
-    command = ["sbatch", "--parsable", f"--job-name=hs3-doctor-{name}", "--time=5", "--nodes=1", "--ntasks=1",
+def _submit_and_wait(cfg, name: str, log: Path, wrap: str, minutes: int = 5) -> tuple[str, str]:
+    """(job id, final state) of a one-task job of at most `minutes`, or raises _JobProblem with the FAIL detail."""
+    command = ["sbatch", "--parsable", f"--job-name=hs3-doctor-{name}", f"--time={minutes}", "--nodes=1", "--ntasks=1",
                f"--output={log}"]
     for key in ("account", "partition", "qos"):
         if cfg.cluster[key]:
             command.append(f"--{key}={cfg.cluster[key]}")
     proc = _run([*command, "--wrap=" + wrap])
     if proc.returncode != 0:
-        raise _JobProblem(f"the test job was refused: {_err(proc)} -> fix the partition/account first")
+        raise _JobProblem(f"the {minutes}-minute test job was refused: {_err(proc)} -> fix the partition/account first")
     job = proc.stdout.strip().split(";")[0]
     deadline = time.monotonic() + FS_JOB_TIMEOUT_S
     state = "?"
@@ -370,30 +370,12 @@ def check_shared_fs(cfg) -> tuple[str, str]:
         probe_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         return FAIL, f"cannot create {probe_dir} on the login node: {exc.strerror} -> pick a writable run_dir"
-    token = uuid.uuid4().hex
-    target = probe_dir / f"written-by-job-{token}"
-    command = ["sbatch", "--parsable", "--job-name=hs3-doctor", "--time=1", "--nodes=1", "--ntasks=1",
-               f"--output={probe_dir}/job-%j.log"]
-    for key in ("account", "partition", "qos"):
-        if cfg.cluster[key]:
-            command.append(f"--{key}={cfg.cluster[key]}")
-    command.append("--wrap=hostname > " + _sh(str(target)))
-    proc = _run(command)
-    if proc.returncode != 0:
-        return FAIL, f"the one-minute test job was refused: {_err(proc)} -> fix the partition/account first"
-    job = proc.stdout.strip().split(";")[0]
-    deadline = time.monotonic() + FS_JOB_TIMEOUT_S
-    state = "?"
-    while time.monotonic() < deadline:
-        info = dict(re.findall(r"(\w+)=(\S*)", _run(["scontrol", "show", "job", "-o", job]).stdout))
-        state = info.get("JobState", "GONE")
-        if state not in ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING"):
-            break
-        time.sleep(1)
-    else:
-        _run(["scancel", job])
-        return FAIL, (f"test job {job} still {state} after {FS_JOB_TIMEOUT_S} s (cancelled) -> the queue is busy: "
-                      f"rerun later, or HS3_DOCTOR_JOB_TIMEOUT=SECONDS")
+    target = probe_dir / f"written-by-job-{uuid.uuid4().hex}"
+    try:
+        job, state = _submit_and_wait(cfg, "fs", probe_dir / f"fs-{target.name}.log", "hostname > " + _sh(str(target)),
+                                      minutes=1)
+    except _JobProblem as exc:
+        return FAIL, str(exc)
     if not target.is_file():
         return FAIL, (f"test job {job} ended {state} but {target} is not visible here -> run_dir must be on a "
                       f"file system shared by the login and compute nodes")

@@ -26,6 +26,7 @@ import yaml
 from omegaconf import OmegaConf
 
 from hs3.io import UserError
+from launcher.stages import flatten
 from recipes import config as schema
 from recipes.config import ALIASES, CONF_DIR, GROUPS, STAGES, ConfigError, RunConfig, compose
 
@@ -225,16 +226,6 @@ def did_you_mean(word: str, choices) -> str:
 
 # ---- ./launch.sh config --------------------------------------------------------------------------
 
-def _flatten(node, prefix="") -> dict:
-    out = {}
-    for key, value in node.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
-
-
 def _nest(flat: dict) -> dict:
     out: dict = {}
     for key, value in flat.items():
@@ -276,8 +267,8 @@ def config_main(argv: list[str]) -> int:
     cfg = compose(stage, args)
     data = OmegaConf.to_container(cfg, resolve=True)
     if diff:
-        defaults = _flatten(OmegaConf.to_container(compose(stage, []), resolve=True))
-        data = _nest({k: v for k, v in _flatten(data).items() if defaults.get(k, object()) != v})
+        defaults = flatten(OmegaConf.to_container(compose(stage, []), resolve=True))
+        data = _nest({k: v for k, v in flatten(data).items() if defaults.get(k, object()) != v})
     if only is not None:
         sections = [k for k, v in OmegaConf.to_container(cfg, resolve=True).items() if isinstance(v, dict)]
         if only not in sections:

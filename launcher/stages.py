@@ -82,11 +82,12 @@ def _what_runs(config_text: str) -> dict:
     return {k: v for k, v in config.items() if k not in LAUNCH_KEYS}
 
 
-def _flat(node, prefix: str = "") -> dict:
+def flatten(node, prefix: str = "") -> dict:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; an empty mapping stays a leaf."""
     out = {}
     for key, value in node.items():
         if isinstance(value, dict) and value:
-            out.update(_flat(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -99,9 +100,9 @@ def setting_changes(stored: dict, cfg) -> list[str]:
     key existed is not rerun for it."""
     from recipes.config import RunConfig
 
-    was = _flat(_what_runs(to_yaml(OmegaConf.create(stored))))
-    now = _flat(_what_runs(to_yaml(cfg)))
-    default = _flat(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
+    was = flatten(_what_runs(to_yaml(OmegaConf.create(stored))))
+    now = flatten(_what_runs(to_yaml(cfg)))
+    default = flatten(OmegaConf.to_container(OmegaConf.structured(RunConfig)))
     changes = [f"{k}: {was[k]} -> {now[k]}" for k in now if k in was and was[k] != now[k]]
     changes += [f"{k}: (not set) -> {now[k]}" for k in now if k not in was and now[k] != default.get(k)]
     return changes + [f"{k}: {was[k]} -> (no such key)" for k in was if k not in now]

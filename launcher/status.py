@@ -27,7 +27,7 @@ import yaml
 
 from hs3.io import UserError
 from recipes import preemption
-from recipes.curves import PROGRESS_FILE
+from recipes.curves import PROGRESS_FILE, duration
 
 # Row order: pipeline entries in the order the presets run them; anything else after them, by name.
 ORDER = ("data", "import", "sft", "sft_export", "feedback", "select", "rm", "rm_export", "rl", "rl_export",
@@ -78,15 +78,6 @@ def number(value) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or value in (float("inf"), float("-inf")):
         return None
     return value
-
-
-def duration(seconds: float) -> str:
-    seconds = int(seconds)
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
 
 
 def describe_progress(progress: dict, notes: list[str], now: float | None = None) -> str:

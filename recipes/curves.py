@@ -143,17 +143,18 @@ def describe_progress(progress: dict, now: float | None = None) -> str:
     text = f"step {step}/{total}" + (f" ({100 * step // total}%)" if total else "")
     elapsed = progress.get("elapsed_s")
     if elapsed is not None:
-        text += f", {_duration(elapsed)} elapsed"
+        text += f", {duration(elapsed)} elapsed"
     if progress.get("finished"):
         return text + ", finished"
     eta = progress.get("eta_s")
     if eta is not None:
         age = max(0.0, (now or time.time()) - progress.get("updated", now or time.time()))
-        text += f", ETA {_duration(max(0.0, eta - age))}"
+        text += f", ETA {duration(max(0.0, eta - age))}"
     return text
 
 
-def _duration(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """`45s`, `12m05s`, `3h07m`: how progress.json times read in logs and `status`."""
     seconds = int(seconds)
     if seconds < 60:
         return f"{seconds}s"

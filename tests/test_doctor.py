@@ -89,7 +89,7 @@ def test_doctor_names_each_failure_and_what_to_do(slurm, hub, tmp_path):
     # the Megatron engine's pinned images are configured, and this SLURM has no pyxis
     assert checks["container"].startswith("FAIL srun has no --container-image (pyxis is not installed)")
     assert checks["images"].startswith("FAIL ") and "megatron-bridge-0.6.2-pytorch26.06.sqsh (import, sft, sft_export)" in checks["images"]
-    assert checks["shared-fs"].startswith("FAIL the one-minute test job was refused")
+    assert checks["shared-fs"].startswith("FAIL the 1-minute test job was refused")
     assert checks["hf-model"].startswith(f"FAIL {MODEL}: HTTP 401 -> accept the license")
     # the paper's 70B (the doctor's default model): ~1 TB per checkpoint, more than this machine's disk
     assert checks["disk"].startswith("FAIL ") and "one llama33_70b checkpoint with optimizer state is 0.99 TB" in checks["disk"]
