@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -16,6 +17,17 @@ SAMPLE_DIR = REPO_ROOT / "data_prep" / "sample"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture
+def conf_dir(tmp_path, monkeypatch):
+    """A private copy of conf/ that a test may add files to (recipes.config reads it instead of the checkout's)."""
+    from recipes import config as config_mod
+
+    target = tmp_path / "conf"
+    shutil.copytree(REPO_ROOT / "conf", target)
+    monkeypatch.setattr(config_mod, "CONF_DIR", target)
+    return target
 
 
 @pytest.fixture(scope="session")

@@ -1,23 +1,12 @@
 """Config composition: layer order, aliases, typed overrides, and one-line errors."""
 from __future__ import annotations
 
-import shutil
 
 import pytest
 
-from recipes import config as config_mod
 from recipes.config import ConfigError, compose, grad_accum_steps
 
 from .conftest import REPO_ROOT, run_cli
-
-
-@pytest.fixture
-def conf_dir(tmp_path, monkeypatch):
-    """A private copy of conf/ that a test may add files to."""
-    target = tmp_path / "conf"
-    shutil.copytree(REPO_ROOT / "conf", target)
-    monkeypatch.setattr(config_mod, "CONF_DIR", target)
-    return target
 
 
 def test_layers_apply_in_order(conf_dir):

@@ -9,7 +9,6 @@ import shutil
 
 import pytest
 
-from recipes import config as config_mod
 from recipes.config import ConfigError, compose
 
 from .conftest import REPO_ROOT, run_cli
@@ -274,14 +273,6 @@ def test_an_accepted_value_survives_exactly(stage, args, key, expected):
 
 def test_there_are_at_least_120_cases():
     assert len(REFUSED) + len(ACCEPTED) >= 120
-
-
-@pytest.fixture
-def conf_dir(tmp_path, monkeypatch):
-    target = tmp_path / "conf"
-    shutil.copytree(REPO_ROOT / "conf", target)
-    monkeypatch.setattr(config_mod, "CONF_DIR", target)
-    return target
 
 
 def test_a_cluster_file_keeps_slurm_times_and_strings_unquoted(conf_dir):
