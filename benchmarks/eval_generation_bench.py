@@ -95,7 +95,7 @@ def main() -> int:
     engine.generate(prompts[:2], sampling)  # warm-up
     print("1. in-process transformers engine")
 
-    def at(batch_size: int):
+    def at(batch_size: int, engine=engine):
         def run():
             engine.batch_size = batch_size
             return engine.generate(prompts, sampling)

@@ -409,7 +409,6 @@ def cmd_megatron(args) -> None:
     TP1 PP1 on one GPU, a few optimizer steps on rows from the bundled sample's sft data."""
     import torch
     import torch.distributed as dist
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
     from megatron.core.transformer.transformer_config import TransformerConfig

@@ -13,7 +13,7 @@ import re
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from data_prep.schema import INVALID_UTF8, MALFORMED_JSON, SPLITS, SUBSETS
 
@@ -120,7 +120,7 @@ class DirSource:
         hint = ""
         if (self.path.parent / subset).is_dir() or self.path.name in ALL_SUBSETS:
             hint = f" (pass the directory above {self.path.name}/)"
-        layout = LAYOUT if subset in SUBSETS else f"SUBSET/{{train,validation}}.jsonl.gz (or .jsonl) for each of --subsets"
+        layout = LAYOUT if subset in SUBSETS else "SUBSET/{train,validation}.jsonl.gz (or .jsonl) for each of --subsets"
         raise UserError(f"--source {self.path}: {subset}/{split}.jsonl.gz (or .jsonl) not found; expected {layout}{hint}")
 
     def describe(self) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import queue
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor

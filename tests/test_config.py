@@ -6,7 +6,7 @@ import pytest
 
 from recipes.config import ConfigError, compose, grad_accum_steps
 
-from .conftest import REPO_ROOT, run_cli
+from .conftest import run_cli
 
 
 def test_layers_apply_in_order(conf_dir):

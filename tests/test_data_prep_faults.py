@@ -3,16 +3,15 @@
 exit code and the one-line error."""
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from pathlib import Path
 
 import pytest
 
-from data_prep.build import Options, build
-from hs3.io import UserError, read_jsonl
-from tests.conftest import SAMPLE_DIR, run_cli
+from data_prep.build import build
+from hs3.io import UserError
+from tests.conftest import run_cli
 from tests.test_data_prep_build import edit_row, quality_row, write_source
 
 

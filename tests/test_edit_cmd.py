@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from .conftest import REPO_ROOT, run_cli
+from .conftest import REPO_ROOT
 
 CONTEXT = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello, how can I help?"},
            {"role": "user", "content": "Give me two tips for sleeping well."}]

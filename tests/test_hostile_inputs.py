@@ -9,12 +9,11 @@ import json
 import os
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
 
-from data_prep.build import Options, build
+from data_prep.build import build
 from hs3.io import UserError, read_jsonl
 from tests.conftest import REPO_ROOT, run_cli
 from tests.test_data_prep_build import edit_row, quality_row, write_source

@@ -11,7 +11,7 @@ from importlib import metadata
 
 import pytest
 
-from hs3.versions import CONSTRAINTS, KEY_PACKAGES, software_versions, tested_versions
+from hs3.versions import KEY_PACKAGES, software_versions, tested_versions
 
 from .conftest import REPO_ROOT
 

@@ -21,7 +21,7 @@ import yaml
 from recipes.config import REPO_ROOT, compose
 from recipes.megatron import bridge_sft, convert, nemo_rl
 from launcher.pipeline import stage_args
-from recipes.preemption import PREEMPT_REQUEST_FILE, PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE
+from recipes.preemption import PREEMPTED_EXIT_CODE, PREEMPTED_MARKER_FILE
 from tests import upstream
 from tests.conftest import run_cli
 

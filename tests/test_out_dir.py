@@ -37,7 +37,7 @@ CASES = {
     "our run with a user's README.md": (lambda out: (_ours(out), (out / "README.md").write_text("# mine\n")),
                                         "holds a README.md that is not TRL's model card"),
     "final/ a symlink": (lambda out: (_ours(out), (out / "final").symlink_to(out.parent / "elsewhere")),
-                         f"final is a symlink (to "),
+                         "final is a symlink (to "),
 }
 
 

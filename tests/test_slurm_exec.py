@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from recipes.config import REPO_ROOT, compose
-from launcher.slurm import render_script, sbatch, write_job
+from launcher.slurm import render_script, write_job
 from tests.conftest import write_edit_data
 from tests.test_slurm_jobs import wait_for
 from tests.upstream import source

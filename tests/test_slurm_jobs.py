@@ -7,19 +7,16 @@ Job ids restart at 1 with every fresh cluster: each test uses its own run dir.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
-import socket
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
 
 import pytest
 
-from recipes.config import REPO_ROOT, compose
+from recipes.config import compose
 from launcher.slurm import render_script, scontrol_job, submit_pipeline, submit_stage, sbatch, write_job
 from launcher.stages import load_preset
 from tests.conftest import SAMPLE_DIR, run_cli

@@ -1,7 +1,6 @@
 """The rendered sbatch scripts (no scheduler needed): `./launch.sh ... executor=slurm --dry-run`."""
 from __future__ import annotations
 
-import json
 import re
 import shlex
 import subprocess

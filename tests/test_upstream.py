@@ -7,7 +7,6 @@ import subprocess
 import sys
 import zipfile
 
-import pytest
 import yaml
 
 from tests.conftest import REPO_ROOT
@@ -32,10 +31,10 @@ def test_a_wheel_with_another_digest_is_refused(tmp_path):
         whl.writestr("hs3_fake_pkg-1.0.dist-info/WHEEL", "Wheel-Version: 1.0\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
         whl.writestr("hs3_fake_pkg-1.0.dist-info/RECORD", "")
     digest = hashlib.sha256((wheels / "hs3_fake_pkg-1.0-py3-none-any.whl").read_bytes()).hexdigest()
-    script = f'''
+    script = '''
 import sys, tests.fetch_upstream as f
 from pathlib import Path
-pins = {{"fake": {{"version": "1.0", "pypi": "hs3-fake-pkg==1.0", "wheel_sha256": sys.argv[1]}}}}
+pins = {"fake": {"version": "1.0", "pypi": "hs3-fake-pkg==1.0", "wheel_sha256": sys.argv[1]}}
 f.manifest = lambda: pins
 sys.exit(f.main(["--quiet"]))
 '''

@@ -4,7 +4,6 @@ anywhere. wandb runs for real, offline (its run files under OUT/wandb)."""
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
 
