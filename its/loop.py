@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -44,7 +45,7 @@ from data_prep import build_edit_conversation
 from data_prep.feedback_prompt import build_feedback_request, helpfulness_level
 from eval.engines import Sampling
 from its.feedback import pick_sets
-from recipes.config import to_yaml
+from recipes.config import ConfigError, to_yaml
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, dumps_json, read_jsonl
 
 ROLES = ("system", "user", "assistant")
@@ -275,6 +276,7 @@ def run(cfg, endpoints: Optional[dict[str, str]] = None) -> dict:
     from recipes.preemption import OutputLock
 
     out = Path(cfg.out)
+    check_out_dir(out)
     prompts, rejected = load_prompts(cfg)
     if cfg.dry_run:
         its = cfg.its
@@ -289,6 +291,45 @@ def run(cfg, endpoints: Optional[dict[str, str]] = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     with OutputLock(out):
         return _run(cfg, out, prompts, rejected, endpoints)
+
+
+# What an its run writes into OUT (and `.NAME.XXXX`, an atomic write under way); with OUT/config.yaml of
+# stage its, anything else there is left alone.
+ITS_OUTPUTS = ("summary.json", "config.yaml", "progress.jsonl", "results.jsonl", "rejected.jsonl", "report.md",
+               "select_scores.png", "cache", "servers", ".lock")
+
+
+def check_out_dir(out: Path) -> None:
+    """Refuse, before anything is written or removed, an OUT that holds files an its run did not write:
+    a rerun replaces config.yaml, summary.json and results.jsonl, so OUT is new, empty, an earlier its run
+    (its config.yaml says stage: its) or one that stopped before writing config.yaml (only its own files)."""
+    from recipes.config import load_yaml
+
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"out={out}: a symlink to nothing ({os.readlink(out)})")
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"out={out}: exists and is not a directory")
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"out={out}: cannot list it: {exc.strerror or exc}") from None
+    if "config.yaml" in names:
+        try:
+            stage = load_yaml(out / "config.yaml").get("stage")
+        except ConfigError as exc:
+            raise ConfigError(f"out={out}: its config.yaml is damaged or not this project's ({exc}); move it away or "
+                              "pick another out=") from None
+        if stage != "its":
+            raise ConfigError(f"out={out}: holds the config.yaml of {'stage ' + repr(stage) if stage else 'something else'}, "
+                              "not of an its run (a rerun would replace it); pick another out= (a new or empty dir)")
+        return
+    foreign = [n for n in names if n not in ITS_OUTPUTS and not any(n.startswith(f".{o}.") for o in ITS_OUTPUTS)]
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise ConfigError(f"out={out}: holds files an its run did not write ({shown}); its writes only into a new or "
+                          "empty dir, or into its own earlier run (pick another out=)")
 
 
 def _read_progress(path: Path, key: str) -> dict[str, dict]:

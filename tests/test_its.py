@@ -808,3 +808,30 @@ def test_local_models_load_at_their_own_dtype_not_the_presets(tiny_model_dir, ti
         assert models.selector.scorer.model.dtype == torch.bfloat16 and models.selector.scorer.max_length == 256
     finally:
         models.halt()
+
+
+def test_an_out_dir_with_someone_elses_files_is_refused_and_left_untouched(tmp_path, prompts_file):
+    """A rerun replaces config.yaml, summary.json and results.jsonl, so its refuses (before it removes or writes
+    anything) an out= holding files an its run did not write, or another stage's config.yaml."""
+    dead = "http://127.0.0.1:9/v1"
+    models = [f"{role}={dead}" for role in ("policy", "feedback_model", "edit_model", "select_model")]
+    cases = {"notes": {"summary.json": '{"mine": 1}', "notes.txt": "my notes"},
+             "sft": {"config.yaml": "stage: sft\n", "summary.json": '{"stage": "sft"}'},
+             "user_yaml": {"config.yaml": "name: my experiment\n", "results.jsonl": "{}\n"}}
+    for name, files in cases.items():
+        out = tmp_path / name
+        out.mkdir()
+        for file, text in files.items():
+            (out / file).write_text(text)
+        proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", *models, "its.max_retries=0", f"out={out}")
+        assert proc.returncode == 2 and f"out={out}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert {p.name: p.read_text() for p in out.iterdir()} == files  # nothing removed, nothing added
+    # an its run of its own (config.yaml of stage its, or only what its writes) passes this check and goes on
+    # to the endpoint check, which fails on the dead endpoint
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "progress.jsonl").write_text("")
+    (own / "cache").mkdir()
+    proc = run_cli("-m", "launcher", "its", f"prompts={prompts_file}", *models, "its.max_retries=0", f"out={own}")
+    assert proc.returncode == 2 and "127.0.0.1:9" in proc.stderr and f"out={own}:" not in proc.stderr, proc.stderr
