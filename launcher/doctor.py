@@ -256,7 +256,7 @@ def manifest_status(image: str, timeout: float = 15.0) -> tuple[int | None, str]
                         reply = json.loads(response.read() or b"{}")
                 except urllib.error.HTTPError as exc:
                     return exc.code, f"the token service {params['realm']} refused {'the credentials' if basic else 'an anonymous request'}"
-                token = reply.get("token") or reply.get("access_token")
+                token = (reply.get("token") or reply.get("access_token")) if isinstance(reply, dict) else None
                 status, headers = head(f"Bearer {token}") if token else (401, headers)
             elif scheme_name == "basic" and basic:
                 status, headers = head(basic)
@@ -352,9 +352,14 @@ def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
     if line is None:
         last = (text.strip().splitlines() or [f"job {job} {state}"])[-1]
         return FAIL, f"{where}: `python -m launcher.image_probe` did not run ({last[-200:]}) -> an image with Python 3.11+ and our dependencies (docker/build_hs3.sh)"
-    report = json.loads(line.split(" ", 1)[1])
-    bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
-    broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
+    try:
+        report = json.loads(line.split(" ", 1)[1])
+        bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
+        broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
+        report["python"]
+    except (IndexError, ValueError, KeyError, TypeError, AttributeError):
+        return FAIL, (f"{where}: `python -m launcher.image_probe` printed a report this doctor cannot read "
+                      f"({line[:120]!r}) -> the image's copy of this repository is not this checkout's version")
     if bad or broken:
         return FAIL, (f"{where} (python {report['python']}): " + "; ".join(
             ([f"requirements not met: {', '.join(bad)}"] if bad else []) + ([f"imports fail: {', '.join(broken)}"] if broken else []))

@@ -228,3 +228,48 @@ def test_the_registry_is_unreachable_is_a_failed_check():
         port = sock.getsockname()[1]
     status, detail = check_images(None, {f"127.0.0.1:{port}/nvidia/nemo-rl:v0.7.0": ["rm"]})
     assert status == "FAIL" and f"registry 127.0.0.1:{port} unreachable (" in detail
+
+
+def test_a_token_service_answering_json_that_is_not_an_object_is_a_failed_check(tmp_path, monkeypatch):
+    """A token reply of `[]` (a proxy, a misconfigured registry) is a FAIL line, never an AttributeError."""
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_HEAD(self):
+            self.send_response(401)
+            self.send_header("WWW-Authenticate", f'Bearer realm="http://{self.headers["Host"]}/token",service="x"')
+            self.end_headers()
+
+        def do_GET(self):
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        (tmp_path / ".credentials").write_text("machine 127.0.0.1 login u password p\n")
+        monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path))
+        host = f"127.0.0.1:{server.server_address[1]}"
+        status, detail = check_images(None, {f"{host}/nvidia/nemo-rl:v0.7.0": ["rm"]})
+        assert status == "FAIL" and f"{host}/nvidia/nemo-rl:v0.7.0 (rm)" in detail, detail
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.mark.slurm
+def test_an_image_probe_report_doctor_cannot_read_is_a_failed_check(slurm, tmp_path):
+    """The image runs another version of this repository, whose probe prints a report of another shape."""
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text("#!/bin/sh\necho 'HS3_IMAGE_PROBE [\"not\", \"a report\"]'\n")
+    (shim / "python").chmod(0o755)
+    proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=test", "model=tiny", "engine=hf",
+                   f"run_dir={tmp_path / 'run'}", f"cluster.setup=[export PATH={shim}:$PATH]", env={"HF_TOKEN": "x"},
+                   timeout=300)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    checks = lines(proc.stdout)
+    assert checks["image-deps"].startswith("FAIL the nodes' own environment") and "cannot read" in checks["image-deps"]
