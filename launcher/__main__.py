@@ -41,7 +41,7 @@ def main(argv: list[str]) -> int:
     if command not in STAGES:
         from launcher.help import did_you_mean
 
-        raise UserError(f"unknown command {command!r}{did_you_mean(command, [*STAGES, *COMMANDS, 'setup', 'test', 'data'])} "
+        raise UserError(f"unknown command {command!r}{did_you_mean(command, [*STAGES, *COMMANDS, 'setup', 'test', 'lock', 'help'])} "
                         f"(stages: {', '.join(STAGES)}; commands: {', '.join(COMMANDS)})")
     if any(a in HELP for a in args):
         from launcher.help import stage_help

@@ -92,10 +92,12 @@ class Rule:
     nonempty: bool = False
 
     def describe(self) -> str:
+        if self.nonempty:
+            return "non-empty"
         if self.choices:
             return "one of " + ", ".join(map(str, self.choices))
-        lo = None if self.low is None else f"{self.low:g}"
-        hi = None if self.high is None else f"{self.high:g}"
+        lo = None if self.low is None else f"{self.low:g}" if abs(self.low) < 1e6 else f"{self.low:.0f}"
+        hi = None if self.high is None else f"{self.high:g}" if abs(self.high) < 1e6 else f"{self.high:.0f}"
         if hi is None:
             text = f"{'>' if self.low_open else '>='} {lo}"
         elif lo is None:

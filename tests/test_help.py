@@ -98,6 +98,8 @@ def test_a_diff_is_a_config_file(tmp_path):
     (["sft", "trian.lr=1e-5"], "Did you mean: 'train'?"),  # OmegaConf's own hint
     (["config", "sft", "--only", "trian"], "(did you mean train?)"),
     (["pipeline", "sfft:train.lr=0.5"], "(did you mean sft?)"),
+    (["lokc"], "(did you mean lock?)"),  # ./launch.sh's own commands are suggested too
+    (["hlep"], "(did you mean help?)"),
 ])
 def test_did_you_mean(args, hint):
     proc = launcher(*args)
@@ -124,10 +126,16 @@ def test_a_saved_training_config_round_trips(tmp_path, edit_data_dir):
                      "cluster.time=12:00:00", "cluster.account=0123", timeout=900)
     assert first.returncode == 0, first.stderr[-3000:]
     saved = (run / "sft" / "config.yaml").read_bytes()
-    for stage_args in (["sft"], ["sft", "--dry-run"]):
-        shown = launcher("config", "sft", "--config", run / "sft" / "config.yaml")
-        assert shown.stdout.encode() == saved, stage_args
     assert b"time: '12:00:00'" in saved and b"account: '0123'" in saved
+    shown = launcher("config", "sft", "--config", run / "sft" / "config.yaml")
+    assert shown.returncode == 0 and shown.stdout.encode() == saved, shown.stderr
+    # the stage itself, rerun from its saved config: the same config (so its own run, finished: not refused as
+    # another run's settings), and config.yaml is what it was
+    again = launcher("sft", "--config", run / "sft" / "config.yaml", timeout=900)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert (run / "sft" / "config.yaml").read_bytes() == saved
+    dry = launcher("sft", "--config", run / "sft" / "config.yaml", "--dry-run")
+    assert dry.returncode == 0 and "train:" in dry.stdout, dry.stderr
 
 
 def test_config_file_layers(tmp_path):
