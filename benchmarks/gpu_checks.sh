@@ -3,7 +3,7 @@
 # H200-class GPU and writes every figure to one file (FIGURES, default benchmarks/gpu_checks.out.jsonl;
 # $OUT/gpu_checks.jsonl when OUT is set). docs/gpu.md says what each figure is and how to read it.
 #
-#   bash benchmarks/gpu_checks.sh [all|slice|sft|generate|rl|megatron|stages]
+#   bash benchmarks/gpu_checks.sh [all|slice|sft|generate|attention|rl|megatron|stages]
 #   SMALL=1 PY=.venv/bin/python bash benchmarks/gpu_checks.sh    # dry run on a CPU: tiny shapes, same code
 #
 # It runs with the machine's python3 (torch with CUDA must already be there) and never installs torch.
@@ -18,6 +18,8 @@
 #   3 sft       the ~1.2B Llama, seq 4096, packed: sdpa / flex_attention / + Liger / + torch.compile
 #   4 generate  eval generation (eval.engines.HFEngine): today's path (dynamic cache, batch 8) against a
 #               static KV cache with compiled decoding (batch 32); same prompts, greedy, tokens/s
+#   4b attention tests/test_attention_paths.py on the GPU: a packed row's loss and gradients equal its
+#               documents run alone on eager, sdpa and flex_attention (whose backward a CPU cannot run)
 #   5 rl        where vllm is importable: 2 RLOO steps with rl.vllm=colocate (the weight push into vLLM that a
 #               CPU cannot run; finite reward/KL, weights moved); elsewhere a probe saying why not (docs/vllm.md)
 #   6 megatron  megatron-core trains our tiny Llama shape on the bundled sample (a few steps)
@@ -108,6 +110,13 @@ fi
 if want generate; then
   run generate_dynamic 150 "${bench[@]}" generate --cache dynamic --batch-size 8 "${small[@]}"
   run generate_static 180 "${bench[@]}" generate --cache static --batch-size 32 "${small[@]}"
+fi
+if want attention; then  # the same loss and gradients on every attention path, flex_attention's backward included
+  if "$PY" -c "import pytest" 2>/dev/null; then
+    run attention_paths 150 "$PY" -m pytest -q -p no:cacheprovider tests/test_attention_paths.py
+  else
+    needs_cuda attention_paths "pytest is not importable here (put its wheel, and pluggy's and iniconfig's, in .whl/)"
+  fi
 fi
 want rl && run rl_vllm 150 "${bench[@]}" rl_vllm "${small[@]}"
 want megatron && run megatron_core 120 "${bench[@]}" megatron "${small[@]}"

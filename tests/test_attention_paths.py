@@ -16,6 +16,7 @@ from recipes import sft, training
 from recipes.config import ConfigError, compose
 
 PATHS = ["eager", "sdpa", "flex_attention"]
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # (every path and the reference on one device)
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +31,7 @@ def packed(edit_data_dir, tmp_path_factory):
     spans = list(zip(starts[:-1], starts[1:]))
     assert len(spans) >= 3, "expected several documents in one packed row"
     state = {k: v.detach().clone() for k, v in trainer.model.state_dict().items()}
-    batch = {k: batch[k].cpu() for k in ("input_ids", "position_ids", "labels")}  # (the collator also counts tokens)
+    batch = {k: batch[k].to(DEVICE) for k in ("input_ids", "position_ids", "labels")}  # (the collator also counts tokens)
     return batch, spans, state, trainer.model.config
 
 
@@ -41,7 +42,7 @@ def model_on(path: str, config, state):
     model.load_state_dict(state)
     model.set_attn_implementation(path)
     assert model.config._attn_implementation == path
-    return model.train()
+    return model.to(DEVICE).train()
 
 
 def backward_runs_here(path: str) -> bool:
