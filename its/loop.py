@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -304,17 +303,11 @@ def check_out_dir(out: Path) -> None:
     a rerun replaces config.yaml, summary.json and results.jsonl, so OUT is new, empty, an earlier its run
     (its config.yaml says stage: its) or one that stopped before writing config.yaml (only its own files)."""
     from recipes.config import load_yaml
+    from recipes.preemption import out_dir_names
 
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(f"out={out}: a symlink to nothing ({os.readlink(out)})")
-    if not out.exists():
+    names = out_dir_names(out)
+    if names is None:
         return
-    if not out.is_dir():
-        raise ConfigError(f"out={out}: exists and is not a directory")
-    try:
-        names = sorted(p.name for p in out.iterdir())
-    except OSError as exc:
-        raise ConfigError(f"out={out}: cannot list it: {exc.strerror or exc}") from None
     if "config.yaml" in names:
         try:
             stage = load_yaml(out / "config.yaml").get("stage")

@@ -81,6 +81,23 @@ TRL_CARD_LINE = "It has been trained using [TRL](https://github.com/huggingface/
 STAGE_DIRS = ("final", "adapter")
 
 
+def out_dir_names(out: Path) -> list[str] | None:
+    """The names in an existing output dir (sorted), None when it does not exist yet; a one-line ConfigError
+    for a dangling symlink, a file, or a dir that cannot be listed. The first step of every stage's out= check."""
+    from recipes.config import ConfigError
+
+    if out.is_symlink() and not out.exists():
+        raise ConfigError(f"out={out}: a symlink to nothing ({os.readlink(out)})")
+    if not out.exists():
+        return None
+    if not out.is_dir():
+        raise ConfigError(f"out={out}: exists and is not a directory")
+    try:
+        return sorted(p.name for p in out.iterdir())
+    except OSError as exc:
+        raise ConfigError(f"out={out}: cannot list it: {exc.strerror or exc}") from None
+
+
 def check_output_dir_is_ours(out: str | os.PathLike) -> None:
     """Refuse (one-line ConfigError, before anything is written) an OUT that exists and holds anything this
     project did not write: `out=/`, a dir with the user's files, a config.yaml that is not a stage's config,
@@ -89,16 +106,9 @@ def check_output_dir_is_ours(out: str | os.PathLike) -> None:
     from recipes.config import STAGES, ConfigError, load_yaml
 
     out = Path(out)
-    if out.is_symlink() and not out.exists():
-        raise ConfigError(f"out={out}: a symlink to nothing ({os.readlink(out)})")
-    if not out.exists():
+    names = out_dir_names(out)
+    if names is None:
         return
-    if not out.is_dir():
-        raise ConfigError(f"out={out}: exists and is not a directory")
-    try:
-        names = sorted(p.name for p in out.iterdir())
-    except OSError as exc:
-        raise ConfigError(f"out={out}: cannot list it: {exc.strerror or exc}") from None
     if "config.yaml" in names:
         try:
             previous = load_yaml(out / "config.yaml")
