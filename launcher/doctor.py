@@ -356,15 +356,15 @@ def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
         report = json.loads(line.split(" ", 1)[1])
         bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
         broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
-        report["python"]
+        python, requirements = report["python"], len(report["requirements"])
     except (IndexError, ValueError, KeyError, TypeError, AttributeError):
         return FAIL, (f"{where}: `python -m launcher.image_probe` printed a report this doctor cannot read "
                       f"({line[:120]!r}) -> the image's copy of this repository is not this checkout's version")
     if bad or broken:
-        return FAIL, (f"{where} (python {report['python']}): " + "; ".join(
+        return FAIL, (f"{where} (python {python}): " + "; ".join(
             ([f"requirements not met: {', '.join(bad)}"] if bad else []) + ([f"imports fail: {', '.join(broken)}"] if broken else []))
             + " -> build the image with docker/build_hs3.sh (pyproject.toml's dependencies) and set cluster.container_image")
-    return PASS, (f"{where} (python {report['python']}): our packages import; {len(report['requirements'])} requirements "
+    return PASS, (f"{where} (python {python}): our packages import; {requirements} requirements "
                   f"of pyproject.toml met")
 
 
