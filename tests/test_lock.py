@@ -42,7 +42,9 @@ WORKER = textwrap.dedent("""
         except UserError as exc:
             won = False
             assert "is being written by" in str(exc), exc
-        (base / f"tried-{r}-{me}").write_text(json.dumps({"won": won, "pid": os.getpid()}))
+        # written whole, then renamed: the parent's glob never sees a half-written result
+        (base / f"writing-{r}-{me}").write_text(json.dumps({"won": won, "pid": os.getpid()}))
+        os.replace(base / f"writing-{r}-{me}", base / f"tried-{r}-{me}")
         if won:  # hold until everyone has tried, then release
             deadline = time.monotonic() + 60
             while len(list(base.glob(f"tried-{r}-*"))) < n and time.monotonic() < deadline:
