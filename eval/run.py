@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Optional
 
 from recipes.config import to_yaml
+from recipes.models import reward_head_mismatch
 from hs3.io import UserError, atomic_write_json, atomic_write_jsonl, atomic_write_text, sha256_file
 
 from eval import feedback_eval, select_eval
@@ -169,6 +170,8 @@ def run(cfg) -> dict:
     model_name = target or str(cfg.model.path)
     notes: list[str] = []
     rm_path = reward_model_path(cfg, notes)
+    if rm_path and (mismatch := reward_head_mismatch(rm_path)):  # before hours of generation, not after
+        raise UserError(f"reward_model={rm_path}: {mismatch}")
     if not Path(cfg.data_dir).is_dir():
         raise UserError(f"data_dir={cfg.data_dir}: no such directory (pass data=DIR, a data_prep output dir)")
     model_dir = local_dir(cfg, target)  # a hub id that cannot be loaded stops here, before anything else

@@ -44,6 +44,62 @@ def load_pretrained(auto_class, source: str, **kwargs):
     except OSError as exc:
         first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise UserError(f"cannot load {source}: {first_line[:300]}") from None
+    except RuntimeError as exc:  # transformers: a weight whose shape is not the one config.json asks for
+        if "ignore_mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
+            raise
+        hint = (" (a reward model needs \"num_labels\": 1; a converter that copies the policy's config.json "
+                "leaves 2)" if "SequenceClassification" in auto_class.__name__ else "")
+        raise UserError(f"cannot load {source}: its weights do not have the shapes its config.json asks for{hint}") from None
+
+
+def reward_head_mismatch(path: str) -> str | None:
+    """Before a reward model dir is loaded (hours of generation may come first): a one-line reason when its
+    score head's saved shape is not the [num_labels, H] its config.json asks for, read from the safetensors
+    headers (a .bin file memory-mapped); None when it fits or cannot be told (load_pretrained then says)."""
+    import json
+
+    root = Path(path)
+    try:
+        config = json.loads((root / "config.json").read_text(encoding="utf-8"))
+        saved = _saved_rows(root, "score.weight")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RuntimeError):
+        return None
+    asked = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
+    if saved is None or saved == asked:
+        return None
+    return (f"its score head has {saved} output(s) but its config.json asks for {asked} (a reward model needs "
+            f"\"num_labels\": 1; a converter that copies the policy's config.json leaves 2)")
+
+
+def _saved_rows(root: Path, suffix: str) -> int | None:
+    """The first dimension of the saved tensor whose name ends in `suffix` (None: no such tensor)."""
+    import json
+
+    for weights, index in (("model.safetensors", "model.safetensors.index.json"),
+                           ("pytorch_model.bin", "pytorch_model.bin.index.json")):
+        if (root / index).is_file():
+            names = sorted(set(json.loads((root / index).read_text(encoding="utf-8"))["weight_map"].values()))
+        elif (root / weights).is_file():
+            names = [weights]
+        else:
+            continue
+        for name in names:
+            if name.endswith(".safetensors"):
+                from safetensors import safe_open
+
+                with safe_open(str(root / name), framework="pt") as f:
+                    key = next((k for k in f.keys() if k.endswith(suffix)), None)
+                    if key is not None:
+                        return f.get_slice(key).get_shape()[0]
+            else:
+                import torch
+
+                state = torch.load(root / name, map_location="cpu", mmap=True, weights_only=True)
+                key = next((k for k in state if k.endswith(suffix)), None)
+                if key is not None:
+                    return state[key].shape[0]
+        return None
+    return None
 
 
 def load_tokenizer(model_cfg, path: str | None = None):

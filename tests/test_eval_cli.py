@@ -409,3 +409,34 @@ def test_eval_compare_bad_rows_out_and_samples_are_one_line_errors(eval_dir, tmp
             assert message in err and err.strip().count("\n") == 0, (argv, err)
     finally:
         locked.chmod(stat.S_IRWXU)
+
+
+def test_a_reward_model_whose_config_does_not_fit_its_weights_is_a_one_line_error(tiny_model_dir, tiny_rm_dir,
+                                                                                 eval_data_dir, tmp_path):
+    """A reward model dir with a causal LM's config.json (a converter that copies the policy's config leaves
+    num_labels 2 against score.weight [1, H]): transformers raises a RuntimeError; the eval says what is wrong."""
+    rm = tmp_path / "rm"
+    rm.mkdir()
+    for f in tiny_rm_dir.iterdir():
+        (rm / f.name).write_bytes(f.read_bytes())
+    config = json.loads((rm / "config.json").read_text())
+    config.update(architectures=["LlamaForCausalLM"])
+    for key in ("id2label", "label2id", "num_labels"):
+        config.pop(key, None)
+    (rm / "config.json").write_text(json.dumps(config))
+    (rm / "hs3_training.json").write_text(json.dumps(
+        {"stage": "rm", "trained_on": ["edit_quality/train"], "data_manifest_sha256": "0" * 64, "init": "builtin:tiny"}))
+    proc = run_cli("-m", "launcher", "eval", f"model={tiny_model_dir}", f"data={eval_data_dir}", f"rm={rm}",
+                   f"out={tmp_path / 'out'}", *FAST)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.stderr.strip().count("\n") == 0  # said before anything is generated or loaded
+    assert last == (f"error: reward_model={rm}: its score head has 1 output(s) but its config.json asks for 2 (a reward "
+                    f"model needs \"num_labels\": 1; a converter that copies the policy's config.json leaves 2)")
+    assert not (tmp_path / "out").exists()
+
+    from eval.reward_scorers import load_scorer  # and where a scorer is loaded without that check
+    from hs3.io import UserError
+
+    with pytest.raises(UserError, match="its weights do not have the shapes its config.json asks for"):
+        load_scorer(str(rm), "seqcls"), proc.stderr

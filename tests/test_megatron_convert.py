@@ -209,8 +209,13 @@ def test_rm_export_loads_in_the_proxy_scorer_and_runs_once(nemo_rl_rm_checkpoint
     raw = convert_dcp_to_hf(str(step / "policy" / "weights"), str(tmp_path / "raw"), model_name,
                             str(step / "policy" / "tokenizer"))
     assert json.loads((Path(raw) / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    with pytest.raises(RuntimeError, match="ignore_mismatched_sizes"):  # score.weight [1, 64] vs [2, 64]
+    from hs3.io import UserError
+    from recipes.models import reward_head_mismatch
+
+    assert reward_head_mismatch(raw).startswith("its score head has 1 output(s) but its config.json asks for 2")
+    with pytest.raises(UserError, match="its weights do not have the shapes"):  # score.weight [1, 64] vs [2, 64]
         proxy_scorer(raw, eval_cfg)
+    assert reward_head_mismatch(str(final)) is None
 
     before = tree(final)
     again = run_job(cfg, env)
