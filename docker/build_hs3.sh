@@ -6,7 +6,7 @@
 #   docker/build_hs3.sh [OUTPUT_DIR]     (default: $HS3_CONTAINER_DIR, else /shared/containers)
 #
 # The output name is what conf/cluster/example.yaml's cluster.container_image expects; check it with
-# ./launch.sh doctor cluster=NAME (it runs a job in the image and compares its packages with pyproject.toml).
+# ./launch.sh doctor cluster=NAME (it runs a job in the image and compares its packages with pyproject.toml and constraints.txt).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VERSION=$(sed -n 's/^version = "\(.*\)"/\1/p' "$ROOT/pyproject.toml" | head -n 1)
@@ -14,9 +14,13 @@ OUT_DIR=${1:-${HS3_CONTAINER_DIR:-/shared/containers}}
 TAG=hs3:$VERSION
 SQSH=$OUT_DIR/hs3-$VERSION-pytorch26.06.sqsh
 
-CONTEXT=$(mktemp -d)   # only pyproject.toml: the image holds the dependencies, the jobs mount the repository
+# only what the Dockerfile copies: the image holds the dependencies, the jobs mount the repository
+CONTEXT=$(mktemp -d)
 trap 'rm -rf "$CONTEXT"' EXIT
-cp "$ROOT/pyproject.toml" "$CONTEXT/"
+mkdir "$CONTEXT/launcher" "$CONTEXT/hs3"
+cp "$ROOT/pyproject.toml" "$ROOT/constraints.txt" "$CONTEXT/"
+cp "$ROOT/launcher/image_probe.py" "$CONTEXT/launcher/"
+cp "$ROOT/hs3/__init__.py" "$ROOT/hs3/versions.py" "$CONTEXT/hs3/"
 docker build -f "$ROOT/docker/Dockerfile.hs3" -t "$TAG" "$CONTEXT"
 mkdir -p "$OUT_DIR"
 enroot import -o "$SQSH" "dockerd://$TAG"

@@ -357,6 +357,9 @@ def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
         bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
         broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
         python, requirements = report["python"], len(report["requirements"])
+        untested = [f"{req.split('>')[0].split('=')[0]} {info['found']} (tested {info['tested']})"
+                    for req, info in report["requirements"].items()
+                    if info["ok"] and info.get("tested") and info["found"] != info["tested"]]
     except (IndexError, ValueError, KeyError, TypeError, AttributeError):
         return FAIL, (f"{where}: `python -m launcher.image_probe` printed a report this doctor cannot read "
                       f"({line[:120]!r}) -> the image's copy of this repository is not this checkout's version")
@@ -365,7 +368,8 @@ def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
             ([f"requirements not met: {', '.join(bad)}"] if bad else []) + ([f"imports fail: {', '.join(broken)}"] if broken else []))
             + " -> build the image with docker/build_hs3.sh (pyproject.toml's dependencies) and set cluster.container_image")
     return PASS, (f"{where} (python {python}): our packages import; {requirements} requirements "
-                  f"of pyproject.toml met")
+                  f"of pyproject.toml met" + (f"; not at the tested versions (constraints.txt; docker/build_hs3.sh "
+                                              f"installs those): {', '.join(untested)}" if untested else ""))
 
 
 def check_shared_fs(cfg) -> tuple[str, str]:

@@ -1,9 +1,13 @@
 """`python -m launcher.image_probe`: run inside an image (by `./launch.sh doctor`, as a one-task job) to tell
 whether our code can run there. Standard library only, so that it runs where our dependencies are missing.
 
-Prints one JSON object: {"python": VERSION, "requirements": {REQUIREMENT: {"found": VERSION | null, "ok": bool}},
+Prints one JSON object: {"python": VERSION, "requirements": {REQUIREMENT: {"found": VERSION | null, "ok": bool,
+"tested": VERSION | null}},
 "imports": {MODULE: null | "error"}}. The requirements are pyproject.toml's (the core list and the hf and
-eval extras): their lower bounds are the versions the tests ran with.
+eval extras); each also names the version the test suite passed with (constraints.txt: "tested").
+
+`python launcher/image_probe.py --requirements` prints what docker/Dockerfile.hs3 installs: each of those
+requirements pinned to its tested version (torch, which constraints.txt leaves out, stays the image's own).
 """
 from __future__ import annotations
 
@@ -15,6 +19,9 @@ from importlib import metadata
 from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
+sys.path.insert(0, str(PYPROJECT.parent))
+from hs3.versions import tested_versions  # noqa: E402 (standard library only, like this file)
+
 EXTRAS = ("hf", "eval")
 # what the data and eval stages import when their job starts (python -m launcher.run CONFIG)
 MODULES = ("launcher.run", "recipes.config", "recipes.training", "data_prep.build", "eval.run")
@@ -25,6 +32,20 @@ def requirements() -> list[str]:
 
     project = tomllib.loads(PYPROJECT.read_text())["project"]
     return list(project["dependencies"]) + [r for extra in EXTRAS for r in project["optional-dependencies"][extra]]
+
+
+def _name(requirement: str) -> str:
+    return re.split(r"[<>=!\[; ]", requirement, maxsplit=1)[0]
+
+
+def pinned_requirements() -> list[str]:
+    """Each requirement at its tested version, where constraints.txt has one that the requirement allows."""
+    tested = tested_versions()
+    out = []
+    for requirement in requirements():
+        version = tested.get(_name(requirement).lower().replace("_", "-"))
+        out.append(f"{_name(requirement)}=={version}" if version and satisfied(requirement, version) else requirement)
+    return out
 
 
 def _release(version: str) -> tuple[int, ...]:
@@ -48,14 +69,15 @@ def satisfied(requirement: str, found: str) -> bool:
 
 def probe() -> dict:
     report: dict = {"python": sys.version.split()[0], "requirements": {}, "imports": {}}
+    tested = tested_versions()
     for requirement in requirements():
-        name = re.split(r"[<>=!\[; ]", requirement, maxsplit=1)[0]
+        name = _name(requirement)
         try:
             found = metadata.version(name)
         except metadata.PackageNotFoundError:
             found = None
-        report["requirements"][requirement] = {"found": found, "ok": found is not None and satisfied(requirement, found)}
-    sys.path.insert(0, str(PYPROJECT.parent))
+        report["requirements"][requirement] = {"found": found, "ok": found is not None and satisfied(requirement, found),
+                                               "tested": tested.get(name.lower().replace("_", "-"))}
     for package in MODULES:
         try:
             importlib.import_module(package)
@@ -66,4 +88,7 @@ def probe() -> dict:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:] == ["--requirements"]:
+        print("\n".join(pinned_requirements()))
+        sys.exit(0)
     print("HS3_IMAGE_PROBE " + json.dumps(probe()), flush=True)

@@ -69,6 +69,7 @@ def test_doctor_passes_on_a_ready_cluster(slurm, hub, tmp_path):
     assert checks["container"].startswith("SKIP no container configured")
     # data/eval run on the nodes with the cluster's setup (this repo's venv): our packages at the tested versions
     assert checks["image-deps"].startswith("PASS the nodes' own environment") and "our packages import" in checks["image-deps"]
+    assert "not at the tested versions" not in checks["image-deps"]  # .venv was installed with -c constraints.txt
     assert checks["shared-fs"].startswith("PASS job ") and " on n" in checks["shared-fs"]  # a compute node wrote it
     assert checks["hf-model"] == f"PASS {MODEL} reachable on {endpoint} (HTTP 200)"
     assert seen == [(f"/{MODEL}/resolve/main/config.json", "Bearer hf_good")]
@@ -273,3 +274,25 @@ def test_an_image_probe_report_doctor_cannot_read_is_a_failed_check(slurm, tmp_p
     assert "Traceback" not in proc.stderr, proc.stderr
     checks = lines(proc.stdout)
     assert checks["image-deps"].startswith("FAIL the nodes' own environment") and "cannot read" in checks["image-deps"]
+
+
+@pytest.mark.slurm
+def test_image_deps_names_packages_that_are_allowed_but_not_the_tested_versions(slurm, tmp_path):
+    """An image whose packages meet pyproject.toml's lower bounds but are not constraints.txt's versions (what
+    the test suite passed with): the check passes and names each one."""
+    import json as _json
+
+    from launcher.image_probe import probe
+
+    report = probe()
+    report["requirements"]["rich>=13"]["found"] = "13.9.0"
+    shim = tmp_path / "bin"
+    shim.mkdir()
+    (shim / "python").write_text(f"#!/bin/sh\necho 'HS3_IMAGE_PROBE {_json.dumps(report)}'\n")
+    (shim / "python").chmod(0o755)
+    proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=test", "model=tiny", "engine=hf",
+                   f"run_dir={tmp_path / 'run'}", f"cluster.setup=[export PATH={shim}:$PATH]", env={"HF_TOKEN": "x"},
+                   timeout=300)
+    tested = report["requirements"]["rich>=13"]["tested"]
+    assert lines(proc.stdout)["image-deps"].endswith(
+        f"met; not at the tested versions (constraints.txt; docker/build_hs3.sh installs those): rich 13.9.0 (tested {tested})")

@@ -85,3 +85,30 @@ def test_setup_in_a_fresh_clone_installs_the_tested_versions(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert helped.returncode == 0 and "train.lr" in helped.stdout
     shutil.rmtree(venv)  # ~3 GB
+
+
+def test_the_data_and_eval_image_installs_the_tested_versions(tmp_path):
+    """docker/Dockerfile.hs3's install step, run on a build context made as docker/build_hs3.sh makes it: each
+    requirement of pyproject.toml's core, hf and eval lists comes out pinned to constraints.txt's version;
+    torch, which constraints.txt leaves out, keeps its bound (the NVIDIA image's own build stays)."""
+    import re
+
+    from launcher.image_probe import requirements
+
+    script = (REPO_ROOT / "docker" / "build_hs3.sh").read_text()
+    context = tmp_path / "context"  # what its mktemp -d makes
+    context.mkdir()
+    build = "\n".join(line for line in script.splitlines() if line.startswith(("mkdir \"$CONTEXT", "cp \"$ROOT")))
+    subprocess.run(["bash", "-euc", build], env={**os.environ, "ROOT": str(REPO_ROOT), "CONTEXT": str(context)},
+                   check=True)
+    dockerfile = (REPO_ROOT / "docker" / "Dockerfile.hs3").read_text()
+    for sources, dest in re.findall(r"^COPY (.+) (/tmp/hs3/\S*)$", dockerfile, flags=re.M):
+        for src in sources.split():  # everything the Dockerfile copies is in the context build_hs3.sh makes
+            assert (context / src).is_file(), src
+    run = re.search(r"^RUN python (/tmp/hs3/\S+) --requirements > /tmp/hs3/requirements.txt", dockerfile, flags=re.M)
+    proc = subprocess.run(["python3", run.group(1).replace("/tmp/hs3", str(context)), "--requirements"],
+                          capture_output=True, text=True, check=True)  # a bare python: the image before the install
+    pins = tested_versions()
+    expected = [r if r.startswith("torch") else f"{r.split('>')[0]}=={pins[r.split('>')[0]]}" for r in requirements()]
+    assert proc.stdout.split() == expected
+    assert "transformers==" + metadata.version("transformers") in expected
