@@ -438,8 +438,10 @@ def main(args: list[str], preset: str = DEFAULT_PRESET) -> int:
     if executor == {"slurm"}:
         todo = {n: c for n, c in cfgs.items() if decisions[n].action == "run"}
         for name in cfgs:
-            if decisions[name].action in ("keep", "linked"):
-                say(f"{name}: {'not selected' if decisions[name].action == 'keep' else decisions[name].note}, not submitted")
+            why = {"keep": "not selected", "linked": decisions[name].note,
+                   "skip": f"finished earlier with the same config ({cfgs[name].out})"}.get(decisions[name].action)
+            if why:
+                say(f"{name}: {why}, not submitted")
         if not todo:
             say("nothing to submit")
             return 0

@@ -499,7 +499,7 @@ def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = Fal
     entries: dict[str, dict] = {}
     for stage, cfg in cfgs.items():
         after = [job_ids[s] for s in needs.get(stage, []) if s in job_ids]
-        if is_finished(job_config(cfg)):
+        if not after and is_finished(job_config(cfg)):  # a stage whose input is being remade runs again
             print(f"{stage}: finished earlier with the same config ({cfg.out}), not submitted")
             continue
         if dry_run:

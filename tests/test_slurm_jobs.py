@@ -210,3 +210,34 @@ def test_system_chain_and_dpo_through_sbatch(slurm, tmp_path, tiny_model_dir):
     assert json.loads((run_dir / "eval_select" / "report.json").read_text())
     results = [json.loads(line) for line in (run_dir / "its" / "results.jsonl").read_text().splitlines()]
     assert len(results) == 2 and all(r["final"] for r in results)
+
+
+def test_a_finished_stage_whose_input_is_remade_is_submitted_again_after_it(tmp_path):
+    """sft finished earlier, but data (which sft needs) has not: data is submitted, so sft must be too, after
+    it, and everything that needs sft after sft (not started at once on the old sft/final)."""
+    import json as _json
+
+    from recipes.config import to_yaml
+
+    run_dir = tmp_path / "run"
+    (run_dir / "sft").mkdir(parents=True)
+    sft = compose("sft", [f"run_dir={run_dir}", *ON_SLURM])
+    (run_dir / "sft" / "config.yaml").write_text(to_yaml(sft))
+    (run_dir / "sft" / "summary.json").write_text(_json.dumps({"stage": "sft", "metric": "loss", "value": 1.0}))
+
+    def submitted():
+        proc = run_cli("-m", "launcher", "pipeline", f"run_dir={run_dir}", *ON_SLURM, "--dry-run", timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return proc.stdout, dict(re.findall(r"^# ---- (\w+): sbatch --parsable(?: --dependency=afterok:(\S+))? ", proc.stdout,
+                                            flags=re.M))
+
+    out, jobs = submitted()
+    assert jobs == {"data": "", "sft": "$DATA_JOB", "rm": "$SFT_JOB", "rl": "$SFT_JOB:$RM_JOB", "eval": "$RL_JOB"}, out
+    # once data is finished too, sft is not submitted and nothing waits for it
+    data = compose("data", [f"run_dir={run_dir}", *ON_SLURM])
+    (run_dir / "data").mkdir()
+    (run_dir / "data" / "config.yaml").write_text(to_yaml(data))
+    (run_dir / "data" / "summary.json").write_text(_json.dumps({"stage": "data", "metric": "rows", "value": 1}))
+    out, jobs = submitted()
+    assert f"sft: finished earlier with the same config ({run_dir}/sft), not submitted" in out
+    assert jobs == {"rm": "", "rl": "$RM_JOB", "eval": "$RL_JOB"}, out
