@@ -92,11 +92,12 @@ def _get(node, dotted: str):
 
 def _scorer_identity(scorer):
     """What identifies a scorer: its content fingerprint (a local model), else its endpoint and served
-    model; with its input format and kind (a gold RM read another way scores otherwise)."""
+    model; with its input format, kind, dtype and length (the same RM read or run another way scores otherwise)."""
     if not isinstance(scorer, dict):
         return scorer
     who = scorer.get("fingerprint") or (scorer.get("path"), scorer.get("served_model"))
-    return (who, scorer.get("input"), scorer.get("kind"), scorer.get("max_length"), scorer.get("template_sha256"))
+    return (who, scorer.get("input"), scorer.get("kind"), scorer.get("dtype"), scorer.get("max_length"),
+            scorer.get("template_sha256"))
 
 
 def provenance_differences(reports: dict[str, dict]) -> list[str]:

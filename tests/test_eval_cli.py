@@ -352,6 +352,14 @@ def test_a_paired_compare_of_differently_scored_reports_is_refused_naming_the_fi
     proc = run_cli("-m", "launcher", "eval-compare", str(eval_dir), str(gold), "--out", str(tmp_path / "side"))
     assert proc.returncode == 0 and proc.stdout.startswith("warning: gold reward model differs"), proc.stdout
     assert (tmp_path / "side" / "compare.md").read_text().count("> warning: gold reward model differs") == 1
+    for key, value in (("dtype", "bfloat16"), ("max_length", 4096)):  # the same RM, run at other settings
+        def other_settings(report, key=key, value=value):
+            assert report["meta"]["provenance"]["scorers"]["proxy_rm"][key] != value
+            report["meta"]["provenance"]["scorers"]["proxy_rm"][key] = value
+
+        other = _copy_eval(eval_dir, tmp_path / f"proxy-{key}", other_settings)
+        proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(other), "--out", str(tmp_path / "p"))
+        assert proc.returncode == 2 and "training RM (proxy scorer) differs (scorers.proxy_rm)" in proc.stderr, key
     same = _copy_eval(eval_dir, tmp_path / "same")
     proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(same), "--out", str(tmp_path / "p2"),
                    "--bootstrap-samples", "50")
