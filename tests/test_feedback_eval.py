@@ -84,6 +84,28 @@ def test_select_eval_accuracy_by_strength(data, tmp_path, tiny_rm_dir):
     assert report["overall"]["weighted_accuracy"]["value"] == pytest.approx(weighted)
 
 
+def test_select_eval_places_the_model_as_the_other_evals_do(data, tmp_path, tiny_rm_dir, monkeypatch):
+    """The Select model loads with eval.engines.gpu_device_map()'s placement ("auto" over the GPUs; None on a
+    CPU), as the reward scorers do (before, a 70B Select model was loaded without one, on the CPU). A CPU
+    model carries no record of its map, so the map given to from_pretrained is what is checked."""
+    from recipes import models
+
+    placement = {"": "cpu"}
+    monkeypatch.setattr(select_eval, "gpu_device_map", lambda: placement)
+    seen = []
+    real = models.load_pretrained
+
+    def spy(auto_class, source, **kwargs):
+        seen.append((auto_class.__name__, kwargs.get("device_map")))
+        return real(auto_class, source, **kwargs)
+
+    monkeypatch.setattr(models, "load_pretrained", spy)
+    cfg = compose("eval", [f"run_dir={tmp_path}", f"data={data}", f"init={tiny_rm_dir}", f"out={tmp_path / 'e'}",
+                           "eval.task=select", "eval.bootstrap_samples=50"])
+    select_eval.run(cfg)
+    assert ("AutoModelForSequenceClassification", placement) in seen, seen
+
+
 def test_select_eval_refuses_a_model_trained_on_the_split(data, tmp_path, tiny_rm_dir):
     import shutil
 
