@@ -146,6 +146,9 @@ def test_report_names_what_produced_every_figure(eval_dir, tiny_rm_dir):
     assert proxy["kind"] == "seqcls" and proxy["max_length"] == 2048 and proxy["dtype"] == "float32"
     assert gold["path"] == TINY_GOLD and gold["fingerprint"] == model_fingerprint(resolve_spec(TINY_GOLD))
     assert gold["kind"] == "first_logit" and gold["input"] == "context" and provenance["scorers"]["judge"] is None
+    gold_config = json.loads((Path(resolve_spec(TINY_GOLD)) / "config.json").read_text())  # no record: its config's
+    assert (gold["dtype"], gold["max_length"]) == (gold_config["dtype"], gold_config["max_position_embeddings"])
+    assert gold["settings_from"] == {"dtype": "config.json", "seq_len": "config.json"}
     data_dir = Path(report["meta"]["data_dir"])
     assert provenance["data"]["manifest_sha256"] == sha256_file(data_dir / "manifest.json")
     assert provenance["data"]["split"] == "validation" and provenance["data"]["rows"] == 8
