@@ -72,33 +72,34 @@ def reward_head_mismatch(path: str) -> str | None:
 
 
 def _saved_rows(root: Path, suffix: str) -> int | None:
-    """The first dimension of the saved tensor whose name ends in `suffix` (None: no such tensor)."""
+    """The first dimension of the saved tensor whose name ends in `suffix` (None: no such tensor); of a
+    sharded checkpoint, only the shard its index names is opened."""
     import json
 
     for weights, index in (("model.safetensors", "model.safetensors.index.json"),
                            ("pytorch_model.bin", "pytorch_model.bin.index.json")):
         if (root / index).is_file():
-            names = sorted(set(json.loads((root / index).read_text(encoding="utf-8"))["weight_map"].values()))
+            weight_map = json.loads((root / index).read_text(encoding="utf-8"))["weight_map"]
+            key = next((k for k in weight_map if k.endswith(suffix)), None)
+            if key is None:
+                return None
+            files = [weight_map[key]]
         elif (root / weights).is_file():
-            names = [weights]
+            files = [weights]
         else:
             continue
-        for name in names:
-            if name.endswith(".safetensors"):
-                from safetensors import safe_open
+        name = files[0]
+        if name.endswith(".safetensors"):
+            from safetensors import safe_open
 
-                with safe_open(str(root / name), framework="pt") as f:
-                    key = next((k for k in f.keys() if k.endswith(suffix)), None)
-                    if key is not None:
-                        return f.get_slice(key).get_shape()[0]
-            else:
-                import torch
+            with safe_open(str(root / name), framework="pt") as f:
+                key = next((k for k in f.keys() if k.endswith(suffix)), None)
+                return None if key is None else f.get_slice(key).get_shape()[0]
+        import torch
 
-                state = torch.load(root / name, map_location="cpu", mmap=True, weights_only=True)
-                key = next((k for k in state if k.endswith(suffix)), None)
-                if key is not None:
-                    return state[key].shape[0]
-        return None
+        state = torch.load(root / name, map_location="cpu", mmap=True, weights_only=True)
+        key = next((k for k in state if k.endswith(suffix)), None)
+        return None if key is None else state[key].shape[0]
     return None
 
 
