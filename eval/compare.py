@@ -91,17 +91,19 @@ def _get(node, dotted: str):
 
 
 def _scorer_identity(scorer):
-    """What identifies a scorer: its content fingerprint (a local model), else its endpoint and served
-    model; with its input format, kind, dtype and length (the same RM read or run another way scores otherwise)."""
+    """What identifies a scorer, by the provenance field each part comes from: its content fingerprint (a
+    local model), else its endpoint and served model; with its input format, kind, dtype and length (the
+    same RM read or run another way scores otherwise)."""
     if not isinstance(scorer, dict):
         return scorer
-    who = scorer.get("fingerprint") or (scorer.get("path"), scorer.get("served_model"))
-    return (who, scorer.get("input"), scorer.get("kind"), scorer.get("dtype"), scorer.get("max_length"),
-            scorer.get("template_sha256"))
+    who = {"fingerprint": scorer["fingerprint"]} if scorer.get("fingerprint") else \
+        {"path": scorer.get("path"), "served_model": scorer.get("served_model")}
+    return {**who, **{key: scorer.get(key) for key in ("input", "kind", "dtype", "max_length", "template_sha256")}}
 
 
 def provenance_differences(reports: dict[str, dict]) -> list[str]:
-    """One line per provenance field on which a report differs from the first, naming the field."""
+    """One line per provenance field on which a report differs from the first, naming the field (of a
+    scorer, the parts of it that differ: scorers.gold_rm.dtype)."""
     (first_name, first), *others = reports.items()
     lines = []
     for name, report in others:
@@ -109,8 +111,14 @@ def provenance_differences(reports: dict[str, dict]) -> list[str]:
             a, b = _get(first["meta"]["provenance"], field), _get(report["meta"]["provenance"], field)
             if field.startswith("scorers."):
                 a, b = _scorer_identity(a), _scorer_identity(b)
-            if a != b:
-                lines.append(f"{label} differs ({field}): {first_name} {_short(a)} vs {name} {_short(b)}")
+            if a == b:
+                continue
+            if isinstance(a, dict) and isinstance(b, dict):
+                parts = [key for key in dict.fromkeys([*a, *b]) if a.get(key) != b.get(key)]
+                field = ", ".join(f"{field}.{key}" for key in parts)
+                a, b = ((a.get(parts[0]), b.get(parts[0])) if len(parts) == 1 else
+                        ({key: a.get(key) for key in parts}, {key: b.get(key) for key in parts}))
+            lines.append(f"{label} differs ({field}): {first_name} {_short(a)} vs {name} {_short(b)}")
     return lines
 
 

@@ -339,7 +339,8 @@ def test_a_paired_compare_of_differently_scored_reports_is_refused_naming_the_fi
     gold = _copy_eval(eval_dir, tmp_path / "gold", other_gold)
     proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(gold), "--out", str(tmp_path / "p"))
     assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "not comparable: gold reward model differs (scorers.gold_rm)" in proc.stderr
+    assert 'not comparable: gold reward model differs (scorers.gold_rm.fingerprint): ' in proc.stderr
+    assert f'"{"f" * 64}"' in proc.stderr
     assert not (tmp_path / "p" / "paired.json").exists()
     data = _copy_eval(eval_dir, tmp_path / "data", other_data)
     proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(data), "--out", str(tmp_path / "p"))
@@ -362,7 +363,11 @@ def test_a_paired_compare_of_differently_scored_reports_is_refused_naming_the_fi
 
         other = _copy_eval(eval_dir, tmp_path / f"proxy-{key}", other_settings)
         proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(other), "--out", str(tmp_path / "p"))
-        assert proc.returncode == 2 and "training RM (proxy scorer) differs (scorers.proxy_rm)" in proc.stderr, key
+        ours = json.loads((eval_dir / "report.json").read_text())["meta"]["provenance"]["scorers"]["proxy_rm"][key]
+        # the line names the part of the scorer that differs, with both values (not a cut-off tuple)
+        line = (f"training RM (proxy scorer) differs (scorers.proxy_rm.{key}): "
+                f"{eval_dir.name} {json.dumps(ours)} vs proxy-{key} {json.dumps(value)}")
+        assert proc.returncode == 2 and line in proc.stderr, proc.stderr
     same = _copy_eval(eval_dir, tmp_path / "same")
     proc = run_cli("-m", "launcher", "eval-compare", "--paired", str(eval_dir), str(same), "--out", str(tmp_path / "p2"),
                    "--bootstrap-samples", "50")
