@@ -2,6 +2,8 @@
 and after on the held-out rows with a paired comparison.
 
     .venv/bin/python benchmarks/learn_bench.py [--run-dir runs/learn_bench] [--max-new-tokens 256]
+    .venv/bin/python benchmarks/learn_bench.py --model tiny --max-steps 1 --max-rows 2 --max-new-tokens 4 \
+        --bootstrap-samples 10 --run-dir runs/learn_bench_tiny   # a quick check of the setup only (a random model learns nothing)
 
 Every step is the project's own CLI, as a user runs it (each step's command is printed):
   1. data      ./launch.sh data: data_prep/sample (written for this project in HelpSteer3's schema:
@@ -58,9 +60,11 @@ def main() -> None:
     parser.add_argument("--bootstrap-samples", type=int, default=2000)
     parser.add_argument("--max-steps", type=int, default=-1, help="cap the sft steps (a quick check of the setup only)")
     parser.add_argument("--max-rows", type=int, default=-1, help="cap the scored rows (a quick check of the setup only)")
+    parser.add_argument("--model", default="smollm2-135m",
+                        help="conf/model/NAME.yaml (tiny: the built-in random model, a quick check of the setup only)")
     args = parser.parse_args()
     run = Path(args.run_dir).resolve()
-    model = "model=smollm2-135m"
+    model = f"model={args.model}"
     timings: dict[str, float] = {}
     evals = {"base": ["init=null"], "sft": [f"init={run}/sft/final"]}
     eval_args = [f"data={run}/data", "rm=null", f"eval.max_new_tokens={args.max_new_tokens}",
@@ -79,7 +83,7 @@ def main() -> None:
     sft = json.loads((run / "sft" / "summary.json").read_text())
     rows = paired["metrics"].get("rouge_l", {}).get("n")
     loss = sft.get("value")
-    print(f"\nlearn_bench: SmolLM2-135M-Instruct, edit SFT on data_prep/sample ({sft.get('steps')} steps, "
+    print(f"\nlearn_bench: {args.model}, edit SFT on data_prep/sample ({sft.get('steps')} steps, "
           f"validation loss {loss:.3f}), scored on {rows} held-out edit rows (greedy, {args.max_new_tokens} new "
           f"tokens) and the held-out edit_quality pairs, paired bootstrap {paired['bootstrap_samples']} resamples"
           if isinstance(loss, float) else f"\nlearn_bench: {rows} held-out edit rows")
