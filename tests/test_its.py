@@ -560,11 +560,13 @@ def counting_proxy(gen_server):
         def log_message(self, *args):
             pass
 
-        def _forward(self, body):
+        def _fetch(self, body) -> tuple[int, bytes]:
             request = urllib.request.Request(gen_server.removesuffix("/v1") + self.path, data=body, method=self.command,
                                              headers={"Content-Type": "application/json"})
             with urllib.request.urlopen(request) as reply:
-                status, data = reply.status, reply.read()
+                return reply.status, reply.read()
+
+        def _reply(self, status: int, data: bytes) -> None:
             self.send_response(status)
             self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(data)))
@@ -572,7 +574,7 @@ def counting_proxy(gen_server):
             self.wfile.write(data)
 
         def do_GET(self):
-            self._forward(None)
+            self._reply(*self._fetch(None))
 
         def do_POST(self):
             body = self.rfile.read(int(self.headers["Content-Length"]))
@@ -584,10 +586,11 @@ def counting_proxy(gen_server):
                     state["edit_during_feedback"] = True
             try:
                 _time.sleep(0.15)
-                self._forward(body)
-            finally:
+                status, data = self._fetch(body)
+            finally:  # out of flight before the client can see the reply (and send its next request)
                 with lock:
                     state["now"][kind] -= 1
+            self._reply(status, data)
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
