@@ -1,11 +1,14 @@
 """Shared fixtures. No test touches the network: models are built here from a config."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import threading
+from http.server import ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -17,6 +20,19 @@ SAMPLE_DIR = REPO_ROOT / "data_prep" / "sample"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@contextlib.contextmanager
+def serve_http(handler):
+    """A real HTTP server on 127.0.0.1 (a free port) answering with `handler` from a daemon thread; yields its
+    base URL (http://127.0.0.1:PORT), and is shut down and closed on the way out."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture

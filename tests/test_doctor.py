@@ -7,13 +7,12 @@ import base64
 import http.server
 import json
 import socket
-import threading
 
 import pytest
 
 from recipes.config import compose
 from launcher.doctor import chain_cfgs, chain_images, check_hf_model, check_images, parse_image
-from tests.conftest import run_cli
+from tests.conftest import run_cli, serve_http
 
 MODEL = "meta-llama/Llama-3.3-70B-Instruct"
 
@@ -35,12 +34,8 @@ def hub():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield url, seen
 
 
 def lines(stdout: str) -> dict[str, str]:
@@ -171,11 +166,8 @@ def registry():
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"127.0.0.1:{server.server_address[1]}", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield url.removeprefix("http://"), seen
 
 
 def test_every_image_of_the_chain_is_checked(registry, tmp_path, monkeypatch):
@@ -248,17 +240,12 @@ def test_a_token_service_answering_json_that_is_not_an_object_is_a_failed_check(
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
+    with serve_http(Handler) as url:
         (tmp_path / ".credentials").write_text("machine 127.0.0.1 login u password p\n")
         monkeypatch.setenv("ENROOT_CONFIG_PATH", str(tmp_path))
-        host = f"127.0.0.1:{server.server_address[1]}"
+        host = url.removeprefix("http://")
         status, detail = check_images(None, {f"{host}/nvidia/nemo-rl:v0.7.0": ["rm"]})
         assert status == "FAIL" and f"{host}/nvidia/nemo-rl:v0.7.0 (rm)" in detail, detail
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 @pytest.mark.slurm

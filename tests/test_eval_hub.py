@@ -7,12 +7,11 @@ from __future__ import annotations
 import hashlib
 import http.server
 import json
-import threading
 from pathlib import Path
 
 import pytest
 
-from .conftest import run_cli
+from .conftest import run_cli, serve_http
 
 REPO = "someone/tiny-edit"
 COMMIT = "c0ffee" + "0" * 34
@@ -53,11 +52,8 @@ def hub(tiny_model_dir):
         def log_message(self, *args):
             pass
 
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}", asked
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield url, asked
 
 
 def test_a_hub_id_is_downloaded_and_scored_as_itself_when_the_hub_is_reachable(hub, tiny_model_dir, eval_data_dir,

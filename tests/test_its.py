@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO_ROOT, run_cli
+from tests.conftest import REPO_ROOT, run_cli, serve_http
 
 PROMPTS = [
     {"id": "p0", "prompt": "What is the capital of France?"},
@@ -339,7 +339,7 @@ def flaky_proxy(gen_server):
     every chat request about a haiku (the openai client retries 503s)."""
     import threading
     import urllib.error
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     seen = {"failed": 0, "haiku": 0, "forwarded": 0}
     lock = threading.Lock()
@@ -379,12 +379,8 @@ def flaky_proxy(gen_server):
                 return self._send(503, b'{"error": {"message": "overloaded", "type": "server_error"}}')
             self._forward(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/v1", seen
 
 
 def test_a_flaky_endpoint_is_retried_and_a_request_that_keeps_failing_is_recorded(tmp_path, flaky_proxy, gen_server,
@@ -441,8 +437,7 @@ def test_sixteen_sampled_copies_of_one_conversation_are_sixteen_distinct_draws(t
 def nan_rm_proxy(rm_server):
     """A real HTTP proxy in front of eval.serve_rm that answers every /pooling request about the haiku
     prompt with a NaN reward (JSON NaN, as a broken server writes it) and forwards the rest."""
-    import threading
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     seen = {"nan": 0}
 
@@ -473,11 +468,8 @@ def nan_rm_proxy(rm_server):
                 return self._reply(200, b'{"object": "list", "data": [{"index": 0, "object": "pooling", "data": [NaN]}]}')
             self._forward(body)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", seen
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/v1", seen
 
 
 def test_a_nan_select_score_from_an_endpoint_is_a_recorded_failure(tmp_path, nan_rm_proxy, varied_model_dir,
@@ -545,7 +537,7 @@ def counting_proxy(gen_server):
     and whether an edit was ever in flight while a feedback request was."""
     import threading
     import time as _time
-    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from http.server import BaseHTTPRequestHandler
 
     from data_prep.feedback import EDIT_REQUEST_PREFIX
     from data_prep.feedback_prompt import FEEDBACK_INSTRUCTION
@@ -592,11 +584,8 @@ def counting_proxy(gen_server):
                     state["now"][kind] -= 1
             self._reply(status, data)
 
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/v1", state
-    server.shutdown()
-    server.server_close()
+    with serve_http(Handler) as url:
+        yield f"{url}/v1", state
 
 
 def test_prompts_overlap_and_each_role_keeps_its_own_concurrency(tmp_path, counting_proxy, rm_server, prompts_file):
