@@ -36,7 +36,6 @@ from omegaconf import OmegaConf
 from recipes import preemption
 from recipes.config import REPO_ROOT, ConfigError, RunConfig, to_yaml, validate
 from hs3.io import UserError, atomic_write_json, atomic_write_text
-from launcher.stages import is_finished
 
 NEMO_RL_STAGES = ("rm", "rl", "dpo")  # on engine=megatron: NeMo-RL, driven through Ray
 RAY_PORT = 6379
@@ -489,9 +488,10 @@ def submit_stage(cfg) -> dict:
 
 
 def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = False) -> dict[str, str]:
-    """Submit every entry of the chain (name -> config, in order) as its own job, each waiting (afterok)
-    for the entries it needs (the preset's graph, launcher/stages.py); --kill-on-invalid-dep=yes cancels
-    the dependents of a stage that fails."""
+    """Submit every entry given (name -> config, in order) as its own job, each waiting (afterok) for the
+    given entries it needs (the preset's graph, launcher/stages.py); --kill-on-invalid-dep=yes cancels the
+    dependents of a stage that fails. Which entries to submit is the pipeline's decision (launcher.pipeline
+    decide: finished ones are skipped unless an entry they need runs again), not made again here."""
     run_dirs = {str(Path(c.run_dir).resolve()) for c in cfgs.values()}
     if len(run_dirs) != 1:
         raise ConfigError(f"every pipeline stage needs the same run_dir, got {sorted(run_dirs)}")
@@ -499,9 +499,6 @@ def submit_pipeline(cfgs: dict, needs: dict[str, list[str]], dry_run: bool = Fal
     entries: dict[str, dict] = {}
     for stage, cfg in cfgs.items():
         after = [job_ids[s] for s in needs.get(stage, []) if s in job_ids]
-        if not after and is_finished(job_config(cfg)):  # a stage whose input is being remade runs again
-            print(f"{stage}: finished earlier with the same config ({cfg.out}), not submitted")
-            continue
         if dry_run:
             job_ids[stage] = f"${stage.upper()}_JOB"
             dependency = f" --dependency=afterok:{':'.join(after)}" if after else ""
