@@ -23,13 +23,18 @@ def _installed(name: str) -> str | None:
         return None
 
 
+def package_key(name: str) -> str:
+    """How tested_versions names a package: lower case, '-' for '_' (transformers, rouge-score)."""
+    return name.lower().replace("_", "-")
+
+
 def tested_versions(path: Path = CONSTRAINTS) -> dict[str, str]:
-    """{package: version} pinned in constraints.txt ({} when there is none, e.g. an installed wheel)."""
+    """{package_key: version} pinned in constraints.txt ({} when there is none, e.g. an installed wheel)."""
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return {}
-    return {m.group(1).lower().replace("_", "-"): m.group(2) for line in lines if (m := _PIN.match(line.strip()))}
+    return {package_key(m.group(1)): m.group(2) for line in lines if (m := _PIN.match(line.strip()))}
 
 
 @functools.lru_cache(maxsize=None)

@@ -329,6 +329,7 @@ class _JobProblem(Exception):
 
 def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
     """The image data and eval run in imports our packages at pyproject.toml's versions (a job runs the probe)."""
+    from launcher.image_probe import requirement_name
     from launcher.slurm import container_image, in_task, srun_prefix
 
     image = container_image(data_cfg)
@@ -357,7 +358,7 @@ def check_image_deps(cfg, data_cfg) -> tuple[str, str]:
         bad = [f"{req} (found {info['found'] or 'none'})" for req, info in report["requirements"].items() if not info["ok"]]
         broken = [f"{pkg}: {error}" for pkg, error in report["imports"].items() if error]
         python, requirements = report["python"], len(report["requirements"])
-        untested = [f"{req.split('>')[0].split('=')[0]} {info['found']} (tested {info['tested']})"
+        untested = [f"{requirement_name(req)} {info['found']} (tested {info['tested']})"
                     for req, info in report["requirements"].items()
                     if info["ok"] and info.get("tested") and info["found"] != info["tested"]]
     except (IndexError, ValueError, KeyError, TypeError, AttributeError):

@@ -20,7 +20,7 @@ from pathlib import Path
 
 PYPROJECT = Path(__file__).resolve().parent.parent / "pyproject.toml"
 sys.path.insert(0, str(PYPROJECT.parent))
-from hs3.versions import tested_versions  # noqa: E402 (standard library only, like this file)
+from hs3.versions import package_key, tested_versions  # noqa: E402 (standard library only, like this file)
 
 EXTRAS = ("hf", "eval")
 # what the data and eval stages import when their job starts (python -m launcher.run CONFIG)
@@ -34,7 +34,8 @@ def requirements() -> list[str]:
     return list(project["dependencies"]) + [r for extra in EXTRAS for r in project["optional-dependencies"][extra]]
 
 
-def _name(requirement: str) -> str:
+def requirement_name(requirement: str) -> str:
+    """The package a requirement names (`transformers>=5.24` -> transformers)."""
     return re.split(r"[<>=!\[; ]", requirement, maxsplit=1)[0]
 
 
@@ -43,8 +44,9 @@ def pinned_requirements() -> list[str]:
     tested = tested_versions()
     out = []
     for requirement in requirements():
-        version = tested.get(_name(requirement).lower().replace("_", "-"))
-        out.append(f"{_name(requirement)}=={version}" if version and satisfied(requirement, version) else requirement)
+        name = requirement_name(requirement)
+        version = tested.get(package_key(name))
+        out.append(f"{name}=={version}" if version and satisfied(requirement, version) else requirement)
     return out
 
 
@@ -71,13 +73,13 @@ def probe() -> dict:
     report: dict = {"python": sys.version.split()[0], "requirements": {}, "imports": {}}
     tested = tested_versions()
     for requirement in requirements():
-        name = _name(requirement)
+        name = requirement_name(requirement)
         try:
             found = metadata.version(name)
         except metadata.PackageNotFoundError:
             found = None
         report["requirements"][requirement] = {"found": found, "ok": found is not None and satisfied(requirement, found),
-                                               "tested": tested.get(name.lower().replace("_", "-"))}
+                                               "tested": tested.get(package_key(name))}
     for package in MODULES:
         try:
             importlib.import_module(package)
