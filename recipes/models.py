@@ -36,6 +36,9 @@ def resolve_model_path(model_cfg) -> str:
     return path
 
 
+NUM_LABELS_HINT = "a reward model needs \"num_labels\": 1; a converter that copies the policy's config.json leaves 2"
+
+
 def load_pretrained(auto_class, source: str, **kwargs):
     """auto_class.from_pretrained(source), with a model that cannot be had (a missing dir, an unknown hub
     id, the hub out of reach) as a one-line UserError instead of a traceback."""
@@ -47,8 +50,7 @@ def load_pretrained(auto_class, source: str, **kwargs):
     except RuntimeError as exc:  # transformers: a weight whose shape is not the one config.json asks for
         if "ignore_mismatched_sizes" not in str(exc) and "size mismatch" not in str(exc):
             raise
-        hint = (" (a reward model needs \"num_labels\": 1; a converter that copies the policy's config.json "
-                "leaves 2)" if "SequenceClassification" in auto_class.__name__ else "")
+        hint = f" ({NUM_LABELS_HINT})" if "SequenceClassification" in auto_class.__name__ else ""
         raise UserError(f"cannot load {source}: its weights do not have the shapes its config.json asks for{hint}") from None
 
 
@@ -67,8 +69,7 @@ def reward_head_mismatch(path: str) -> str | None:
     asked = len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels", 2)
     if saved is None or saved == asked:
         return None
-    return (f"its score head has {saved} output(s) but its config.json asks for {asked} (a reward model needs "
-            f"\"num_labels\": 1; a converter that copies the policy's config.json leaves 2)")
+    return f"its score head has {saved} output(s) but its config.json asks for {asked} ({NUM_LABELS_HINT})"
 
 
 def _saved_rows(root: Path, suffix: str) -> int | None:

@@ -267,15 +267,13 @@ def test_an_image_probe_report_doctor_cannot_read_is_a_failed_check(slurm, tmp_p
 def test_image_deps_names_packages_that_are_allowed_but_not_the_tested_versions(slurm, tmp_path):
     """An image whose packages meet pyproject.toml's lower bounds but are not constraints.txt's versions (what
     the test suite passed with): the check passes and names each one."""
-    import json as _json
-
     from launcher.image_probe import probe
 
     report = probe()
     report["requirements"]["rich>=13"]["found"] = "13.9.0"
     shim = tmp_path / "bin"
     shim.mkdir()
-    (shim / "python").write_text(f"#!/bin/sh\necho 'HS3_IMAGE_PROBE {_json.dumps(report)}'\n")
+    (shim / "python").write_text(f"#!/bin/sh\necho 'HS3_IMAGE_PROBE {json.dumps(report)}'\n")
     (shim / "python").chmod(0o755)
     proc = run_cli("-m", "launcher", "doctor", "cluster=local", "cluster.partition=test", "model=tiny", "engine=hf",
                    f"run_dir={tmp_path / 'run'}", f"cluster.setup=[export PATH={shim}:$PATH]", env={"HF_TOKEN": "x"},

@@ -215,15 +215,13 @@ def test_system_chain_and_dpo_through_sbatch(slurm, tmp_path, tiny_model_dir):
 def test_a_finished_stage_whose_input_is_remade_is_submitted_again_after_it(tmp_path):
     """sft finished earlier, but data (which sft needs) has not: data is submitted, so sft must be too, after
     it, and everything that needs sft after sft (not started at once on the old sft/final)."""
-    import json as _json
-
     from recipes.config import to_yaml
 
     run_dir = tmp_path / "run"
     (run_dir / "sft").mkdir(parents=True)
     sft = compose("sft", [f"run_dir={run_dir}", *ON_SLURM])
     (run_dir / "sft" / "config.yaml").write_text(to_yaml(sft))
-    (run_dir / "sft" / "summary.json").write_text(_json.dumps({"stage": "sft", "metric": "loss", "value": 1.0}))
+    (run_dir / "sft" / "summary.json").write_text(json.dumps({"stage": "sft", "metric": "loss", "value": 1.0}))
 
     def submitted():
         proc = run_cli("-m", "launcher", "pipeline", f"run_dir={run_dir}", *ON_SLURM, "--dry-run", timeout=300)
@@ -237,7 +235,7 @@ def test_a_finished_stage_whose_input_is_remade_is_submitted_again_after_it(tmp_
     data = compose("data", [f"run_dir={run_dir}", *ON_SLURM])
     (run_dir / "data").mkdir()
     (run_dir / "data" / "config.yaml").write_text(to_yaml(data))
-    (run_dir / "data" / "summary.json").write_text(_json.dumps({"stage": "data", "metric": "rows", "value": 1}))
+    (run_dir / "data" / "summary.json").write_text(json.dumps({"stage": "data", "metric": "rows", "value": 1}))
     out, jobs = submitted()
     assert f"sft: finished earlier with the same config ({run_dir}/sft), not submitted" in out
     assert jobs == {"rm": "", "rl": "$RM_JOB", "eval": "$RL_JOB"}, out
